@@ -1,0 +1,115 @@
+"""Every knob a user may turn, with its default, and the check that rejects bad ones.
+
+`base_config()` is the full schema: experiment configs in `configs/` start from it and
+override values. `validate(config)` rejects keys the schema lacks (suggesting the close
+valid names) and out-of-range values, before any work is done.
+"""
+
+import difflib
+
+import ml_collections
+
+from fedmerge_jax import models
+from fedmerge_jax.models.layers import CONV_IMPLS
+from fedmerge_jax.server_optim import UPDATE_MODES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algorithm = "fedmerge"  # 'fedmerge' or 'fedavg'.
+  c.num_global_models = 4  # K.
+  c.update_mode = "official"  # 'official' (the authors' code) or 'gradient' (chain rule).
+  c.num_rounds = 100
+  c.clients_per_round = 0  # 0: every client, every round.
+  c.local_epochs = 1
+  c.batch_size = 32
+  c.client_lr = 0.05
+  c.prox_mu = 0.01  # Local loss: CE + prox_mu * ||theta - theta_received||^2.
+  c.server_lr_globals = 1.0
+  c.server_lr_logits = 0.01
+  c.server_optimizer_globals = "sgd"  # Any optax optimizer name ('gradient' mode, fedavg).
+  c.server_optimizer_logits = "sgd"  # Any optax optimizer name ('gradient' mode).
+  c.eval_every = 10
+  c.client_chunk_size = 0  # Clients trained at once inside a round; 0: all sampled.
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mlp"
+  c.model.hidden_sizes = (128,)  # mlp only.
+  c.model.conv_impl = "auto"  # 'auto' | 'xla' | 'patches' (conv nets; see models/layers.py).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits_groups"
+  c.data.data_dir = ""  # Local copies of downloadable datasets.
+  c.data.num_clients = 20
+  c.data.num_groups = 4
+  c.data.group_transform = "label_permutation"
+  c.data.partition = "iid"  # 'iid' or 'dirichlet'.
+  c.data.dirichlet_alpha = 0.5
+  c.data.test_fraction = 0.2
+  c.data.val_fraction = 0.1
+  c.data.seed = 0
+  return c
+
+
+_CHOICES = {
+    "algorithm": ("fedmerge", "fedavg"),
+    "update_mode": UPDATE_MODES,
+    "model.name": models.MODEL_NAMES,
+    "model.conv_impl": CONV_IMPLS,
+}
+_POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every")
+_NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "prox_mu", "client_lr",
+                 "server_lr_globals", "server_lr_logits")
+_FRACTIONS = ("data.test_fraction", "data.val_fraction")
+
+
+class ConfigError(ValueError):
+  """A config key or value that cannot work, with what to do instead."""
+
+
+def _flatten(config, prefix=""):
+  for key, value in config.items():
+    path = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flatten(value, path + ".")
+    else:
+      yield path, value
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` over the defaults of `base_config()`, validated; missing keys get defaults."""
+  validate(config, check_values=False)
+  full = base_config()
+  full.update_from_flattened_dict(dict(_flatten(config)))
+  validate(full)
+  return full
+
+
+def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> None:
+  """Raises ConfigError naming the first unknown key or bad value."""
+  schema = dict(_flatten(base_config()))
+  for path, value in _flatten(config):
+    if path not in schema:
+      close = difflib.get_close_matches(path, schema, n=3)
+      hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+      raise ConfigError(f"Unknown config key {path!r}.{hint}")
+    expected = schema[path]
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"Config {path}={value!r} must be a number.")
+  if not check_values:
+    return
+  flat = dict(_flatten(config))
+  for path, choices in _CHOICES.items():
+    if flat[path] not in choices:
+      raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")
+  for path in _POSITIVE:
+    if flat[path] <= 0:
+      raise ConfigError(f"Config {path}={flat[path]!r} must be > 0.")
+  for path in _NON_NEGATIVE:
+    if flat[path] < 0:
+      raise ConfigError(f"Config {path}={flat[path]!r} must be >= 0.")
+  for path in _FRACTIONS:
+    if not 0 <= flat[path] < 1:
+      raise ConfigError(f"Config {path}={flat[path]!r} must be in [0, 1).")

@@ -1,0 +1,27 @@
+"""Runs one experiment: python launch.py --config=configs/default.py --workdir=/tmp/run
+
+Override any config field on the command line, e.g. --config.num_rounds=20.
+All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fedmerge_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the config are written.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)
