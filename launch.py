@@ -4,10 +4,13 @@ Override any config field on the command line, e.g. --config.num_rounds=20.
 All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from fedmerge_jax import config as config_lib
 from fedmerge_jax import train
 
 FLAGS = flags.FLAGS
@@ -16,12 +19,25 @@ flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the confi
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv):
+  """absl's parsing, with ml_collections' unknown-override error shown as one clear line."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    message = str(e).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    sys.exit(f"FATAL Flags parsing error: unknown config key {message}\n"
+             "Every valid key, with its meaning, is listed in fedmerge_jax/config.py.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -59,6 +59,7 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   CE + prox_mu * ||params - params_received||^2; other collections (BatchNorm's
   'batch_stats') follow the model's own updates in train mode. Delta covers both.
   """
+  data = ClientData(*map(jnp.asarray, data))
   max_n = data.x.shape[0]
   max_steps = -(-max_n * local.local_epochs // local.batch_size)
   count = data.count

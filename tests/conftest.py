@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny federations and configs that run in seconds on CPU."""
+
+import numpy as np
+import pytest
+
+from fedmerge_jax.config import base_config
+from fedmerge_jax.data import FederatedData
+
+
+def make_federation(num_clients=5, sizes=None, example_shape=(4, 4, 1), num_classes=3, seed=0,
+                    test_size=6, val_size=4):
+  """Random federation with uneven client sizes (default 3..3+2*(N-1) examples)."""
+  rng = np.random.default_rng(seed)
+  sizes = sizes or [3 + 2 * i for i in range(num_clients)]
+  def split(n):
+    return (rng.normal(size=(n, *example_shape)).astype(np.float32),
+            rng.integers(0, num_classes, n).astype(np.int32))
+  train = {f"c{i}": split(n) for i, n in enumerate(sizes)}
+  test = {f"c{i}": split(test_size) for i in range(len(sizes))}
+  val = {f"c{i}": split(val_size) for i in range(len(sizes))} if val_size else None
+  return FederatedData.from_arrays(train, test, val, num_classes=num_classes)
+
+
+@pytest.fixture
+def tiny_data():
+  return make_federation()
+
+
+@pytest.fixture
+def tiny_config():
+  config = base_config()
+  config.num_global_models = 3
+  config.num_rounds = 2
+  config.eval_every = 1
+  config.local_epochs = 2
+  config.batch_size = 4
+  config.client_lr = 0.1
+  config.prox_mu = 0.01
+  config.server_lr_logits = 0.5
+  config.model.name = "mlp"
+  config.model.hidden_sizes = (8,)
+  return config
