@@ -25,19 +25,20 @@ from fedmerge_jax import algorithms
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import models
-from fedmerge_jax.models.layers import resolve_conv_impl
+from fedmerge_jax.models.layers import CONV_IMPLS, resolve_conv_impl
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("algorithm", ["fedmerge"], "Comma-separated algorithms, run in turn.")
-flags.DEFINE_integer("num_global_models", 5, "K for fedmerge (fedavg always uses 1).")
+flags.DEFINE_integer("num_global_models", 5, "K for fedmerge (fedavg always uses 1).",
+                     lower_bound=1)
 flags.DEFINE_enum("model", "emnist_cnn", models.MODEL_NAMES, "Model name.")
-flags.DEFINE_integer("clients", 10, "Number of clients, all trained every round.")
-flags.DEFINE_integer("examples_per_client", 200, "Training examples per client.")
-flags.DEFINE_integer("batch_size", 20, "Local batch size.")
-flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
-flags.DEFINE_string("conv_impl", "auto", "Convolution implementation: auto, xla or patches.")
-flags.DEFINE_integer("client_chunk_size", 0, "Clients trained at once; 0: all.")
-flags.DEFINE_integer("rounds", 5, "Timed rounds, after one warm-up (compile) round.")
+flags.DEFINE_integer("clients", 10, "Number of clients, all trained every round.", lower_bound=1)
+flags.DEFINE_integer("examples_per_client", 200, "Training examples per client.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 20, "Local batch size.", lower_bound=1)
+flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.", lower_bound=1)
+flags.DEFINE_enum("conv_impl", "auto", CONV_IMPLS, "Convolution implementation.")
+flags.DEFINE_integer("client_chunk_size", 0, "Clients trained at once; 0: all.", lower_bound=0)
+flags.DEFINE_integer("rounds", 5, "Timed rounds, after one warm-up (compile) round.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for data, init and rounds.")
 
 NUM_CLASSES = 62
@@ -145,9 +146,9 @@ def train_step_flops(config, example_shape: Tuple[int, ...], batch_size: int) ->
   return cost_flops(jax.jit(sgd_step).lower(params, x, y, rng).compile())
 
 
-def benchmark(algorithm: str, data: data_lib.FederatedData, peak_gflops: float) -> Dict[str, Any]:
-  """One JSON-ready result row for `algorithm` on `data`."""
-  config = make_config(algorithm)
+def benchmark(config, data: data_lib.FederatedData, peak_gflops: float) -> Dict[str, Any]:
+  """One JSON-ready result row for the resolved `config` on `data`."""
+  algorithm = config.algorithm
   compile_s, round_s = time_rounds(config, data, FLAGS.rounds)
   step_flops = train_step_flops(config, data.example_shape, config.batch_size)
   flops_per_example = None if step_flops is None else step_flops / config.batch_size
@@ -177,11 +178,12 @@ def benchmark(algorithm: str, data: data_lib.FederatedData, peak_gflops: float) 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  configs = [make_config(algorithm) for algorithm in FLAGS.algorithm]  # Fail fast.
   peak = matmul_peak_gflops()
   data = synthetic_data(EXAMPLE_SHAPES[FLAGS.model], FLAGS.clients, FLAGS.examples_per_client,
                         FLAGS.seed)
-  for algorithm in FLAGS.algorithm:
-    print(json.dumps(benchmark(algorithm, data, peak)), flush=True)
+  for config in configs:
+    print(json.dumps(benchmark(config, data, peak)), flush=True)
 
 
 if __name__ == "__main__":
