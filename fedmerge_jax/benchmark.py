@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmerge_jax import algorithms
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import models
+from fedmerge_jax import train
 from fedmerge_jax.models.layers import CONV_IMPLS, resolve_conv_impl
 
 FLAGS = flags.FLAGS
@@ -93,9 +93,7 @@ def make_config(algorithm: str):
 
 def time_rounds(config, data: data_lib.FederatedData, num_rounds: int) -> Tuple[float, float]:
   """(compile + first round seconds, median seconds of `num_rounds` further rounds)."""
-  model = models.get_model(config.model, data.num_classes)
-  alg = algorithms.get_algorithm(model, config, data.num_clients,
-                                 jnp.zeros(data.example_shape, jnp.float32))
+  _, alg = train.build(config, data)
   init_rng, round_rng = jax.random.split(jax.random.key(config.seed))
   state = jax.jit(alg.init)(init_rng)
   jax.block_until_ready(state)

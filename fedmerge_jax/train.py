@@ -51,9 +51,16 @@ class MetricsWriter:
       f.write(json.dumps(metrics) + "\n")
 
 
-def best_by_validation(history, current_best):
+def build(config, data: data_lib.FederatedData):
+  """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs."""
+  model = models.get_model(config.model, data.num_classes)
+  algorithm = algorithms.get_algorithm(
+      model, config, data.num_clients, jnp.zeros(data.example_shape, jnp.float32))
+  return model, algorithm
+
+
+def best_by_validation(latest, current_best):
   """Keeps the evaluation with the lowest mean validation loss (test metrics at it)."""
-  latest = history
   if "val/loss" not in latest:
     return current_best
   if current_best is None or latest["val/loss"] < current_best["best/val_loss"]:
@@ -85,9 +92,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   data = data if data is not None else data_lib.load(config.data)
-  model = models.get_model(config.model, data.num_classes)
-  algorithm = algorithms.get_algorithm(
-      model, config, data.num_clients, jnp.zeros(data.example_shape, jnp.float32))
+  model, algorithm = build(config, data)
   logging.info("%s on %s: %d clients, %d classes, backend %s", config.algorithm, data.name,
                data.num_clients, data.num_classes, jax.default_backend())
 

@@ -5,16 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmerge_jax import algorithms, client, models
+from fedmerge_jax import client, models, train
 from fedmerge_jax.config import resolve
 
 
 def _build(config, data):
   config = resolve(config)
-  model = models.get_model(config.model, data.num_classes)
-  alg = algorithms.get_algorithm(model, config, data.num_clients,
-                                 jnp.zeros(data.example_shape))
-  return config, model, alg
+  return (config, *train.build(config, data))
 
 
 def _flat(tree):

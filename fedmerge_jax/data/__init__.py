@@ -3,6 +3,8 @@
 from fedmerge_jax.data import digits
 from fedmerge_jax.data.federated import ClientArrays, FederatedData
 
+__all__ = ["ClientArrays", "FederatedData", "DATASET_NAMES", "load"]
+
 _LOADERS = {
     "digits_groups": digits.load,
 }
