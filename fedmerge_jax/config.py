@@ -40,12 +40,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits_groups"
-  c.data.data_dir = ""  # Local copies of downloadable datasets.
+  c.data.data_dir = ""  # Local copies of downloadable datasets ('' : the TFDS data dir).
   c.data.num_clients = 20
-  c.data.num_groups = 4
-  c.data.group_transform = "label_permutation"
-  c.data.partition = "iid"  # 'iid' or 'dirichlet'.
+  c.data.client_fraction = 1.0  # Keep a fixed random fraction of a natural dataset's clients.
+  c.data.only_digits = False  # FEMNIST: the 10-class digits-only variant.
+  c.data.num_groups = 4  # digits_groups: hidden client groups.
+  c.data.group_transform = "label_permutation"  # digits_groups: 'label_permutation' | 'rotation'.
+  c.data.partition = "iid"  # 'iid' | 'dirichlet' | 'pathological' | 'cluster' | 'natural'.
   c.data.dirichlet_alpha = 0.5
+  c.data.classes_per_client = 2  # 'pathological' partition.
+  c.data.num_clusters = 5  # 'cluster' partition (the paper's CIFAR-100 scheme).
+  c.data.classes_per_cluster = 30  # 'cluster' partition.
+  c.data.min_client_size = 1  # Partitions are redrawn until every client has this many.
+  c.data.domains = ()  # Domain datasets: which domains to use; () : all.
+  c.data.clients_per_domain = 5  # Domain datasets.
+  c.data.image_size = 64  # Domain datasets: images are resized to image_size x image_size.
   c.data.test_fraction = 0.2
   c.data.val_fraction = 0.1
   c.data.seed = 0
