@@ -52,12 +52,21 @@ def epoch_orders(key, count, max_n, num_epochs):
   return jax.vmap(one)(jax.random.split(key, num_epochs))
 
 
-def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig):
+def cross_entropy_loss(outputs, labels, idx):
+  """The default per-example loss: softmax cross-entropy of the model's logits."""
+  del idx
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+
+
+def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
+                anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss):
   """Trains one client's copy of `variables`; returns (delta = received - trained, metrics).
 
-  `variables` is a flax variable dict: 'params' are trained by SGD on
-  CE + prox_mu * ||params - params_received||^2; other collections (BatchNorm's
-  'batch_stats') follow the model's own updates in train mode. Delta covers both.
+  `variables` is a flax variable dict: 'params' are trained by SGD on the batch mean of
+  `example_loss(outputs, labels, example_indices)` + prox_mu * ||params - anchor||^2, the
+  anchor being the received params unless given (Ditto anchors to the global model);
+  other collections (BatchNorm's 'batch_stats') follow the model's own updates in train
+  mode. Delta covers both.
   """
   data = ClientData(*map(jnp.asarray, data))
   max_n = data.x.shape[0]
@@ -68,16 +77,17 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   dropout_key = jax.random.fold_in(key, 1)
   received = variables
   params0 = variables["params"]
+  anchor = params0 if anchor is None else anchor
   tx = optax.sgd(local.client_lr)
   mutable = [name for name in variables if name != "params"]
 
-  def loss_fn(params, other, xb, yb, mask, rng):
-    out = apply_fn({"params": params, **other}, xb, train=True,
+  def loss_fn(params, other, idx, mask, rng):
+    out = apply_fn({"params": params, **other}, data.x[idx], train=True,
                    rngs={"dropout": rng}, mutable=mutable or False)
-    logits, new_other = out if mutable else (out, {})
-    ce_sum, n = masked_cross_entropy(logits, yb, mask)
-    ce = ce_sum / jnp.maximum(n, 1.0)
-    return ce + local.prox_mu * squared_distance(params, params0), (ce, new_other)
+    outputs, new_other = out if mutable else (out, {})
+    losses = example_loss(outputs, data.y[idx], idx)
+    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss + local.prox_mu * squared_distance(params, anchor), (loss, new_other)
 
   def step(carry, t):
     params, other, opt_state = carry
@@ -86,15 +96,14 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
     position = jnp.where(mask, position, 0)
     per_epoch = jnp.maximum(count, 1)
     idx = order[jnp.minimum(position // per_epoch, local.local_epochs - 1), position % per_epoch]
-    grads, (ce, new_other) = jax.grad(loss_fn, has_aux=True)(
-        params, other, data.x[idx], data.y[idx], mask.astype(jnp.float32),
-        jax.random.fold_in(dropout_key, t))
+    grads, (loss, new_other) = jax.grad(loss_fn, has_aux=True)(
+        params, other, idx, mask.astype(jnp.float32), jax.random.fold_in(dropout_key, t))
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     active = t * local.batch_size < total
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
     carry = (keep(new_params, params), keep(dict(new_other), other), keep(new_opt_state, opt_state))
-    return carry, (ce * active, active)
+    return carry, (loss * active, active)
 
   other0 = {k: v for k, v in variables.items() if k != "params"}
   init = (params0, other0, tx.init(params0))

@@ -9,9 +9,9 @@ import numpy as np
 from fedmerge_jax.client import ClientData, masked_cross_entropy
 
 
-def evaluate_client(apply_fn, variables, data: ClientData):
-  """One client: (number correct, summed CE) over its real examples."""
-  logits = apply_fn(variables, data.x, train=False)
+def evaluate_client(predict, personal_model, data: ClientData):
+  """One client: (number correct, summed CE) of `predict(personal_model, x)` on its examples."""
+  logits = predict(personal_model, data.x)
   mask = (jnp.arange(data.y.shape[0]) < data.count).astype(jnp.float32)
   loss_sum, _ = masked_cross_entropy(logits, data.y, mask)
   correct = jnp.sum((jnp.argmax(logits, -1) == data.y) * mask)
@@ -36,19 +36,20 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
   }
 
 
-def make_evaluator(model, algorithm, data, chunk_size: int):
+def make_evaluator(algorithm, data, chunk_size: int):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
-  Clients are evaluated `chunk_size` at a time (all at once if 0), each chunk one jitted
-  call of a fixed shape; the last chunk is padded with repeats and the padding dropped.
+  Each client is evaluated with its own model, `algorithm.personalized`. Clients go
+  `chunk_size` at a time (all at once if 0), each chunk one jitted call of a fixed shape;
+  the last chunk is padded with repeats and the padding dropped.
   """
   n = data.num_clients
   chunk = n if chunk_size <= 0 else min(chunk_size, n)
 
   @jax.jit
-  def eval_chunk(state, client_ids, batch: ClientData):
-    variables = algorithm.personalized(state, client_ids)
-    return jax.vmap(lambda v, d: evaluate_client(model.apply, v, d))(variables, batch)
+  def eval_chunk(state, client_ids, train: ClientData, batch: ClientData):
+    personal = algorithm.personalized(state, client_ids, train)
+    return jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d))(personal, batch)
 
   splits = {"test": data.test}
   if data.val is not None:
@@ -61,7 +62,7 @@ def make_evaluator(model, algorithm, data, chunk_size: int):
       for start in range(0, n, chunk):
         ids = np.arange(start, start + chunk)
         ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
-        c, l = jax.device_get(eval_chunk(state, ids, arrays.gather(ids)))
+        c, l = jax.device_get(eval_chunk(state, ids, data.train.gather(ids), arrays.gather(ids)))
         keep = slice(0, min(chunk, n - start))
         correct[start:start + chunk] = c[keep]
         loss_sum[start:start + chunk] = l[keep]

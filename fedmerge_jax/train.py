@@ -92,14 +92,15 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   data = data if data is not None else data_lib.load(config.data)
-  model, algorithm = build(config, data)
+  _, algorithm = build(config, data)
   logging.info("%s on %s: %d clients, %d classes, backend %s", config.algorithm, data.name,
                data.num_clients, data.num_classes, jax.default_backend())
 
   init_rng, sample_rng, round_rng = jax.random.split(jax.random.key(config.seed), 3)
   state = jax.jit(algorithm.init)(init_rng)
   round_fn = jax.jit(algorithm.round, donate_argnums=0)
-  evaluate = evaluation.make_evaluator(model, algorithm, data, config.client_chunk_size)
+  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size)
+  down, up = algorithm.communication
   writer = MetricsWriter(workdir)
   best, metrics = None, {}
   start = last_time = time.perf_counter()
@@ -115,6 +116,8 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
       metrics = {"round": r}
       metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
       metrics.update(evaluate(state))
+      metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,
+                      "comm/params_per_round": len(ids) * (down + up)})
       metrics["rounds_per_s"] = (r - last_round) / (now - last_time)
       best = best_by_validation(metrics, best)
       writer.write(metrics)

@@ -83,6 +83,7 @@ def test_vectorised_round_equals_per_client_loop(tiny_config, tiny_data, update_
 
 def test_official_with_one_global_model_is_fedavg(tiny_config, tiny_data):
   tiny_config.num_global_models = 1
+  tiny_config.prox_mu = 0.0  # FedAvg trains without a proximal term.
   _, _, fedmerge = _build(tiny_config, tiny_data)
   tiny_config.algorithm = "fedavg"
   _, _, fedavg = _build(tiny_config, tiny_data)

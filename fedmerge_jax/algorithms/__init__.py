@@ -1,11 +1,20 @@
-"""Federated algorithms, selected by `config.algorithm`; all share one shape (see base)."""
+"""Federated algorithms, selected by `config.algorithm`; all share one shape (see base).
 
-from fedmerge_jax.algorithms import fedavg, fedmerge
+Each module builds an `Algorithm` from the shared merge, local-training and round pieces.
+"""
+
+from fedmerge_jax.algorithms import ditto, fedavg, fedavg_ft, fedem, fedmerge, ifca, local
 from fedmerge_jax.algorithms.base import Algorithm
 
 _FACTORIES = {
     "fedmerge": fedmerge.make,
     "fedavg": fedavg.make,
+    "fedprox": fedavg.make_fedprox,
+    "fedavg_ft": fedavg_ft.make,
+    "local": local.make,
+    "ditto": ditto.make,
+    "ifca": ifca.make,
+    "fedem": fedem.make,
 }
 ALGORITHM_NAMES = tuple(_FACTORIES)
 

@@ -1,16 +1,80 @@
-"""The shape every algorithm has: init(rng) -> state; round(...) -> (state, metrics)."""
+"""The shape every algorithm has, and the pieces they share.
 
-from typing import Any, Callable, NamedTuple
+An algorithm is a handful of pure functions over its state (`Algorithm`); `train.py`
+jits and drives them. Per-client state (personal models, merging logits, mixture
+weights) lives in device arrays with a leading client axis, so it shards with clients.
+"""
+
+from typing import Any, Callable, NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from fedmerge_jax import client as client_lib
+from fedmerge_jax import parallel
 
 
 class Algorithm(NamedTuple):
-  """Pure functions over an algorithm's state; `train.py` jits and drives them.
+  """Pure functions over an algorithm's state.
 
   init(rng) -> state.
   round(state, client_ids [C], data: ClientData with leading axis C, rng) -> (state, metrics);
     metrics are scalars named 'train/...', plus per-client arrays named 'clients/...'.
-  personalized(state, client_ids [C]) -> the C clients' model variables, leading axis C.
+  personalized(state, client_ids [C], train_data) -> the C clients' models (leading axis C),
+    what each client predicts with; some methods (IFCA, fine-tuning) look at train data.
+  predict(one_client_model, x [B, ...]) -> logits (or log-probabilities) [B, classes].
+  communication: (floats sent down, floats sent up) per sampled client per round.
   """
   init: Callable[..., Any]
   round: Callable[..., Any]
   personalized: Callable[..., Any]
+  predict: Callable[..., Any]
+  communication: Tuple[int, int]
+
+
+def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalConfig:
+  """Local training hyper-parameters from the config, with per-method overrides."""
+  return client_lib.LocalConfig(
+      local_epochs=config.local_epochs if local_epochs is None else local_epochs,
+      batch_size=config.batch_size, client_lr=config.client_lr,
+      prox_mu=config.prox_mu if prox_mu is None else prox_mu)
+
+
+def model_predict(model):
+  """Prediction with a plain flax variable dict: the model in eval mode."""
+  return lambda variables, x: model.apply(variables, x, train=False)
+
+
+def num_floats(tree) -> int:
+  """Number of floats in a pytree (one model's size on the wire)."""
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def sample_weights(data: client_lib.ClientData):
+  """p_i = n_i / sum n over the sampled clients."""
+  counts = data.count.astype(jnp.float32)
+  return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def client_keys(rng, client_ids):
+  """One key per client from its id: independent of who else is sampled or chunking."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(client_ids)
+
+
+def training_metrics(data: client_lib.ClientData, client_metrics) -> dict:
+  p = sample_weights(data)
+  return {"train/loss": jnp.sum(p * client_metrics["train_loss"]),
+          "train/num_examples": jnp.sum(data.count.astype(jnp.float32)),
+          "clients/train_loss": client_metrics["train_loss"]}
+
+
+def trained_models(apply_fn, models, data, rng, client_ids, local, chunk_size, anchors=None):
+  """Each client trains its own model (leading axis C); returns (trained models, metrics).
+
+  `anchors` (leading axis C), if given, are the params each client's prox term pulls to.
+  """
+  def one(variables, d, key, anchor=None):
+    delta, metrics = client_lib.local_train(apply_fn, variables, d, key, local, anchor=anchor)
+    return jax.tree.map(jnp.subtract, variables, delta), metrics
+  args = (models, data, client_keys(rng, client_ids))
+  return parallel.map_clients(one, args if anchors is None else args + (anchors,), chunk_size)

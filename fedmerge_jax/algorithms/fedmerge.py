@@ -1,6 +1,10 @@
-"""FedMerge: K stacked global models, per-client merging logits, updates through the merge."""
+"""FedMerge: K stacked global models, per-client merging logits, updates through the merge.
 
-from typing import Any, Optional
+The same machinery, with other server rules or weights, is FedAvg (K = 1), FedProx and
+IFCA (one-hot weights from the lowest-loss model): see those modules.
+"""
+
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -10,7 +14,7 @@ import optax
 from fedmerge_jax import client as client_lib
 from fedmerge_jax import models
 from fedmerge_jax import parallel
-from fedmerge_jax.algorithms.base import Algorithm
+from fedmerge_jax.algorithms import base
 from fedmerge_jax.merge import merge, merging_weights, server_gradients
 from fedmerge_jax.server_optim import ServerUpdate, make_server_update
 
@@ -23,45 +27,57 @@ class State:
   logits_opt_state: Any
 
 
-def local_config(config) -> client_lib.LocalConfig:
-  return client_lib.LocalConfig(local_epochs=config.local_epochs, batch_size=config.batch_size,
-                                client_lr=config.client_lr, prox_mu=config.prox_mu)
+def init_stacked(model, rng, num_models: int, example_input):
+  """K models of one architecture, each with its own random init, stacked on axis 0."""
+  keys = jax.random.split(rng, num_models)
+  return jax.vmap(lambda k: flax.core.unfreeze(model.init(k, example_input[None])))(keys)
 
 
-def make(model, config, num_clients: int, example_input,
+def make(model, config, num_clients: int, example_input, *,
          num_global_models: Optional[int] = None,
-         server_update: Optional[ServerUpdate] = None) -> Algorithm:
-  """FedMerge for a population of `num_clients`; `example_input` is one unbatched input."""
+         server_update: Optional[ServerUpdate] = None,
+         prox_mu: Optional[float] = None,
+         assign_logits: Optional[Callable[..., Any]] = None,
+         models_down: Optional[int] = None) -> base.Algorithm:
+  """FedMerge for a population of `num_clients`; `example_input` is one unbatched input.
+
+  Overrides let other methods reuse this machinery: `assign_logits(state, ids, data)`
+  replaces the sampled clients' logit rows before training (IFCA's assignment);
+  `models_down` is how many models a client downloads (1: the merged one).
+  """
   k_models = num_global_models or config.num_global_models
   server = server_update or make_server_update(config)
-  local = local_config(config)
+  local = base.local_config(config, prox_mu=prox_mu)
+  one_model = jax.eval_shape(lambda: model.init(jax.random.key(0), example_input[None]))
+  size = base.num_floats(one_model)
 
   def init(rng) -> State:
-    keys = jax.random.split(rng, k_models)  # Each global model gets its own random init.
-    stacked = jax.vmap(lambda k: flax.core.unfreeze(model.init(k, example_input[None])))(keys)
+    stacked = init_stacked(model, rng, k_models, example_input)
     logits = jnp.zeros((num_clients, k_models), jnp.float32)  # Uniform 1/K weights.
     return State(stacked, logits, server.globals_tx.init(stacked), server.logits_tx.init(logits))
 
-  def personalized(state: State, client_ids):
-    return merge(state.globals, merging_weights(state.logits[client_ids]))
+  def client_logits(state: State, client_ids, data):
+    if assign_logits is None:
+      return state.logits[client_ids]
+    return assign_logits(state, client_ids, data)
+
+  def personalized(state: State, client_ids, train_data):
+    return merge(state.globals, merging_weights(client_logits(state, client_ids, train_data)))
 
   def train_one(stacked, weights_row, data, key):
     received = jax.tree.map(lambda leaf: leaf[0], merge(stacked, weights_row[None]))
     return client_lib.local_train(model.apply, received, data, key, local)
 
   def round_fn(state: State, client_ids, data: client_lib.ClientData, rng):
+    if assign_logits is not None:
+      state = state.replace(
+          logits=state.logits.at[client_ids].set(assign_logits(state, client_ids, data)))
     weights = merging_weights(state.logits[client_ids])
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(client_ids)
     deltas, client_metrics = parallel.map_clients(
-        lambda w, d, k: train_one(state.globals, w, d, k), (weights, data, keys),
-        config.client_chunk_size)
-    counts = data.count.astype(jnp.float32)
-    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
-    state = server_step(state, client_ids, deltas, p)
-    metrics = {"train/loss": jnp.sum(p * client_metrics["train_loss"]),
-               "train/num_examples": jnp.sum(counts),
-               "clients/train_loss": client_metrics["train_loss"]}
-    return state, metrics
+        lambda w, d, k: train_one(state.globals, w, d, k),
+        (weights, data, base.client_keys(rng, client_ids)), config.client_chunk_size)
+    state = server_step(state, client_ids, deltas, base.sample_weights(data))
+    return state, base.training_metrics(data, client_metrics)
 
   if server.logit_gradient_params == "head":
     mask_fn = models.head_mask
@@ -91,4 +107,6 @@ def make(model, config, num_clients: int, example_input,
     weights_from = new.logits if server.logits_first else state.logits
     return globals_step(new, client_ids, deltas, p, weights_from)
 
-  return Algorithm(init=init, round=round_fn, personalized=personalized)
+  down = size * (models_down or 1)
+  return base.Algorithm(init=init, round=round_fn, personalized=personalized,
+                        predict=base.model_predict(model), communication=(down, size))

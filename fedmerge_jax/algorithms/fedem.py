@@ -1,0 +1,100 @@
+"""FedEM (Marfoq et al. 2021): K shared components, per-client mixture weights by EM.
+
+A client predicts with the mixture sum_k pi_ik p_k(y|x) of its components' outputs (the
+mixture-of-experts family). Each round a sampled client runs, on its own data:
+  E-step: q_k(x) = pi_k p_k(y|x) / sum_j pi_j p_j(y|x); pi_k <- mean over examples of q_k(x);
+  M-step: E epochs of SGD on sum_k q_k(x) CE(h_k(x), y), all K components at once;
+and the server averages each component's updates over clients, weighted by n_i.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedmerge_jax import client as client_lib
+from fedmerge_jax import parallel
+from fedmerge_jax.algorithms import base
+from fedmerge_jax.algorithms.fedavg import averaging_server
+from fedmerge_jax.algorithms.fedmerge import init_stacked
+
+
+@flax.struct.dataclass
+class State:
+  components: Any  # K shared models, leaves [K, ...].
+  mixture: jax.Array  # [N, K] every client's mixture weights pi.
+  opt_state: Any
+
+
+def component_log_likelihoods(model, components, x, y):
+  """[n, K] log p_k(y | x) of every component on every example."""
+  logits = jax.vmap(lambda v: model.apply(v, x, train=False))(components)  # [K, n, C]
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(log_p, y[None, :, None], axis=-1)[..., 0].T
+
+
+def e_step(model, components, mixture_row, data: client_lib.ClientData):
+  """(responsibilities q [max_n, K], new pi [K]) over the client's real examples."""
+  log_joint = component_log_likelihoods(model, components, data.x, data.y) + jnp.log(mixture_row)
+  q = jax.nn.softmax(log_joint, axis=-1)
+  real = (jnp.arange(data.y.shape[0]) < data.count)[:, None]
+  pi = jnp.sum(q * real, axis=0) / jnp.maximum(data.count, 1)
+  return q, jnp.where(data.count > 0, pi, mixture_row)
+
+
+def make(model, config, num_clients, example_input):
+  k_models = config.num_global_models
+  server = averaging_server(config).globals_tx
+  local = base.local_config(config, prox_mu=0.0)
+  size = base.num_floats(jax.eval_shape(lambda: model.init(jax.random.key(0), example_input[None])))
+
+  def stacked_apply(variables, x, **kwargs):
+    """All K components on one batch: outputs [K, B, classes] (and their new state)."""
+    return jax.vmap(lambda v: model.apply(v, x, **kwargs))(variables)
+
+  def init(rng) -> State:
+    components = init_stacked(model, rng, k_models, example_input)
+    mixture = jnp.full((num_clients, k_models), 1.0 / k_models, jnp.float32)
+    return State(components, mixture, server.init(components))
+
+  def train_one(components, mixture_row, data, key):
+    q, pi = e_step(model, components, mixture_row, data)
+
+    def weighted_loss(outputs, labels, idx):
+      ce = jax.vmap(lambda out: optax.softmax_cross_entropy_with_integer_labels(out, labels))(outputs)
+      return jnp.sum(q[idx].T * ce, axis=0)
+
+    delta, metrics = client_lib.local_train(stacked_apply, components, data, key, local,
+                                            example_loss=weighted_loss)
+    return delta, pi, metrics
+
+  def round_fn(state: State, client_ids, data, rng):
+    deltas, mixture, client_metrics = parallel.map_clients(
+        lambda pi, d, k: train_one(state.components, pi, d, k),
+        (state.mixture[client_ids], data, base.client_keys(rng, client_ids)),
+        config.client_chunk_size)
+    p = base.sample_weights(data)
+    grad = jax.tree.map(lambda d: jnp.einsum("c,c...->...", p, d), deltas)
+    updates, opt_state = server.update(grad, state.opt_state, state.components,
+                                       model_mass=jnp.ones((k_models,)))
+    state = State(optax.apply_updates(state.components, updates),
+                  state.mixture.at[client_ids].set(mixture), opt_state)
+    return state, base.training_metrics(data, client_metrics)
+
+  def personalized(state: State, client_ids, train_data):
+    del train_data
+    n = client_ids.shape[0]
+    components = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), state.components)
+    return components, state.mixture[client_ids]
+
+  def predict(personal, x):
+    components, mixture_row = personal
+    logits = stacked_apply(components, x, train=False)  # [K, B, classes]
+    log_mix = jax.nn.logsumexp(jax.nn.log_softmax(logits, -1)
+                               + jnp.log(mixture_row)[:, None, None], axis=0)
+    return log_mix  # log sum_k pi_k p_k(y|x): its softmax is the mixture itself.
+
+  return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
+                        communication=(k_models * size, k_models * size))

@@ -1,0 +1,42 @@
+"""IFCA (Ghosh et al. 2020): K cluster models; a client joins the one that fits it best.
+
+Each sampled client evaluates all K models on its training data, takes the one with the
+lowest loss, trains it, and the server averages the updates per cluster. In FedMerge's
+machinery that is one-hot merging weights and the per-model normalised average.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedmerge_jax import evaluation
+from fedmerge_jax.algorithms import fedmerge
+from fedmerge_jax.server_optim import ServerUpdate, scale_by_inverse_model_mass
+
+EXCLUDED_LOGIT = -1e9  # softmax gives exactly 0 to it in float32.
+
+
+def training_losses(model, stacked, data):
+  """[C, K] mean loss of every cluster model on every client's training examples."""
+  def one_client(d):
+    def one_model(variables):
+      _, loss_sum = evaluation.evaluate_client(
+          lambda v, x: model.apply(v, x, train=False), variables, d)
+      return loss_sum / jnp.maximum(d.count, 1)
+    return jax.vmap(one_model)(stacked)
+  return jax.vmap(one_client)(data)
+
+
+def make(model, config, num_clients, example_input):
+  def assign(state, client_ids, data):
+    best = jnp.argmin(training_losses(model, state.globals, data), axis=1)
+    return jnp.where(jax.nn.one_hot(best, config.num_global_models) > 0, 0.0, EXCLUDED_LOGIT)
+
+  server = ServerUpdate(
+      globals_tx=optax.chain(scale_by_inverse_model_mass(), optax.sgd(config.server_lr_globals)),
+      logits_tx=optax.set_to_zero(),
+      logit_gradient_params="all",
+      logits_first=False)
+  return fedmerge.make(model, config, num_clients, example_input, server_update=server,
+                       prox_mu=0.0, assign_logits=assign,
+                       models_down=config.num_global_models)
