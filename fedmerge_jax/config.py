@@ -9,6 +9,7 @@ import difflib
 
 import ml_collections
 
+from fedmerge_jax import algorithms
 from fedmerge_jax import models
 from fedmerge_jax.models.layers import CONV_IMPLS
 from fedmerge_jax.server_optim import UPDATE_MODES
@@ -16,7 +17,7 @@ from fedmerge_jax.server_optim import UPDATE_MODES
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedmerge"  # 'fedmerge' or 'fedavg'.
+  c.algorithm = "fedmerge"  # See fedmerge_jax.algorithms.ALGORITHM_NAMES.
   c.num_global_models = 4  # K.
   c.update_mode = "official"  # 'official' (the authors' code) or 'gradient' (chain rule).
   c.num_rounds = 100
@@ -24,11 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_epochs = 1
   c.batch_size = 32
   c.client_lr = 0.05
-  c.prox_mu = 0.01  # Local loss: CE + prox_mu * ||theta - theta_received||^2.
+  c.prox_mu = 0.01  # fedmerge, fedprox: local loss CE + prox_mu * ||theta - theta_received||^2.
   c.server_lr_globals = 1.0
   c.server_lr_logits = 0.01
   c.server_optimizer_globals = "sgd"  # Any optax optimizer name ('gradient' mode, fedavg).
   c.server_optimizer_logits = "sgd"  # Any optax optimizer name ('gradient' mode).
+  c.finetune_epochs = 1  # fedavg_ft: local epochs of fine-tuning before evaluation.
+  c.ditto_lambda = 0.1  # ditto: personal loss F_i(v) + lambda/2 ||v - w||^2.
   c.eval_every = 10
   c.client_chunk_size = 0  # Clients trained at once inside a round; 0: all sampled.
   c.seed = 0
@@ -54,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_client_size = 1  # Partitions are redrawn until every client has this many.
   c.data.domains = ()  # Domain datasets: which domains to use; () : all.
   c.data.clients_per_domain = 5  # Domain datasets.
+  c.data.classes = ()  # Domain datasets: class names to keep, relabelled 0.. in order; () : all.
   c.data.image_size = 64  # Domain datasets: images are resized to image_size x image_size.
   c.data.test_fraction = 0.2
   c.data.val_fraction = 0.1
@@ -62,13 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "algorithm": ("fedmerge", "fedavg"),
+    "algorithm": algorithms.ALGORITHM_NAMES,
     "update_mode": UPDATE_MODES,
     "model.name": models.MODEL_NAMES,
     "model.conv_impl": CONV_IMPLS,
 }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "prox_mu", "client_lr",
+                 "finetune_epochs", "ditto_lambda",
                  "server_lr_globals", "server_lr_logits")
 _FRACTIONS = ("data.test_fraction", "data.val_fraction")
 
