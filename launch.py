@@ -4,12 +4,11 @@ Override any config field on the command line, e.g. --config.num_rounds=20.
 All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import train
 
@@ -17,16 +16,6 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the config are written.")
 flags.mark_flags_as_required(["config"])
-
-
-def parse_flags(argv):
-  """absl's parsing, with ml_collections' unknown-override error shown as one clear line."""
-  try:
-    return FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    message = str(e).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    sys.exit(f"FATAL Flags parsing error: unknown config key {message}\n"
-             "Every valid key, with its meaning, is listed in fedmerge_jax/config.py.")
 
 
 def main(argv):
@@ -40,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
