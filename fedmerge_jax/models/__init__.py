@@ -12,6 +12,7 @@ import ml_collections
 
 from fedmerge_jax.models.cnn import EmnistCNN, LeafFemnistCNN
 from fedmerge_jax.models.mlp import MLP
+from fedmerge_jax.models.resnet import ResNet9
 
 HEAD = "head"
 
@@ -19,6 +20,7 @@ _BUILDERS: Dict[str, Callable[[ml_collections.ConfigDict, int], nn.Module]] = {
     "mlp": lambda cfg, n: MLP(num_classes=n, hidden_sizes=tuple(cfg.hidden_sizes)),
     "emnist_cnn": lambda cfg, n: EmnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
     "leaf_femnist_cnn": lambda cfg, n: LeafFemnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
+    "resnet9": lambda cfg, n: ResNet9(num_classes=n, conv_impl=cfg.conv_impl),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 

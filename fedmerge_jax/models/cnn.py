@@ -1,6 +1,7 @@
 """The two standard (F)EMNIST CNNs of the FL literature."""
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from fedmerge_jax.models.layers import Conv
 
@@ -15,6 +16,7 @@ class EmnistCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
     x = nn.relu(Conv(32, (3, 3), "VALID", self.conv_impl, name="conv_0")(x))
     x = nn.relu(Conv(64, (3, 3), "VALID", self.conv_impl, name="conv_1")(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
@@ -36,6 +38,7 @@ class LeafFemnistCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # No dropout or batch norm.
+    x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
     x = nn.relu(Conv(32, (5, 5), "SAME", self.conv_impl, name="conv_0")(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = nn.relu(Conv(64, (5, 5), "SAME", self.conv_impl, name="conv_1")(x))
