@@ -4,12 +4,15 @@ Override any config field on the command line, e.g. --config.num_rounds=20.
 All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
+from fedmerge_jax import data as data_lib
 from fedmerge_jax import train
 
 FLAGS = flags.FLAGS
@@ -23,8 +26,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
+  except (config_lib.ConfigError, data_lib.DataError) as e:
+    sys.exit(f"FATAL {type(e).__name__}: {e}")  # The message names the problem and the fix.
   print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 
 

@@ -52,13 +52,8 @@ def load(data_config) -> FederatedData:
   if c.num_groups < 1 or c.num_clients < c.num_groups:
     raise ValueError(f"data.num_groups={c.num_groups} must be in [1, data.num_clients="
                      f"{c.num_clients}].")
-  if c.partition == "iid":
-    parts = partition.iid_partition(len(labels), c.num_clients, c.seed)
-  elif c.partition == "dirichlet":
-    parts = partition.dirichlet_partition(labels, c.num_clients, c.dirichlet_alpha, c.seed,
-                                          min_size=10)
-  else:
-    raise ValueError(f"data.partition={c.partition!r}; expected 'iid' or 'dirichlet'.")
+  parts = partition.partition_by_name(c.partition, labels, c,
+                                      min_size=max(c.min_client_size, 10))
   transforms = group_transforms(c.num_groups, c.group_transform, num_classes, c.seed)
   groups = np.arange(c.num_clients) % c.num_groups  # Interleaved: ids reveal nothing.
   rng = np.random.default_rng(c.seed + 1)
