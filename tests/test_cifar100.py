@@ -17,8 +17,10 @@ from fedmerge_jax import config as config_lib
 from fedmerge_jax import models
 from fedmerge_jax import train
 from fedmerge_jax.config import base_config
-from fedmerge_jax.data import FederatedData, cifar100, load, partition
+from fedmerge_jax.data import cifar100, load, partition
 from fedmerge_jax.models.resnet import conv
+
+from conftest import make_federation
 
 RBG = "rbg"  # Test inits with rbg keys: threefry inits of ResNet-9 compile ~4x slower on CPU.
 TRAIN_LABELS = np.repeat(np.arange(100), 500)  # CIFAR-100's shape: 500 train, 100 test
@@ -293,29 +295,12 @@ def test_resnet9_batch_norm_updates_stats_only_in_training():
                              rtol=1e-4, atol=1e-5)
 
 
-def tiny_images(num_clients=4, n=8, num_classes=5, seed=0):
-  rng = np.random.default_rng(seed)
-  split = lambda: (rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
-                   rng.integers(0, num_classes, n).astype(np.int32))
-  clients = [f"c{i}" for i in range(num_clients)]
-  return FederatedData.from_arrays({c: split() for c in clients}, {c: split() for c in clients},
-                                   {c: split() for c in clients}, num_classes=num_classes)
-
-
-def resnet_config():
-  config = base_config()
-  config.num_global_models = 2
-  config.num_rounds = 2
-  config.eval_every = 1
-  config.local_epochs = 1
-  config.batch_size = 4
-  config.client_lr = 0.01
+def test_fedmerge_with_resnet9_runs_and_merges_batch_stats(tmp_path, tiny_config):
+  config = tiny_config
+  config.num_global_models, config.local_epochs, config.client_lr = 2, 1, 0.01
   config.model.name = "resnet9"
-  return config
-
-
-def test_fedmerge_with_resnet9_runs_and_merges_batch_stats(tmp_path):
-  config, data = resnet_config(), tiny_images()
+  data = make_federation(num_clients=4, sizes=[8] * 4, example_shape=(32, 32, 3),
+                         num_classes=5, test_size=8, val_size=8)
   summary = train.train_and_evaluate(config, str(tmp_path), data=data)
   for key in ("test/acc_mean", "test/loss", "val/loss", "train/loss", "best/acc_mean"):
     assert np.isfinite(summary[key]), key
