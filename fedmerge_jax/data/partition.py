@@ -13,24 +13,32 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> List[np.nda
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                        min_size: int = 1, max_tries: int = 1000) -> List[np.ndarray]:
+                        min_size: int = 1, max_tries: int = 1000,
+                        cap: Optional[float] = None) -> List[np.ndarray]:
   """Per class, the class's examples are split over clients by Dirichlet(alpha) shares.
 
   Redrawn until every client holds at least `min_size` examples. Small alpha: each client
-  sees few classes; large alpha: close to iid.
+  sees few classes; large alpha: close to iid. With a `cap`, a client already holding
+  >= cap examples gets no share of the next classes (the rest renormalised): the
+  authors' 'personal' split, see `capped_dirichlet_partition`.
   """
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
   for _ in range(max_tries):
     parts = [[] for _ in range(num_clients)]
+    sizes = np.zeros(num_clients, np.int64)
     for cls in np.unique(labels):
       idx = rng.permutation(np.flatnonzero(labels == cls))
       shares = rng.dirichlet(np.full(num_clients, alpha))
+      if cap is not None:
+        shares = shares * (sizes < cap)
+        shares = shares / shares.sum()
       cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
       for client, chunk in enumerate(np.split(idx, cuts)):
-        parts[client].extend(chunk.tolist())
-    if min(len(p) for p in parts) >= min_size:
-      return [np.sort(np.array(p, np.int64)) for p in parts]
+        parts[client].append(chunk)
+        sizes[client] += len(chunk)
+    if sizes.min() >= min_size:
+      return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
   raise ValueError(f"dirichlet_partition: no split with >= {min_size} examples per client in "
                    f"{max_tries} draws; raise alpha or lower num_clients/min_size.")
 
@@ -271,30 +279,16 @@ def cluster_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_cli
 def capped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
                                min_size: int = 1, cap: Optional[float] = None,
                                max_tries: int = 1000) -> List[np.ndarray]:
-  """Per-class Dirichlet(alpha) shares, skipping clients that already hold >= cap examples.
+  """The authors' 'personal' split (their `separate_data`, 'dir' mode).
 
-  The authors' 'personal' split (their `separate_data`, 'dir' mode): classes in
-  ascending order; a client already holding >= cap (default N / num_clients) examples
-  gets no share of the next classes; the rest are renormalised and the class's shuffled
-  examples cut at floor(cumsum * n). Redrawn until every client has >= min_size.
+  `dirichlet_partition` with a per-client cap, default N / num_clients: classes in
+  ascending order; a client already holding >= cap examples gets no share of the next
+  classes; the class's shuffled examples are cut at floor(cumsum * n). Redrawn until
+  every client has >= min_size.
   """
-  labels = np.asarray(labels)
   cap = len(labels) / num_clients if cap is None else cap
-  rng = np.random.default_rng(seed)
-  for _ in range(max_tries):
-    parts = [[] for _ in range(num_clients)]
-    sizes = np.zeros(num_clients, np.int64)
-    for cls in np.unique(labels):
-      idx = rng.permutation(np.flatnonzero(labels == cls))
-      shares = rng.dirichlet(np.full(num_clients, alpha)) * (sizes < cap)
-      cuts = (np.cumsum(shares / shares.sum())[:-1] * len(idx)).astype(int)
-      for client, chunk in enumerate(np.split(idx, cuts)):
-        parts[client].append(chunk)
-        sizes[client] += len(chunk)
-    if sizes.min() >= min_size:
-      return [np.sort(np.concatenate(p)) for p in parts]
-  raise ValueError(f"capped_dirichlet_partition: no split with >= {min_size} examples per "
-                   f"client in {max_tries} draws; raise alpha or lower num_clients/min_size.")
+  return dirichlet_partition(labels, num_clients, alpha, seed, min_size=min_size,
+                             max_tries=max_tries, cap=cap)
 
 
 def holdout_per_client(parts: Sequence[np.ndarray], test_fraction: float, val_fraction: float,
