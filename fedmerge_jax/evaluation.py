@@ -45,28 +45,32 @@ def make_evaluator(algorithm, data, chunk_size: int):
   """
   n = data.num_clients
   chunk = n if chunk_size <= 0 else min(chunk_size, n)
-
-  @jax.jit
-  def eval_chunk(state, client_ids, train: ClientData, batch: ClientData):
-    personal = algorithm.personalized(state, client_ids, train)
-    return jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d))(personal, batch)
-
   splits = {"test": data.test}
   if data.val is not None:
     splits["val"] = data.val
 
+  @jax.jit
+  def eval_chunk(state, client_ids, train: ClientData, batches):
+    """Every split of a chunk of clients, each client's model built once for all splits."""
+    personal = algorithm.personalized(state, client_ids, train)
+    evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d))
+    return {name: evaluate_all(personal, batch) for name, batch in batches.items()}
+
   def evaluate(state) -> Dict[str, float]:
+    correct = {name: np.zeros(n) for name in splits}
+    loss_sum = {name: np.zeros(n) for name in splits}
+    for start in range(0, n, chunk):
+      ids = np.arange(start, start + chunk)
+      ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
+      batches = {name: arrays.gather(ids) for name, arrays in splits.items()}
+      results = jax.device_get(eval_chunk(state, ids, data.train.gather(ids), batches))
+      keep = slice(0, min(chunk, n - start))
+      for name, (c, l) in results.items():
+        correct[name][start:start + chunk] = c[keep]
+        loss_sum[name][start:start + chunk] = l[keep]
     metrics = {}
-    for prefix, arrays in splits.items():
-      correct, loss_sum = np.zeros(n), np.zeros(n)
-      for start in range(0, n, chunk):
-        ids = np.arange(start, start + chunk)
-        ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
-        c, l = jax.device_get(eval_chunk(state, ids, data.train.gather(ids), arrays.gather(ids)))
-        keep = slice(0, min(chunk, n - start))
-        correct[start:start + chunk] = c[keep]
-        loss_sum[start:start + chunk] = l[keep]
-      metrics.update(summarize(correct, loss_sum, arrays.counts, prefix))
+    for name, arrays in splits.items():
+      metrics.update(summarize(correct[name], loss_sum[name], arrays.counts, name))
     return metrics
 
   return evaluate
