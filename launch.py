@@ -24,9 +24,11 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_lib.ConfigError, data_lib.DataError) as e:
+  except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
+          train.OutOfMemoryError) as e:
     sys.exit(f"FATAL {type(e).__name__}: {e}")  # The message names the problem and the fix.
   print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 

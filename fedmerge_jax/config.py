@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 10
   c.client_chunk_size = 0  # Clients trained at once inside a round; 0: all sampled.
   c.seed = 0
+  c.checkpoint_every = 50  # Checkpoint every this many rounds (and at the end); 0: never.
+  c.checkpoint_keep = 2  # How many recent checkpoints to keep in <workdir>/checkpoints.
+  c.tensorboard = True  # TensorBoard event files in the workdir.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp"
@@ -111,8 +114,10 @@ _CHOICES = {
     "model.name": models.MODEL_NAMES,
     "model.conv_impl": CONV_IMPLS,
 }
-_POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every")
+_POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
+             "checkpoint_keep")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "prox_mu", "client_lr",
+                 "checkpoint_every",
                  "finetune_epochs", "ditto_lambda",
                  "server_lr_globals", "server_lr_logits")
 _FRACTIONS = ("data.test_fraction", "data.val_fraction")

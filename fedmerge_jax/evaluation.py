@@ -39,6 +39,9 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
 def make_evaluator(algorithm, data, chunk_size: int):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
+  Besides the summary scalars, `clients/<split>_acc` holds every client's accuracy
+  (NaN for a client without examples in that split), for histograms and plots.
+
   Each client is evaluated with its own model, `algorithm.personalized`. Clients go
   `chunk_size` at a time (all at once if 0), each chunk one jitted call of a fixed shape;
   the last chunk is padded with repeats and the padding dropped.
@@ -71,6 +74,9 @@ def make_evaluator(algorithm, data, chunk_size: int):
     metrics = {}
     for name, arrays in splits.items():
       metrics.update(summarize(correct[name], loss_sum[name], arrays.counts, name))
+      with np.errstate(invalid="ignore", divide="ignore"):
+        metrics[f"clients/{name}_acc"] = np.where(
+            arrays.counts > 0, correct[name] / arrays.counts, np.nan)
     return metrics
 
   return evaluate

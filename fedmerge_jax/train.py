@@ -1,7 +1,8 @@
 """train_and_evaluate: config -> data -> algorithm state -> jitted rounds -> metrics.
 
-Python only samples clients, gathers their padded data, logs and writes files; each
-round is one jitted call of the algorithm's pure `round` function.
+Python only samples clients, gathers their padded data, logs, checkpoints and writes
+files; each round is one jitted call of the algorithm's pure `round` function. Rerunning
+with the same workdir resumes from the last checkpoint and reproduces the same metrics.
 """
 
 import json
@@ -15,10 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedmerge_jax import algorithms
+from fedmerge_jax import checkpoint as checkpoint_lib
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
+from fedmerge_jax import metric_writers
 from fedmerge_jax import models
+from fedmerge_jax import plot
+from fedmerge_jax import progress as progress_lib
 
 SUMMARY_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_p10", "loss")
 
@@ -37,18 +42,6 @@ def format_metrics(metrics: Dict[str, float]) -> str:
   parts += [f"{k} {metrics[k]:.4f}" for k in shown if k in metrics]
   parts.append(f"{metrics['rounds_per_s']:.2f} rounds/s")
   return " | ".join(parts)
-
-
-class MetricsWriter:
-  """Appends one JSON object per evaluation to <workdir>/metrics.jsonl."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    open(self.path, "w").close()
-
-  def write(self, metrics: Dict[str, float]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(metrics) + "\n")
 
 
 def build(config, data: data_lib.FederatedData):
@@ -71,61 +64,212 @@ def best_by_validation(latest, current_best):
   return current_best
 
 
-def check_finite(round_metrics, round_index: int, client_ids) -> None:
-  """Stops a run whose training produced NaN or infinite losses, naming the clients."""
-  losses = np.asarray(round_metrics["clients/train_loss"])
-  bad = ~np.isfinite(losses)
-  if bad.any():
-    raise FloatingPointError(
-        f"Non-finite training loss at round {round_index} for clients "
-        f"{client_ids[bad].tolist()}; lower config.client_lr or check those clients' data.")
+
+class OutOfMemoryError(MemoryError):
+  """A round or an evaluation that did not fit in memory, with what to change."""
+
+
+# What a checkpoint is a checkpoint of: resuming with any of these changed would splice
+# two different experiments. Other settings (rounds, learning rates, ...) may change.
+RUN_IDENTITY = ("algorithm", "num_global_models", "update_mode", "seed", "model.", "data.")
+
+
+def _flat(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses to resume `workdir`'s checkpoints under a different experiment; logs changed settings."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = dict(_flat(json.load(f)))
+  new = dict(_flat(json.loads(config.to_json())))
+  changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)}
+  clashes = [k for k in changed if k.startswith(RUN_IDENTITY)]
+  if clashes:
+    what = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in clashes)
+    raise config_lib.ConfigError(
+        f"--workdir={workdir} holds checkpoints of a different run ({what}). Use a new "
+        f"--workdir, or delete {os.path.join(workdir, 'checkpoints')} to start this one over.")
+  if changed:
+    logging.warning("Resuming %s with changed settings: %s", workdir,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def keep_finite(round_fn):
+  """The round, except that a non-finite loss or state returns the state it was given.
+
+  So the state after a failed round is the last good one: it can be checkpointed even
+  though the round donated its input. metrics['finite'] says which happened.
+  """
+  def guarded(state, client_ids, data, rng):
+    new_state, metrics = round_fn(state, client_ids, data, rng)
+    finite = jnp.isfinite(metrics["train/loss"]) & all_finite(new_state)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return kept, dict(metrics, finite=finite)
+  return guarded
+
+
+def non_finite_message(round_metrics, round_index: int, client_ids, saved: str) -> str:
+  losses = np.asarray(round_metrics["clients/train_loss"])[:len(client_ids)]
+  bad = np.asarray(client_ids)[~np.isfinite(losses)].tolist()
+  where = f"for clients {bad}" if bad else "in the updated model (the losses were finite)"
+  return (f"Non-finite training loss at round {round_index} {where}. {saved} Lower "
+          "config.client_lr, or check those clients' data.")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  text = str(error)
+  return isinstance(error, MemoryError) or (
+      isinstance(error, jax.errors.JaxRuntimeError)
+      and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
+
+
+def out_of_memory_message(config, round_index: int, clients: int, saved: str) -> str:
+  at_once = config.client_chunk_size or clients
+  return (f"Out of memory at round {round_index} with {at_once} clients on the device at once. "
+          f"Set --config.client_chunk_size={max(1, at_once // 4)} (clients are then trained "
+          f"and evaluated that many at a time; results are identical). {saved}")
+
+
+def alive(tree) -> bool:
+  """False once any array of `tree` was donated to (consumed by) a jitted call."""
+  return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+
+
+def compile_round(algorithm):
+  """The jitted round train_and_evaluate runs: NaN-guarded, its state donated."""
+  return jax.jit(keep_finite(algorithm.round), donate_argnums=0)
 
 
 def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None):
   """Runs `config` and returns the final metrics and the best-by-validation ones.
 
-  Writes <workdir>/config.json (the resolved config), metrics.jsonl (one line per
-  evaluation) and summary.json (what this returns).
+  Writes to <workdir>: config.json (the resolved config), metrics.jsonl (one line per
+  evaluation), TensorBoard events, clients.npz (the latest per-client accuracies and
+  merging weights), checkpoints/ (every config.checkpoint_every rounds), the plots and
+  summary.json (what this returns). With checkpoints already in `workdir` it resumes
+  from the newest one, and the metrics come out as if the run had never stopped.
   """
   config = config_lib.resolve(config)
+  main_process = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  checkpoints = None
+  if config.checkpoint_every:
+    checkpoints = checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep)
+    if checkpoints.latest_round() is not None:
+      check_resumable(config, workdir)
+  if main_process:
+    metric_writers.write_atomically(os.path.join(workdir, "config.json"),
+                                    lambda f: f.write(config.to_json(indent=2).encode()))
   data = data if data is not None else data_lib.load(config.data)
   _, algorithm = build(config, data)
   logging.info("%s on %s: %d clients, %d classes, backend %s", config.algorithm, data.name,
                data.num_clients, data.num_classes, jax.default_backend())
 
-  init_rng, sample_rng, round_rng = jax.random.split(jax.random.key(config.seed), 3)
+  init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
   state = jax.jit(algorithm.init)(init_rng)
-  round_fn = jax.jit(algorithm.round, donate_argnums=0)
+  done, best, metrics = 0, None, {}
+  restored = checkpoints and checkpoints.restore_latest(
+      {"algorithm": state, "rngs": jax.random.key_data(jnp.stack(rngs))})
+  if restored:
+    done, saved, progress = restored
+    state, rngs = saved["algorithm"], list(jax.random.wrap_key_data(saved["rngs"]))
+    best, metrics = progress["best"], progress["metrics"]
+    logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
+  sample_rng, round_rng = rngs
+  start_round = done
+
+  def save(round_index: int) -> str:
+    """Checkpoints `state` as the state after `round_index`; says where, for messages."""
+    if checkpoints is None:
+      return "Checkpoints are off (config.checkpoint_every=0)."
+    if round_index > start_round and alive(state):
+      checkpoints.save(round_index, {"algorithm": state, "rngs": jax.random.key_data(
+          jnp.stack([sample_rng, round_rng]))}, {"round": round_index, "best": best,
+                                                 "metrics": metrics})
+    latest = checkpoints.latest_round()
+    return ("No round finished yet." if latest is None else
+            f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
+            "same command resumes from there.")
+
+  round_fn = compile_round(algorithm)
   evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size)
   down, up = algorithm.communication
-  writer = MetricsWriter(workdir)
-  best, metrics = None, {}
+  if main_process:
+    jsonl = metric_writers.JsonlWriter(workdir, start_round)
+    tensorboard = metric_writers.TensorBoardWriter(workdir, start_round) if config.tensorboard else None
+  bar = progress_lib.Progress(config.num_rounds, start_round, enabled=main_process)
   start = last_time = time.perf_counter()
-  last_round = 0
-  for r in range(1, config.num_rounds + 1):
-    ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
-                         config.clients_per_round)
-    state, round_metrics = round_fn(state, ids, data.train.gather(ids),
-                                    jax.random.fold_in(round_rng, r))
-    check_finite(round_metrics, r, ids)
-    if r % config.eval_every == 0 or r == config.num_rounds:
-      now = time.perf_counter()
-      metrics = {"round": r}
-      metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
-      metrics.update(evaluate(state))
-      metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,
-                      "comm/params_per_round": len(ids) * (down + up)})
-      metrics["rounds_per_s"] = (r - last_round) / (now - last_time)
-      best = best_by_validation(metrics, best)
-      writer.write(metrics)
-      print(format_metrics(metrics), flush=True)
-      last_time, last_round = time.perf_counter(), r
+  last_round = start_round
+  r = start_round
+  try:
+    for r in range(start_round + 1, config.num_rounds + 1):
+      ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
+                           config.clients_per_round)
+      state, round_metrics = round_fn(state, ids, data.train.gather(ids),
+                                      jax.random.fold_in(round_rng, r))
+      if not bool(round_metrics["finite"]):
+        raise FloatingPointError(non_finite_message(round_metrics, r, ids, save(r - 1)))
+      done = r
+      bar.advance()
+      if r % config.eval_every == 0 or r == config.num_rounds:
+        now = time.perf_counter()
+        metrics = {"round": r}
+        metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
+        evaluated = evaluate(state)
+        per_client = {k: evaluated.pop(k) for k in list(evaluated) if k.startswith("clients/")}
+        metrics.update(evaluated)
+        weights = None
+        if algorithm.merging_weights is not None:
+          weights = np.asarray(algorithm.merging_weights(state))[:data.num_clients]
+          if data.groups is not None:
+            metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
+        metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,
+                        "comm/params_per_round": len(ids) * (down + up)})
+        metrics["rounds_per_s"] = (r - last_round) / (now - last_time)
+        best = best_by_validation(metrics, best)
+        if main_process:
+          jsonl.write(metrics)
+          if tensorboard:
+            tensorboard.write(r, metrics, per_client, weights)
+          metric_writers.write_clients_npz(workdir, r, data.client_ids, per_client, weights,
+                                           data.groups)
+        bar.show(metrics)
+        bar.print(format_metrics(metrics))
+        last_time, last_round = time.perf_counter(), r
+      if checkpoints and (r % config.checkpoint_every == 0 or r == config.num_rounds):
+        save(r)
+  except BaseException as e:
+    where = save(done)
+    if is_out_of_memory(e):
+      raise OutOfMemoryError(out_of_memory_message(config, r, len(ids), where)) from e
+    raise
+  finally:
+    bar.close()
+    if checkpoints:
+      checkpoints.close()
+    if main_process and tensorboard:
+      tensorboard.close()
+  if start_round == config.num_rounds:
+    logging.info("All %d rounds were already done in %s.", config.num_rounds, workdir)
   summary = dict(metrics)
   summary.update(best or {})
   summary["wall_time_s"] = time.perf_counter() - start
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if main_process:
+    metric_writers.write_atomically(os.path.join(workdir, "summary.json"),
+                                    lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    plot.write_plots(workdir)
   return summary

@@ -95,3 +95,68 @@ def test_launch_runs_the_default(tmp_path):
   assert result.returncode == 0, result.stderr
   assert "round     4 | train/loss" in result.stdout
   assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
+
+
+def read_events(path):
+  """(tag, kind) of every summary value in a TensorBoard event file (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  found = set()
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      length = int.from_bytes(header[:8], "little")
+      event = event_pb2.Event.FromString(f.read(length))
+      f.read(4)
+      for value in event.summary.value:
+        found.add((value.tag, value.WhichOneof("value")))
+  return found
+
+
+def test_tensorboard_clients_npz_and_plots_are_written(tiny_config, tiny_data, tmp_path):
+  tiny_data = tiny_data.__class__(**{**tiny_data.__dict__, "groups": np.array([0, 0, 1, 1, 2])})
+  summary = train.train_and_evaluate(tiny_config, str(tmp_path), data=tiny_data)
+  events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+  assert len(events) == 1
+  found = read_events(tmp_path / events[0])
+  for tag, kind in [("test/acc_mean", "simple_value"), ("train/loss", "simple_value"),
+                    ("clients/test_acc", "histo"), ("merging_weights/model_2", "histo"),
+                    ("merging_weights/clients_x_models", "image")]:
+    assert (tag, kind) in found, (tag, kind, sorted(found))
+  clients = np.load(tmp_path / "clients.npz")
+  assert clients["merging_weights"].shape == (5, 3)
+  np.testing.assert_allclose(clients["merging_weights"].sum(1), 1.0, rtol=1e-5)
+  assert clients["test_acc"].shape == (5,) and int(clients["round"]) == 2
+  assert -1.0 <= summary["groups/ari"] <= 1.0
+  for name in ("accuracy.png", "client_accuracy.png", "merging_weights.png"):
+    with open(tmp_path / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def launch_default(workdir, stderr):
+  return subprocess.run(
+      [sys.executable, "launch.py", "--config=configs/default.py", f"--workdir={workdir}",
+       "--config.num_rounds=30", "--config.eval_every=10"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, timeout=300)
+
+
+def test_progress_bar_on_a_terminal_and_quiet_off_it(tmp_path):
+  import fcntl
+  import pty
+  import struct
+  import termios
+  piped = launch_default(tmp_path / "piped", subprocess.PIPE)
+  assert piped.returncode == 0
+  assert b"round/s" not in piped.stderr and b"\r" not in piped.stderr
+  assert piped.stdout.count(b"round ") == 3  # The evaluation lines alone.
+
+  leader, follower = pty.openpty()
+  fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # rows, cols
+  on_terminal = launch_default(tmp_path / "tty", follower)
+  os.close(follower)
+  drawn = b""
+  try:
+    while chunk := os.read(leader, 65536):
+      drawn += chunk
+  except OSError:  # The terminal is closed once everything is read.
+    pass
+  assert on_terminal.returncode == 0
+  assert b"30/30" in drawn and b"round/s" in drawn and b"acc=" in drawn

@@ -5,7 +5,7 @@ jits and drives them. Per-client state (personal models, merging logits, mixture
 weights) lives in device arrays with a leading client axis, so it shards with clients.
 """
 
-from typing import Any, Callable, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,15 @@ class Algorithm(NamedTuple):
     what each client predicts with; some methods (IFCA, fine-tuning) look at train data.
   predict(one_client_model, x [B, ...]) -> logits (or log-probabilities) [B, classes].
   communication: (floats sent down, floats sent up) per sampled client per round.
+  merging_weights(state) -> [N, K] how much each client draws on each of the K shared
+    models (FedMerge's softmax(A), FedEM's mixtures), for logs and plots; None if K = 1.
   """
   init: Callable[..., Any]
   round: Callable[..., Any]
   personalized: Callable[..., Any]
   predict: Callable[..., Any]
   communication: Tuple[int, int]
+  merging_weights: Optional[Callable[[Any], jax.Array]] = None
 
 
 def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalConfig:

@@ -97,4 +97,5 @@ def make(model, config, num_clients, example_input):
     return log_mix  # log sum_k pi_k p_k(y|x): its softmax is the mixture itself.
 
   return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(k_models * size, k_models * size))
+                        communication=(k_models * size, k_models * size),
+                        merging_weights=lambda state: state.mixture)

@@ -109,4 +109,6 @@ def make(model, config, num_clients: int, example_input, *,
 
   down = size * (models_down or 1)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model), communication=(down, size))
+                        predict=base.model_predict(model), communication=(down, size),
+                        merging_weights=(lambda state: merging_weights(state.logits))
+                        if k_models > 1 else None)
