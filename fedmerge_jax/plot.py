@@ -1,0 +1,162 @@
+"""Plots of a finished (or running) experiment, written as PNGs into its workdir.
+
+Reads what `train.train_and_evaluate` writes (metrics.jsonl, summary.json, clients.npz)
+and draws on matplotlib's Agg canvas, so no display is needed (servers, Colab, tests):
+
+  python -m fedmerge_jax.plot --workdir=/tmp/fedmerge_default
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+
+def dominant_model_ari(merging_weights, groups) -> float:
+  """How well the global models recover the hidden client groups.
+
+  The adjusted Rand index between each client's dominant global model (the argmax of its
+  merging-weight row) and its known group: 1.0 when the models split the clients exactly
+  as the groups do (whatever the numbering), about 0 when no better than chance.
+  """
+  return float(adjusted_rand_score(np.asarray(groups), np.argmax(merging_weights, axis=1)))
+
+
+def read_metrics(workdir: str):
+  """metrics.jsonl's rows and summary.json ({} if absent); a clear error if never run."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: run `python launch.py --config=configs/default.py "
+        f"--workdir={workdir}` first (or point --workdir at a run's workdir).")
+  with open(path) as f:
+    metrics = [json.loads(line) for line in f if line.strip()]
+  summary_path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(summary_path):
+    return metrics, {}
+  with open(summary_path) as f:
+    return metrics, json.load(f)
+
+
+def read_clients(workdir: str):
+  """clients.npz (per-client results at the latest evaluation) as a dict; None if absent."""
+  path = os.path.join(workdir, "clients.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as clients:
+    return {k: clients[k] for k in clients.files}
+
+
+def _at(round_index) -> str:
+  return "" if round_index is None else f" at round {round_index}"
+
+
+def _save(fig: Figure, path: str) -> str:
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  return path
+
+
+def plot_accuracy(metrics, summary, path: str) -> str:
+  """Test accuracy (mean and 10th percentile over clients) against rounds; best round marked."""
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for key, label in (("test/acc_mean", "test accuracy, mean over clients"),
+                     ("test/acc_p10", "test accuracy, 10th percentile")):
+    rows = [m for m in metrics if key in m]
+    ax.plot([m["round"] for m in rows], [m[key] for m in rows], marker=".", label=label)
+  if "best/round" in summary:
+    ax.axvline(summary["best/round"], color="gray", linestyle="--",
+               label=f"best by validation loss (round {summary['best/round']})")
+  ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="Personalised test accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  return _save(fig, path)
+
+
+def plot_client_accuracy(test_acc, path: str, round_index=None) -> str:
+  """Histogram of per-client test accuracy (clients without test examples left out)."""
+  acc = np.asarray(test_acc, np.float64)
+  acc = acc[np.isfinite(acc)]
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  ax.hist(acc, bins=np.linspace(0, 1, 21), edgecolor="white")
+  if acc.size:
+    ax.axvline(acc.mean(), color="black", linestyle="--", label=f"mean {acc.mean():.3f}")
+    ax.legend(loc="upper left")
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set(xlabel="test accuracy", ylabel="clients",
+         title=f"Per-client test accuracy{_at(round_index)} ({acc.size} clients)")
+  return _save(fig, path)
+
+
+def plot_merging_weights(weights, path: str, groups=None, round_index=None) -> str:
+  """Clients x K heatmap, rows grouped by dominant global model; known groups as a side strip."""
+  weights = np.asarray(weights)
+  dominant = np.argmax(weights, axis=1)
+  order = np.lexsort((-weights[np.arange(len(weights)), dominant], dominant))
+  fig = Figure(figsize=(6, 5))
+  title = f"Merging weights{_at(round_index)}"
+  if groups is None:
+    ax = fig.subplots()
+  else:
+    strip, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 12], "wspace": 0.05})
+    groups = np.asarray(groups)
+    strip.imshow(groups[order][:, None], aspect="auto", cmap="tab10", vmin=0,
+                 vmax=max(9, groups.max()), interpolation="nearest")
+    strip.set(xticks=[], yticks=[], xlabel="group", ylabel="clients (by dominant model)")
+    title += f"; ARI with known groups {dominant_model_ari(weights, groups):.2f}"
+  image = ax.imshow(weights[order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                    interpolation="nearest")
+  ax.set_xticks(range(weights.shape[1]))
+  ax.set(xlabel="global model k", title=title)
+  if groups is None:
+    ax.set_ylabel("clients (by dominant model)")
+  else:
+    ax.set_yticks([])
+  fig.colorbar(image, ax=ax, label="merging weight")
+  return _save(fig, path)
+
+
+def write_plots(workdir: str) -> dict:
+  """Writes every plot the workdir's files allow; returns {name: path of its PNG}."""
+  metrics, summary = read_metrics(workdir)
+  out = lambda name: os.path.join(workdir, f"{name}.png")
+  paths = {"accuracy": plot_accuracy(metrics, summary, out("accuracy"))}
+  clients = read_clients(workdir)
+  if clients is not None:
+    round_index = int(clients["round"]) if "round" in clients else None
+    paths["client_accuracy"] = plot_client_accuracy(
+        clients["test_acc"], out("client_accuracy"), round_index)
+    if "merging_weights" in clients:
+      paths["merging_weights"] = plot_merging_weights(
+          clients["merging_weights"], out("merging_weights"), clients.get("groups"), round_index)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir = flags.FLAGS.workdir
+  try:
+    paths = write_plots(workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"FATAL {e}")
+  print("\n".join(paths.values()))
+  clients = read_clients(workdir)
+  if clients is not None and {"merging_weights", "groups"} <= clients.keys():
+    ari = dominant_model_ari(clients["merging_weights"], clients["groups"])
+    print(f"dominant-model ARI with the known groups: {ari:.4f}")
+
+
+if __name__ == "__main__":
+  # Defined here, not on import, so that importing this module never clashes with
+  # launch.py's own --workdir.
+  flags.DEFINE_string("workdir", None, "A run's workdir (the --workdir given to launch.py).",
+                      required=True)
+  app.run(main)
