@@ -19,6 +19,7 @@ from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
 from fedmerge_jax import models
+from fedmerge_jax import parallel
 
 SUMMARY_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_p10", "loss")
 
@@ -51,11 +52,18 @@ class MetricsWriter:
       f.write(json.dumps(metrics) + "\n")
 
 
-def build(config, data: data_lib.FederatedData):
-  """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs."""
+def build(config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None):
+  """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs.
+
+  With a `layout`, for its padded population and device-aligned chunks.
+  """
+  num_clients = data.num_clients
+  if layout is not None:
+    config = config.copy_and_resolve_references()
+    config.client_chunk_size, num_clients = layout.chunk_size, layout.population
   model = models.get_model(config.model, data.num_classes)
   algorithm = algorithms.get_algorithm(
-      model, config, data.num_clients, jnp.zeros(data.example_shape, jnp.float32))
+      model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32))
   return model, algorithm
 
 
@@ -73,7 +81,7 @@ def best_by_validation(latest, current_best):
 
 def check_finite(round_metrics, round_index: int, client_ids) -> None:
   """Stops a run whose training produced NaN or infinite losses, naming the clients."""
-  losses = np.asarray(round_metrics["clients/train_loss"])
+  losses = np.asarray(round_metrics["clients/train_loss"])[:len(client_ids)]  # No phantoms.
   bad = ~np.isfinite(losses)
   if bad.any():
     raise FloatingPointError(
@@ -85,31 +93,39 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   """Runs `config` and returns the final metrics and the best-by-validation ones.
 
   Writes <workdir>/config.json (the resolved config), metrics.jsonl (one line per
-  evaluation) and summary.json (what this returns).
+  evaluation) and summary.json (what this returns); in a multi-host run only process 0
+  writes and prints. Per-client state and each round's clients are sharded over
+  `config.num_devices` devices (see parallel.py).
   """
   config = config_lib.resolve(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
   data = data if data is not None else data_lib.load(config.data)
-  _, algorithm = build(config, data)
-  logging.info("%s on %s: %d clients, %d classes, backend %s", config.algorithm, data.name,
-               data.num_clients, data.num_classes, jax.default_backend())
+  mesh = parallel.make_mesh(config.num_devices)
+  layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
+                                  config.client_chunk_size)
+  _, algorithm = build(config, data, layout)
+  logging.info("%s on %s: %d clients, %d classes, backend %s, %d devices", config.algorithm,
+               data.name, data.num_clients, data.num_classes, jax.default_backend(), mesh.size)
 
   init_rng, sample_rng, round_rng = jax.random.split(jax.random.key(config.seed), 3)
-  state = jax.jit(algorithm.init)(init_rng)
-  round_fn = jax.jit(algorithm.round, donate_argnums=0)
-  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size)
+  state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population, init_rng)
+  round_fn = parallel.jit_round(algorithm.round, mesh, shardings)
+  gather_train = lambda ids: (ids, parallel.gather_with_phantoms(data.train, ids))
+  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh)
   down, up = algorithm.communication
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir) if lead else None
   best, metrics = None, {}
   start = last_time = time.perf_counter()
   last_round = 0
   for r in range(1, config.num_rounds + 1):
     ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
                          config.clients_per_round)
-    state, round_metrics = round_fn(state, ids, data.train.gather(ids),
-                                    jax.random.fold_in(round_rng, r))
+    sharded_ids, batch = parallel.client_arrays(mesh, layout.pad_ids(ids), gather_train)
+    state, round_metrics = round_fn(state, sharded_ids, batch, jax.random.fold_in(round_rng, r))
     check_finite(round_metrics, r, ids)
     if r % config.eval_every == 0 or r == config.num_rounds:
       now = time.perf_counter()
@@ -120,12 +136,14 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
                       "comm/params_per_round": len(ids) * (down + up)})
       metrics["rounds_per_s"] = (r - last_round) / (now - last_time)
       best = best_by_validation(metrics, best)
-      writer.write(metrics)
-      print(format_metrics(metrics), flush=True)
+      if lead:
+        writer.write(metrics)
+        print(format_metrics(metrics), flush=True)
       last_time, last_round = time.perf_counter(), r
   summary = dict(metrics)
   summary.update(best or {})
   summary["wall_time_s"] = time.perf_counter() - start
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if lead:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary
