@@ -2,12 +2,15 @@
 
 Override any config field on the command line, e.g. --config.num_rounds=20.
 All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
+On several hosts (a TPU pod slice, a GPU cluster) run the same command on every host
+with --multihost: see README_devices.md.
 """
 
 import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from fedmerge_jax import cli
@@ -18,6 +21,11 @@ from fedmerge_jax import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the config are written.")
+flags.DEFINE_bool("multihost", False, "Join a multi-host run (jax.distributed.initialize) "
+                  "before touching devices; TPU pods, SLURM and Open MPI are auto-detected.")
+flags.DEFINE_string("coordinator_address", None, "--multihost elsewhere: process 0's host:port.")
+flags.DEFINE_integer("num_processes", None, "--multihost elsewhere: number of processes.")
+flags.DEFINE_integer("process_id", None, "--multihost elsewhere: this process's index.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -25,12 +33,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
+  if FLAGS.multihost:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
           train.OutOfMemoryError) as e:
     sys.exit(f"FATAL {type(e).__name__}: {e}")  # The message names the problem and the fix.
-  print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+  if jax.process_index() == 0:
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 
 
 if __name__ == "__main__":

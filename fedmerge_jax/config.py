@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune_epochs = 1  # fedavg_ft: local epochs of fine-tuning before evaluation.
   c.ditto_lambda = 0.1  # ditto: personal loss F_i(v) + lambda/2 ||v - w||^2.
   c.eval_every = 10
-  c.client_chunk_size = 0  # Clients trained at once inside a round; 0: all sampled.
+  c.client_chunk_size = 0  # Clients trained at once in a round; 0: all. Rounded up to k * devices.
+  c.num_devices = 0  # Devices the client axis is sharded over; 0: all (every host's).
   c.seed = 0
   c.checkpoint_every = 50  # Checkpoint every this many rounds (and at the end); 0: never.
   c.checkpoint_keep = 2  # How many recent checkpoints to keep in <workdir>/checkpoints.
@@ -116,7 +117,7 @@ _CHOICES = {
 }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep")
-_NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "prox_mu", "client_lr",
+_NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
                  "checkpoint_every",
                  "finetune_epochs", "ditto_lambda",
                  "server_lr_globals", "server_lr_logits")

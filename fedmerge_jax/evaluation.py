@@ -1,11 +1,13 @@
 """Per-client evaluation of each client's own (personalised) model on its own split."""
 
+import functools
 from typing import Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedmerge_jax import parallel
 from fedmerge_jax.client import ClientData, masked_cross_entropy
 
 
@@ -36,37 +38,46 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
   }
 
 
-def make_evaluator(algorithm, data, chunk_size: int):
+def make_evaluator(algorithm, data, chunk_size: int, mesh=None):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
   Besides the summary scalars, `clients/<split>_acc` holds every client's accuracy
   (NaN for a client without examples in that split), for histograms and plots.
 
   Each client is evaluated with its own model, `algorithm.personalized`. Clients go
-  `chunk_size` at a time (all at once if 0), each chunk one jitted call of a fixed shape;
-  the last chunk is padded with repeats and the padding dropped.
+  `chunk_size` at a time (all at once if 0), rounded up to a multiple of `mesh`'s devices
+  (one device if None) and split over them; each chunk is one jitted call of a fixed
+  shape, the last padded with repeats of a real client whose results are dropped.
   """
+  mesh = mesh or parallel.make_mesh(1)
   n = data.num_clients
-  chunk = n if chunk_size <= 0 else min(chunk_size, n)
+  chunk = parallel.client_layout(mesh.size, n, 0, chunk_size).eval_chunk
   splits = {"test": data.test}
   if data.val is not None:
     splits["val"] = data.val
 
-  @jax.jit
+  clients = parallel.client_sharding(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(None, clients, clients, clients),
+                     out_shardings=parallel.replicated(mesh))
   def eval_chunk(state, client_ids, train: ClientData, batches):
     """Every split of a chunk of clients, each client's model built once for all splits."""
     personal = algorithm.personalized(state, client_ids, train)
     evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d))
     return {name: evaluate_all(personal, batch) for name, batch in batches.items()}
 
+  def gather(ids):
+    """A chunk's ids, train data and evaluation splits (NumPy)."""
+    batches = {name: arrays.gather(ids) for name, arrays in splits.items()}
+    return ids, data.train.gather(ids), batches
+
   def evaluate(state) -> Dict[str, float]:
     correct = {name: np.zeros(n) for name in splits}
     loss_sum = {name: np.zeros(n) for name in splits}
     for start in range(0, n, chunk):
-      ids = np.arange(start, start + chunk)
+      ids = np.arange(start, start + chunk, dtype=np.int32)
       ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
-      batches = {name: arrays.gather(ids) for name, arrays in splits.items()}
-      results = jax.device_get(eval_chunk(state, ids, data.train.gather(ids), batches))
+      results = jax.device_get(eval_chunk(state, *parallel.client_arrays(mesh, ids, gather)))
       keep = slice(0, min(chunk, n - start))
       for name, (c, l) in results.items():
         correct[name][start:start + chunk] = c[keep]

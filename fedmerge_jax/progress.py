@@ -11,9 +11,13 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-  """Rounds done so far out of `num_rounds`, starting at `start_round` when resumed."""
+  """Rounds done so far out of `num_rounds`, starting at `start_round` when resumed.
+
+  `enabled=False` (the other processes of a multi-host run) prints nothing at all.
+  """
 
   def __init__(self, num_rounds: int, start_round: int = 0, enabled: bool = True):
+    self._enabled = enabled
     self._bar = tqdm(total=num_rounds, initial=start_round, unit="round", dynamic_ncols=True,
                      disable=None if enabled else True, file=sys.stderr)
 
@@ -27,6 +31,8 @@ class Progress:
 
   def print(self, line: str) -> None:
     """Prints a line to stdout without breaking the bar."""
+    if not self._enabled:
+      return
     if self._bar.disable:
       print(line, flush=True)
     else:

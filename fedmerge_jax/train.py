@@ -22,6 +22,7 @@ from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
 from fedmerge_jax import metric_writers
 from fedmerge_jax import models
+from fedmerge_jax import parallel
 from fedmerge_jax import plot
 from fedmerge_jax import progress as progress_lib
 
@@ -44,11 +45,18 @@ def format_metrics(metrics: Dict[str, float]) -> str:
   return " | ".join(parts)
 
 
-def build(config, data: data_lib.FederatedData):
-  """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs."""
+def build(config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None):
+  """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs.
+
+  With a `layout`, for its padded population and device-aligned chunks.
+  """
+  num_clients = data.num_clients
+  if layout is not None:
+    config = config.copy_and_resolve_references()
+    config.client_chunk_size, num_clients = layout.chunk_size, layout.population
   model = models.get_model(config.model, data.num_classes)
   algorithm = algorithms.get_algorithm(
-      model, config, data.num_clients, jnp.zeros(data.example_shape, jnp.float32))
+      model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32))
   return model, algorithm
 
 
@@ -149,9 +157,39 @@ def alive(tree) -> bool:
   return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
 
-def compile_round(algorithm):
-  """The jitted round train_and_evaluate runs: NaN-guarded, its state donated."""
-  return jax.jit(keep_finite(algorithm.round), donate_argnums=0)
+def compile_round(algorithm, mesh, shardings):
+  """The jitted round train_and_evaluate runs: NaN-guarded, its state donated and sharded."""
+  return parallel.jit_round(keep_finite(algorithm.round), mesh, shardings)
+
+
+def without_phantoms(state, layout: parallel.ClientLayout, like=None):
+  """Per-client leaves cut to the real clients: checkpoints do not depend on the device count.
+
+  With `like` (host arrays of the cut shapes, for a restore), returns those shapes instead.
+  """
+  if layout.population == layout.num_clients:
+    return state
+
+  def cut(leaf):
+    if not parallel.is_per_client(leaf, layout.population):
+      return leaf
+    if like is not None:
+      return np.empty((layout.num_clients, *leaf.shape[1:]), leaf.dtype)
+    return leaf[:layout.num_clients]
+  return jax.tree.map(cut, state)
+
+
+def with_phantoms(saved, state, shardings, layout: parallel.ClientLayout):
+  """The inverse: restored real-client rows, then `state`'s phantom rows, laid out again."""
+  if layout.population == layout.num_clients:
+    return saved
+
+  def pad(restored, fresh, sharding):
+    if not parallel.is_per_client(fresh, layout.population):
+      return restored
+    concatenate = lambda real, all_rows: jnp.concatenate([real, all_rows[layout.num_clients:]])
+    return jax.jit(concatenate, out_shardings=sharding)(restored, fresh)
+  return jax.tree.map(pad, saved, state, shardings)
 
 
 def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None):
@@ -164,7 +202,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   from the newest one, and the metrics come out as if the run had never stopped.
   """
   config = config_lib.resolve(config)
-  main_process = jax.process_index() == 0
+  main_process = jax.process_index() == 0  # In a multi-host run only process 0 writes.
   os.makedirs(workdir, exist_ok=True)
   checkpoints = None
   if config.checkpoint_every:
@@ -175,18 +213,23 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     metric_writers.write_atomically(os.path.join(workdir, "config.json"),
                                     lambda f: f.write(config.to_json(indent=2).encode()))
   data = data if data is not None else data_lib.load(config.data)
-  _, algorithm = build(config, data)
-  logging.info("%s on %s: %d clients, %d classes, backend %s", config.algorithm, data.name,
-               data.num_clients, data.num_classes, jax.default_backend())
+  mesh = parallel.make_mesh(config.num_devices)
+  layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
+                                  config.client_chunk_size)
+  _, algorithm = build(config, data, layout)
+  logging.info("%s on %s: %d clients, %d classes, backend %s, %d devices", config.algorithm,
+               data.name, data.num_clients, data.num_classes, jax.default_backend(), mesh.size)
 
   init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
-  state = jax.jit(algorithm.init)(init_rng)
+  state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population, init_rng)
   done, best, metrics = 0, None, {}
   restored = checkpoints and checkpoints.restore_latest(
-      {"algorithm": state, "rngs": jax.random.key_data(jnp.stack(rngs))})
+      {"algorithm": without_phantoms(state, layout, like=True),
+       "rngs": np.asarray(jax.random.key_data(jnp.stack(rngs)))})
   if restored:
     done, saved, progress = restored
-    state, rngs = saved["algorithm"], list(jax.random.wrap_key_data(saved["rngs"]))
+    state = with_phantoms(saved["algorithm"], state, shardings, layout)
+    rngs = list(jax.random.wrap_key_data(saved["rngs"]))
     best, metrics = progress["best"], progress["metrics"]
     logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
   sample_rng, round_rng = rngs
@@ -197,16 +240,20 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     if checkpoints is None:
       return "Checkpoints are off (config.checkpoint_every=0)."
     if round_index > start_round and alive(state):
-      checkpoints.save(round_index, {"algorithm": state, "rngs": jax.random.key_data(
-          jnp.stack([sample_rng, round_rng]))}, {"round": round_index, "best": best,
+      checkpoints.save(round_index, {"algorithm": without_phantoms(state, layout),
+                                     "rngs": np.asarray(jax.random.key_data(
+                                         jnp.stack([sample_rng, round_rng])))}, {"round": round_index, "best": best,
                                                  "metrics": metrics})
     latest = checkpoints.latest_round()
     return ("No round finished yet." if latest is None else
             f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
             "same command resumes from there.")
 
-  round_fn = compile_round(algorithm)
-  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size)
+  round_fn = compile_round(algorithm, mesh, shardings)
+  gather_train = lambda ids: (ids, parallel.gather_with_phantoms(data.train, ids))
+  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh)
+  if algorithm.merging_weights is not None:
+    merging_weights = jax.jit(algorithm.merging_weights, out_shardings=parallel.replicated(mesh))
   down, up = algorithm.communication
   if main_process:
     jsonl = metric_writers.JsonlWriter(workdir, start_round)
@@ -219,8 +266,8 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     for r in range(start_round + 1, config.num_rounds + 1):
       ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
                            config.clients_per_round)
-      state, round_metrics = round_fn(state, ids, data.train.gather(ids),
-                                      jax.random.fold_in(round_rng, r))
+      sharded_ids, batch = parallel.client_arrays(mesh, layout.pad_ids(ids), gather_train)
+      state, round_metrics = round_fn(state, sharded_ids, batch, jax.random.fold_in(round_rng, r))
       if not bool(round_metrics["finite"]):
         raise FloatingPointError(non_finite_message(round_metrics, r, ids, save(r - 1)))
       done = r
@@ -234,7 +281,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
         metrics.update(evaluated)
         weights = None
         if algorithm.merging_weights is not None:
-          weights = np.asarray(algorithm.merging_weights(state))[:data.num_clients]
+          weights = np.asarray(merging_weights(state))[:data.num_clients]
           if data.groups is not None:
             metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
         metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,

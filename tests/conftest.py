@@ -26,8 +26,8 @@ def tiny_data():
   return make_federation()
 
 
-@pytest.fixture
-def tiny_config():
+def tiny_base_config():
+  """A config for tiny_data-sized federations: a small MLP, K = 3, 2 rounds."""
   config = base_config()
   config.num_global_models = 3
   config.num_rounds = 2
@@ -40,3 +40,8 @@ def tiny_config():
   config.model.name = "mlp"
   config.model.hidden_sizes = (8,)
   return config
+
+
+@pytest.fixture
+def tiny_config():
+  return tiny_base_config()

@@ -30,8 +30,8 @@ from fedmerge_jax import config as config_lib, train
 config = config_lib.base_config()
 config.update_from_flattened_dict(json.loads({overrides!r}))
 original = train.compile_round
-def killed_at_round(algorithm):
-  jitted, calls = original(algorithm), [0]
+def killed_at_round(*compile_args):
+  jitted, calls = original(*compile_args), [0]
   def round_fn(*args):
     calls[0] += 1
     if calls[0] == {kill_at}:
@@ -62,8 +62,8 @@ def fail_at_call(monkeypatch, call, make_failure):
   """Makes the jitted round's `call`-th invocation fail as `make_failure(args)` says."""
   original = train.compile_round
 
-  def patched(algorithm):
-    jitted, calls = original(algorithm), [0]
+  def patched(*compile_args):
+    jitted, calls = original(*compile_args), [0]
 
     def round_fn(state, ids, data, rng):
       calls[0] += 1
