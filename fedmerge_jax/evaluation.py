@@ -1,5 +1,6 @@
 """Per-client evaluation of each client's own (personalised) model on its own split."""
 
+import functools
 from typing import Dict
 
 import jax
@@ -36,12 +37,13 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
   }
 
 
-def make_evaluator(algorithm, data, chunk_size: int):
+def make_evaluator(algorithm, data, chunk_size: int, compiler_options=None):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
   Each client is evaluated with its own model, `algorithm.personalized`. Clients go
   `chunk_size` at a time (all at once if 0), each chunk one jitted call of a fixed shape;
-  the last chunk is padded with repeats and the padding dropped.
+  the last chunk is padded with repeats and the padding dropped. `compiler_options` go to
+  XLA with every chunk's computation (see `models.compiler_options`).
   """
   n = data.num_clients
   chunk = n if chunk_size <= 0 else min(chunk_size, n)
@@ -49,7 +51,7 @@ def make_evaluator(algorithm, data, chunk_size: int):
   if data.val is not None:
     splits["val"] = data.val
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options)
   def eval_chunk(state, client_ids, train: ClientData, batches):
     """Every split of a chunk of clients, each client's model built once for all splits."""
     personal = algorithm.personalized(state, client_ids, train)

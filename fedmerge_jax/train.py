@@ -59,6 +59,12 @@ def build(config, data: data_lib.FederatedData):
   return model, algorithm
 
 
+def jit_round(config, algorithm):
+  """The jitted round as every run uses it: state donated, this backend's XLA options."""
+  return jax.jit(algorithm.round, donate_argnums=0,
+                 compiler_options=models.compiler_options(config.model))
+
+
 def best_by_validation(latest, current_best):
   """Keeps the evaluation with the lowest mean validation loss (test metrics at it)."""
   if "val/loss" not in latest:
@@ -97,9 +103,10 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
                data.num_clients, data.num_classes, jax.default_backend())
 
   init_rng, sample_rng, round_rng = jax.random.split(jax.random.key(config.seed), 3)
+  options = models.compiler_options(config.model)
   state = jax.jit(algorithm.init)(init_rng)
-  round_fn = jax.jit(algorithm.round, donate_argnums=0)
-  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size)
+  round_fn = jit_round(config, algorithm)
+  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, options)
   down, up = algorithm.communication
   writer = MetricsWriter(workdir)
   best, metrics = None, {}
