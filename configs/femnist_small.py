@@ -19,7 +19,7 @@ def get_config():
   config = femnist_training()
   config.num_rounds = 200
   config.eval_every = 20
-  config.client_chunk_size = 2  # CNNs run fastest 1-2 clients at a time on CPU (README).
+  config.client_chunk_size = 2  # Evaluation: 2 writers' models at a time (bounds memory).
   config.data.data_dir = ""  # '' : download into TFDS's data dir (~/tensorflow_datasets).
   config.data.client_fraction = 0.05  # A fixed random 5% of the 3,400 writers (data.seed).
   return config

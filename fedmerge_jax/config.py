@@ -12,6 +12,7 @@ import ml_collections
 from fedmerge_jax import algorithms
 from fedmerge_jax import models
 from fedmerge_jax.models.layers import CONV_IMPLS
+from fedmerge_jax.parallel import CLIENT_PARALLELISMS
 from fedmerge_jax.server_optim import UPDATE_MODES
 
 
@@ -33,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune_epochs = 1  # fedavg_ft: local epochs of fine-tuning before evaluation.
   c.ditto_lambda = 0.1  # ditto: personal loss F_i(v) + lambda/2 ||v - w||^2.
   c.eval_every = 10
-  c.client_chunk_size = 0  # Clients trained at once in a round; 0: all. Rounded up to k * devices.
+  c.client_chunk_size = 0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
+  c.client_parallelism = "auto"  # 'auto' | 'vmap' | 'sequential': how clients run (parallel.py).
   c.num_devices = 0  # Devices the client axis is sharded over; 0: all (every host's).
   c.seed = 0
   c.checkpoint_every = 50  # Checkpoint every this many rounds (and at the end); 0: never.
@@ -43,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp"
   c.model.hidden_sizes = (128,)  # mlp only.
-  c.model.conv_impl = "auto"  # 'auto' | 'xla' | 'patches' (conv nets; see models/layers.py).
+  c.model.conv_impl = "auto"  # 'auto' | 'xla' | 'canonical' | 'patches' (models/layers.py).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits_groups"
@@ -114,6 +116,7 @@ _CHOICES = {
     "update_mode": UPDATE_MODES,
     "model.name": models.MODEL_NAMES,
     "model.conv_impl": CONV_IMPLS,
+    "client_parallelism": CLIENT_PARALLELISMS,
 }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep")

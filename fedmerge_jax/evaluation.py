@@ -38,7 +38,7 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
   }
 
 
-def make_evaluator(algorithm, data, chunk_size: int, mesh=None):
+def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options=None):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
   Besides the summary scalars, `clients/<split>_acc` holds every client's accuracy
@@ -48,6 +48,7 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None):
   `chunk_size` at a time (all at once if 0), rounded up to a multiple of `mesh`'s devices
   (one device if None) and split over them; each chunk is one jitted call of a fixed
   shape, the last padded with repeats of a real client whose results are dropped.
+  `compiler_options` go to XLA with every chunk's computation (`models.compiler_options`).
   """
   mesh = mesh or parallel.make_mesh(1)
   n = data.num_clients
@@ -59,7 +60,7 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None):
   clients = parallel.client_sharding(mesh)
 
   @functools.partial(jax.jit, in_shardings=(None, clients, clients, clients),
-                     out_shardings=parallel.replicated(mesh))
+                     out_shardings=parallel.replicated(mesh), compiler_options=compiler_options)
   def eval_chunk(state, client_ids, train: ClientData, batches):
     """Every split of a chunk of clients, each client's model built once for all splits."""
     personal = algorithm.personalized(state, client_ids, train)

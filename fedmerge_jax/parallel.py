@@ -1,11 +1,15 @@
-"""How the client axis runs: vmap, chunks, and sharding over a device mesh axis `clients`.
+"""How the client axis runs: vmapped chunks or one client at a time, sharded over devices.
 
-What a client does lives in `client.py`; this module decides how many run at once and on
-which devices. Every array whose leading axis is clients (the population's per-client
-state, a round's sampled data) is split in contiguous blocks over the mesh axis
-`clients`; `jax.jit` propagates that layout through the algorithms unchanged. Client
-counts are padded to multiples of the device count with phantom clients: no examples,
-so sample weight 0 and no effect; they are never sampled or evaluated.
+What a client does lives in `client.py`; this module decides how clients execute
+(`parallelism`), how many clients' outputs are held at once (`chunk_size`) and on which
+devices. With a `reduce`, each chunk's outputs are folded into running sums as soon as
+the chunk is done, so memory holds one chunk of outputs, not all clients'. Every array
+whose leading axis is clients (the population's per-client state, a round's sampled
+data) is split in contiguous blocks over the mesh axis `clients`; `jax.jit` propagates
+that layout through the algorithms unchanged. Client counts are padded to multiples of
+the device count with phantom clients: no examples, so sample weight 0 and no effect;
+they are never sampled or evaluated. Results are the same for every choice, up to float
+summation order.
 """
 
 import dataclasses
@@ -18,28 +22,67 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from fedmerge_jax.client import ClientData
 
 CLIENTS = "clients"  # The mesh axis the client axis is sharded over.
+CLIENT_PARALLELISMS = ("auto", "vmap", "sequential")
 
 
-def map_clients(fn, args, chunk_size: int = 0):
+def resolve_parallelism(parallelism: str) -> str:
+  """'auto' -> 'sequential' on CPU (measured fastest there, see README), 'vmap' on GPU/TPU."""
+  if parallelism == "auto":
+    return "sequential" if jax.default_backend() == "cpu" else "vmap"
+  if parallelism not in CLIENT_PARALLELISMS:
+    raise ValueError(f"client_parallelism={parallelism!r}; expected one of {CLIENT_PARALLELISMS}.")
+  return parallelism
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def map_clients(fn, args, chunk_size: int = 0, parallelism: str = "auto", reduce=None):
   """Applies `fn(*per_client_args)` over the leading (client) axis of every leaf of `args`.
 
-  chunk_size <= 0 or >= the number of clients: one `vmap` over all of them. Otherwise a
-  `lax.map` over vmapped chunks, so memory holds `chunk_size` clients at a time. Chunks
-  are strided (chunk s holds clients s, s + S, s + 2S, ... for S chunks) when they divide
-  the clients evenly, so that each takes the same share of every device's block;
-  otherwise `lax.map`'s contiguous batches, the remainder one more vmap. Results are
-  identical either way.
+  parallelism 'vmap': chunks of `chunk_size` clients (all if <= 0), each chunk one `vmap`;
+  'sequential': one client at a time, no vmap (chunks of one). Chunks run in a `lax.scan`.
+  Without `reduce` returns the per-client outputs stacked (leading axis C). With
+  `reduce(chunk_args, chunk_outputs) -> (totals, kept)`, called on every chunk (leading
+  axis = chunk), returns (sum of `totals` over chunks, `kept` for every client):
+  what is summed never exists for all clients at once.
   """
-  num_clients = jax.tree.leaves(args)[0].shape[0]
-  if chunk_size <= 0 or chunk_size >= num_clients:
-    return jax.vmap(fn)(*args)
-  if num_clients % chunk_size:
-    return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk_size)
-  steps = num_clients // chunk_size
-  to_chunks = lambda x: jnp.swapaxes(x.reshape(chunk_size, steps, *x.shape[1:]), 0, 1)
-  from_chunks = lambda y: jnp.swapaxes(y, 0, 1).reshape(num_clients, *y.shape[2:])
-  out = jax.lax.map(lambda a: jax.vmap(fn)(*a), jax.tree.map(to_chunks, args))
-  return jax.tree.map(from_chunks, out)
+  parallelism = resolve_parallelism(parallelism)
+  num = jax.tree.leaves(args)[0].shape[0]
+  chunk = 1 if parallelism == "sequential" else (num if chunk_size <= 0 else min(chunk_size, num))
+
+  def run(chunk_args):
+    if parallelism == "sequential":
+      one = fn(*jax.tree.map(lambda x: x[0], chunk_args))
+      outputs = jax.tree.map(lambda x: x[None], one)
+    else:
+      outputs = jax.vmap(fn)(*chunk_args)
+    return reduce(chunk_args, outputs) if reduce is not None else (None, outputs)
+
+  num_chunks, rest = divmod(num, chunk)
+  if num_chunks == 1 and not rest:
+    totals, kept = run(args)
+  else:
+    full = num_chunks * chunk
+    # Contiguous chunks sliced inside the loop: reshaping the inputs to [chunks, chunk, ...]
+    # (or striding them) makes XLA copy them all, and un-striding would copy the outputs.
+    take = lambda i: jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk), args)
+    shapes, _ = jax.eval_shape(run, take(0))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(total, i):
+      totals, kept = run(take(i))
+      return _add(total, totals), kept
+
+    totals, kept = jax.lax.scan(body, zeros, jnp.arange(num_chunks))
+    kept = jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), kept)
+    if rest:
+      last_totals, last_kept = run(jax.tree.map(lambda x: x[full:], args))
+      totals = _add(totals, last_totals)
+      kept = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kept, last_kept)
+  return kept if reduce is None else (totals, kept)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -80,7 +123,8 @@ class ClientLayout:
     device count with room for a round's phantom ids, so no id repeats in a round.
   eval_chunk: clients evaluated per call, a multiple of the device count.
   """
-  num_clients: int
+  num_devices: int
+  num_clients: int  # Real clients; num_devices: the mesh size.
   num_sampled: int
   chunk_size: int
   round_size: int
@@ -106,7 +150,8 @@ def client_layout(num_devices: int, num_clients: int, clients_per_round: int,
   round_size = round_up(sampled, chunk if sharded_chunks else num_devices)
   population = round_up(num_clients + round_size - sampled, num_devices)
   eval_chunk = round_up(min(chunk or num_clients, num_clients), num_devices)
-  return ClientLayout(num_clients, sampled, chunk, round_size, population, eval_chunk)
+  return ClientLayout(num_devices, num_clients, sampled, chunk, round_size, population,
+                      eval_chunk)
 
 
 def state_shardings(mesh: Mesh, abstract_state, population: int):
@@ -131,7 +176,7 @@ def sharded_init(init, mesh: Mesh, population: int, rng):
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def jit_round(round_fn, mesh: Mesh, shardings):
+def jit_round(round_fn, mesh: Mesh, shardings, compiler_options=None):
   """`round_fn(state, client_ids, data, rng)` jitted for a state laid out as `shardings`.
 
   Client ids and data come split over `clients` (see `client_arrays`), the key replicated.
@@ -140,7 +185,7 @@ def jit_round(round_fn, mesh: Mesh, shardings):
   """
   clients, copies = client_sharding(mesh), replicated(mesh)
   return jax.jit(round_fn, donate_argnums=0, in_shardings=(shardings, clients, clients, copies),
-                 out_shardings=(shardings, copies))
+                 out_shardings=(shardings, copies), compiler_options=compiler_options)
 
 
 def gather_with_phantoms(arrays, client_ids) -> ClientData:

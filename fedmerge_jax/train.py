@@ -48,12 +48,15 @@ def format_metrics(metrics: Dict[str, float]) -> str:
 def build(config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None):
   """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs.
 
-  With a `layout`, for its padded population and device-aligned chunks.
+  With a `layout`, for its padded population and device-aligned chunks (and, on several
+  devices, clients vmapped: `auto` parallelism would otherwise pick one at a time on CPU).
   """
   num_clients = data.num_clients
   if layout is not None:
     config = config.copy_and_resolve_references()
     config.client_chunk_size, num_clients = layout.chunk_size, layout.population
+    if layout.num_devices > 1 and config.client_parallelism == "auto":
+      config.client_parallelism = "vmap"  # One client at a time would idle all devices but one.
   model = models.get_model(config.model, data.num_classes)
   algorithm = algorithms.get_algorithm(
       model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32))
@@ -157,9 +160,13 @@ def alive(tree) -> bool:
   return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
 
-def compile_round(algorithm, mesh, shardings):
-  """The jitted round train_and_evaluate runs: NaN-guarded, its state donated and sharded."""
-  return parallel.jit_round(keep_finite(algorithm.round), mesh, shardings)
+def compile_round(algorithm, config, mesh=None, shardings=None):
+  """The jitted round every run uses: NaN-guarded, its state donated (and laid out as
+  `shardings` over `mesh`), compiled with this backend's XLA options for the model."""
+  options = models.compiler_options(config.model)
+  if mesh is None:
+    return jax.jit(keep_finite(algorithm.round), donate_argnums=0, compiler_options=options)
+  return parallel.jit_round(keep_finite(algorithm.round), mesh, shardings, options)
 
 
 def without_phantoms(state, layout: parallel.ClientLayout, like=None):
@@ -249,9 +256,10 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
             f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
             "same command resumes from there.")
 
-  round_fn = compile_round(algorithm, mesh, shardings)
+  round_fn = compile_round(algorithm, config, mesh, shardings)
   gather_train = lambda ids: (ids, parallel.gather_with_phantoms(data.train, ids))
-  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh)
+  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
+                                       models.compiler_options(config.model))
   if algorithm.merging_weights is not None:
     merging_weights = jax.jit(algorithm.merging_weights, out_shardings=parallel.replicated(mesh))
   down, up = algorithm.communication

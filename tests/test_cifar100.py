@@ -262,7 +262,7 @@ def test_strided_conv_matches_pytorch_padding():
     reference = nn.Conv(4, (size, size), (stride, stride), ((pad, pad), (pad, pad)),
                         use_bias=False)
     variables = reference.init(jax.random.key(1), x)
-    for impl in ("xla", "patches"):
+    for impl in ("xla", "canonical", "patches"):
       got = conv(4, size, stride, impl, name=None).apply(variables, x)
       np.testing.assert_allclose(got, reference.apply(variables, x), rtol=1e-5, atol=1e-5)
 

@@ -14,6 +14,17 @@ from fedmerge_jax import client as client_lib
 from fedmerge_jax import parallel
 
 
+class RoundStages(NamedTuple):
+  """A round split into separately callable stages (the benchmark times each).
+
+  train(state, client_ids, data, rng) -> (per-client deltas, leading axis C; metrics);
+  server(state, client_ids, data, deltas) -> state. `round` computes the same, but may
+  fold each chunk of deltas into the server's sums instead of holding all of them.
+  """
+  train: Callable[..., Any]
+  server: Callable[..., Any]
+
+
 class Algorithm(NamedTuple):
   """Pure functions over an algorithm's state.
 
@@ -26,6 +37,7 @@ class Algorithm(NamedTuple):
   communication: (floats sent down, floats sent up) per sampled client per round.
   merging_weights(state) -> [N, K] how much each client draws on each of the K shared
     models (FedMerge's softmax(A), FedEM's mixtures), for logs and plots; None if K = 1.
+  stages: the round's `RoundStages`, where the algorithm has them (None otherwise).
   """
   init: Callable[..., Any]
   round: Callable[..., Any]
@@ -33,6 +45,7 @@ class Algorithm(NamedTuple):
   predict: Callable[..., Any]
   communication: Tuple[int, int]
   merging_weights: Optional[Callable[[Any], jax.Array]] = None
+  stages: Optional[RoundStages] = None
 
 
 def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalConfig:
@@ -71,13 +84,16 @@ def training_metrics(data: client_lib.ClientData, client_metrics) -> dict:
           "clients/train_loss": client_metrics["train_loss"]}
 
 
-def trained_models(apply_fn, models, data, rng, client_ids, local, chunk_size, anchors=None):
+def trained_models(apply_fn, models, data, rng, client_ids, local, chunk_size, anchors=None,
+                   parallelism="auto"):
   """Each client trains its own model (leading axis C); returns (trained models, metrics).
 
-  `anchors` (leading axis C), if given, are the params each client's prox term pulls to.
+  `anchors` (leading axis C), if given, are the params each client's prox term pulls to;
+  `chunk_size` and `parallelism` say how clients run (`parallel.map_clients`).
   """
   def one(variables, d, key, anchor=None):
     delta, metrics = client_lib.local_train(apply_fn, variables, d, key, local, anchor=anchor)
     return jax.tree.map(jnp.subtract, variables, delta), metrics
   args = (models, data, client_keys(rng, client_ids))
-  return parallel.map_clients(one, args if anchors is None else args + (anchors,), chunk_size)
+  return parallel.map_clients(one, args if anchors is None else args + (anchors,), chunk_size,
+                              parallelism)

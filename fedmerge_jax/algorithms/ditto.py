@@ -36,7 +36,8 @@ def make(model, config, num_clients, example_input):
     mine = jax.tree.map(lambda x: x[client_ids], state.personal)
     trained, personal_metrics = base.trained_models(
         model.apply, mine, data, jax.random.fold_in(rng, PERSONAL_STREAM), client_ids, local,
-        config.client_chunk_size, anchors=received["params"])
+        config.client_chunk_size, anchors=received["params"],
+        parallelism=config.client_parallelism)
     server, metrics = global_algorithm.round(state.server, client_ids, data, rng)
     metrics["train/personal_loss"] = base.training_metrics(data, personal_metrics)["train/loss"]
     return State(server, scatter(state.personal, client_ids, trained)), metrics

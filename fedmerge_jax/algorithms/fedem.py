@@ -71,12 +71,16 @@ def make(model, config, num_clients, example_input):
     return delta, pi, metrics
 
   def round_fn(state: State, client_ids, data, rng):
-    deltas, mixture, client_metrics = parallel.map_clients(
-        lambda pi, d, k: train_one(state.components, pi, d, k),
-        (state.mixture[client_ids], data, base.client_keys(rng, client_ids)),
-        config.client_chunk_size)
+    def summarize(chunk, outputs):
+      """sum_i p_i Delta_i over a chunk (never all clients' deltas at once); pi, metrics."""
+      deltas, pi, metrics = outputs
+      return jax.tree.map(lambda d: jnp.einsum("c,c...->...", chunk[1], d), deltas), (pi, metrics)
+
     p = base.sample_weights(data)
-    grad = jax.tree.map(lambda d: jnp.einsum("c,c...->...", p, d), deltas)
+    grad, (mixture, client_metrics) = parallel.map_clients(
+        lambda pi, _, d, k: train_one(state.components, pi, d, k),
+        (state.mixture[client_ids], p, data, base.client_keys(rng, client_ids)),
+        config.client_chunk_size, config.client_parallelism, reduce=summarize)
     updates, opt_state = server.update(grad, state.opt_state, state.components,
                                        model_mass=jnp.ones((k_models,)))
     state = State(optax.apply_updates(state.components, updates),

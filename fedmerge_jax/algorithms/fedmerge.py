@@ -2,6 +2,15 @@
 
 The same machinery, with other server rules or weights, is FedAvg (K = 1), FedProx and
 IFCA (one-hot weights from the lowest-loss model): see those modules.
+
+Memory: where the globals step is linear in the deltas with weights known before training
+(K = 1, the `gradient` mode, FedAvg, FedProx, IFCA), each chunk of clients' deltas is
+folded into the server's gradient sums as soon as it is trained, so a round holds
+`client_chunk_size` deltas, not one per sampled client. The `official` mode with K > 1
+weights the globals step by the logits *after* their step, which is normalised by the
+largest logit gradient over all sampled clients: no fixed set of running sums gives it,
+so that case keeps every sampled client's delta (C x model size floats, e.g. 3,400
+EMNIST-CNN clients: 16.4 GB) and sums them chunk by chunk once the logits are known.
 """
 
 from typing import Any, Callable, Optional
@@ -68,47 +77,85 @@ def make(model, config, num_clients: int, example_input, *,
     received = jax.tree.map(lambda leaf: leaf[0], merge(stacked, weights_row[None]))
     return client_lib.local_train(model.apply, received, data, key, local)
 
-  def round_fn(state: State, client_ids, data: client_lib.ClientData, rng):
-    if assign_logits is not None:
-      state = state.replace(
-          logits=state.logits.at[client_ids].set(assign_logits(state, client_ids, data)))
-    weights = merging_weights(state.logits[client_ids])
-    deltas, client_metrics = parallel.map_clients(
-        lambda w, d, k: train_one(state.globals, w, d, k),
-        (weights, data, base.client_keys(rng, client_ids)), config.client_chunk_size)
-    state = server_step(state, client_ids, deltas, base.sample_weights(data))
-    return state, base.training_metrics(data, client_metrics)
-
   if server.logit_gradient_params == "head":
     mask_fn = models.head_mask
   else:
     mask_fn = lambda variables: jax.tree.map(lambda _: True, variables)
+  # The globals step is linear in the deltas with weights known before training unless it
+  # uses the logits after their step (official mode) and K > 1: then every delta is kept.
+  streaming = not server.logits_first or k_models == 1
 
-  def logits_step(state: State, client_ids, deltas, p) -> State:
-    mask = mask_fn(state.globals)
+  def chunk_gradients(stacked, rows, p, deltas):
+    """A chunk of clients' share of the server's gradients: (dL/dTheta summed or None, dL/dA rows)."""
+    mask = mask_fn(stacked)
     masked = jax.tree.map(lambda d, m: d if m else jnp.zeros_like(d), deltas, mask)
-    _, grad_rows = server_gradients(state.globals, state.logits[client_ids], masked, p)
+    grad_rows = server_gradients(stacked, rows, masked, p)[1]
+    return (server_gradients(stacked, rows, deltas, p)[0] if streaming else None), grad_rows
+
+  def server_step(state: State, client_ids, p, grad, grad_rows, deltas=None) -> State:
+    """The logit step, then the globals step (dL/dTheta from `deltas` unless streamed)."""
+    rows = state.logits[client_ids]
+    state = logits_step(state, client_ids, grad_rows)
+    weight_rows = state.logits[client_ids] if server.logits_first else rows
+    if grad is None:  # Summed chunk by chunk: no second copy of all clients' deltas.
+      grad, _ = parallel.map_clients(
+          lambda *_: None, (weight_rows, deltas, p), config.client_chunk_size,
+          config.client_parallelism,
+          reduce=lambda chunk, _: (server_gradients(state.globals, *chunk)[0], None))
+    return globals_step(state, grad, jnp.einsum("c,ck->k", p, merging_weights(weight_rows)))
+
+  def assigned(state: State, client_ids, data) -> State:
+    if assign_logits is None:
+      return state
+    return state.replace(logits=state.logits.at[client_ids].set(
+        assign_logits(state, client_ids, data)))
+
+  def train_clients(state: State, client_ids, data, rng, reduce=None):
+    """Every sampled client's local training from its merged model, via `map_clients`."""
+    stacked = state.globals
+    args = (state.logits[client_ids], base.sample_weights(data), data,
+            base.client_keys(rng, client_ids))
+    return parallel.map_clients(
+        lambda row, _, d, key: train_one(stacked, merging_weights(row), d, key), args,
+        config.client_chunk_size, config.client_parallelism, reduce=reduce)
+
+  def round_fn(state: State, client_ids, data: client_lib.ClientData, rng):
+    state = assigned(state, client_ids, data)
+
+    def summarize(chunk, outputs):
+      chunk_rows, chunk_p, _, _ = chunk
+      deltas, metrics = outputs
+      grad, grad_rows = chunk_gradients(state.globals, chunk_rows, chunk_p, deltas)
+      return grad, (grad_rows, metrics) + (() if streaming else (deltas,))
+
+    grad, (grad_rows, metrics, *deltas) = train_clients(state, client_ids, data, rng, summarize)
+    state = server_step(state, client_ids, base.sample_weights(data), grad, grad_rows, *deltas)
+    return state, base.training_metrics(data, metrics)
+
+  def logits_step(state: State, client_ids, grad_rows) -> State:
     grad = jnp.zeros_like(state.logits).at[client_ids].add(grad_rows)
     updates, opt_state = server.logits_tx.update(grad, state.logits_opt_state, state.logits)
     return state.replace(logits=optax.apply_updates(state.logits, updates),
                          logits_opt_state=opt_state)
 
-  def globals_step(state: State, client_ids, deltas, p, logits) -> State:
-    rows = logits[client_ids]
-    grad, _ = server_gradients(state.globals, rows, deltas, p)
-    model_mass = jnp.einsum("c,ck->k", p, merging_weights(rows))
+  def globals_step(state: State, grad, model_mass) -> State:
     updates, opt_state = server.globals_tx.update(
         grad, state.globals_opt_state, state.globals, model_mass=model_mass)
     return state.replace(globals=optax.apply_updates(state.globals, updates),
                          globals_opt_state=opt_state)
 
-  def server_step(state: State, client_ids, deltas, p) -> State:
-    new = logits_step(state, client_ids, deltas, p)
-    weights_from = new.logits if server.logits_first else state.logits
-    return globals_step(new, client_ids, deltas, p, weights_from)
+  def server_from_deltas(state: State, client_ids, data, deltas) -> State:
+    """The server's part of a round given every client's delta (the breakdown's stage)."""
+    p = base.sample_weights(data)
+    grad, grad_rows = chunk_gradients(state.globals, state.logits[client_ids], p, deltas)
+    return server_step(state, client_ids, p, grad, grad_rows, deltas)
 
+  stages = base.RoundStages(
+      train=lambda state, ids, data, rng: train_clients(assigned(state, ids, data), ids, data, rng),
+      server=server_from_deltas)
   down = size * (models_down or 1)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
                         predict=base.model_predict(model), communication=(down, size),
                         merging_weights=(lambda state: merging_weights(state.logits))
-                        if k_models > 1 else None)
+                        if k_models > 1 else None,
+                        stages=stages)

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from fedmerge_jax import evaluation
+from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import fedmerge
 from fedmerge_jax.server_optim import ServerUpdate, scale_by_inverse_model_mass
 
 EXCLUDED_LOGIT = -1e9  # softmax gives exactly 0 to it in float32.
 
 
-def training_losses(model, stacked, data):
+def training_losses(model, stacked, data, chunk_size=0, parallelism="auto"):
   """[C, K] mean loss of every cluster model on every client's training examples."""
   def one_client(d):
     def one_model(variables):
@@ -24,12 +25,14 @@ def training_losses(model, stacked, data):
           lambda v, x: model.apply(v, x, train=False), variables, d)
       return loss_sum / jnp.maximum(d.count, 1)
     return jax.vmap(one_model)(stacked)
-  return jax.vmap(one_client)(data)
+  return parallel.map_clients(one_client, (data,), chunk_size, parallelism)
 
 
 def make(model, config, num_clients, example_input):
   def assign(state, client_ids, data):
-    best = jnp.argmin(training_losses(model, state.globals, data), axis=1)
+    losses = training_losses(model, state.globals, data, config.client_chunk_size,
+                             config.client_parallelism)
+    best = jnp.argmin(losses, axis=1)
     return jnp.where(jax.nn.one_hot(best, config.num_global_models) > 0, 0.0, EXCLUDED_LOGIT)
 
   server = ServerUpdate(

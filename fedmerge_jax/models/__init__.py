@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from fedmerge_jax.models import layers
 from fedmerge_jax.models.cnn import EmnistCNN, LeafFemnistCNN
 from fedmerge_jax.models.mlp import MLP
 from fedmerge_jax.models.resnet import ResNet9
@@ -30,6 +31,11 @@ def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.M
   if model_config.name not in _BUILDERS:
     raise ValueError(f"model.name={model_config.name!r} is unknown; choose one of {MODEL_NAMES}.")
   return _BUILDERS[model_config.name](model_config, num_classes)
+
+
+def compiler_options(model_config: ml_collections.ConfigDict):
+  """XLA options for jitting this model's training and evaluation on this backend (or None)."""
+  return layers.compiler_options(model_config.get("conv_impl", "auto"))
 
 
 def head_mask(variables) -> dict:

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fedmerge_jax.models.layers import Conv
+from fedmerge_jax.models.layers import Conv, max_pool
 
 
 class EmnistCNN(nn.Module):
@@ -19,7 +19,7 @@ class EmnistCNN(nn.Module):
     x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
     x = nn.relu(Conv(32, (3, 3), "VALID", self.conv_impl, name="conv_0")(x))
     x = nn.relu(Conv(64, (3, 3), "VALID", self.conv_impl, name="conv_1")(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = max_pool(x, 2)
     x = nn.Dropout(0.25, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(128, name="dense_0")(x))
@@ -40,9 +40,9 @@ class LeafFemnistCNN(nn.Module):
     del train  # No dropout or batch norm.
     x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
     x = nn.relu(Conv(32, (5, 5), "SAME", self.conv_impl, name="conv_0")(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = max_pool(x, 2)
     x = nn.relu(Conv(64, (5, 5), "SAME", self.conv_impl, name="conv_1")(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = max_pool(x, 2)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(2048, name="dense_0")(x))
     return nn.Dense(self.num_classes, name="head")(x)
