@@ -145,14 +145,17 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def time_rounds(config, data: data_lib.FederatedData, num_rounds: int) -> Tuple[float, float]:
-  """(compile + first round seconds, median seconds of `num_rounds` further rounds)."""
+def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
+                warmup_rounds: int = 1) -> Tuple[float, float, Any]:
+  """(seconds to compile and run `warmup_rounds`, median seconds of `num_rounds` further
+  rounds, the algorithm) for the round runs use, all clients every round."""
   _, alg = train.build(config, data)
   init_rng, round_rng = jax.random.split(jax.random.key(config.seed))
   state = jax.block_until_ready(jax.jit(alg.init)(init_rng))
-  round_fn = train.compile_round(alg, config)
   ids = np.arange(data.num_clients)
   batch = data.train.gather(ids)
+  start = time.perf_counter()
+  round_fn = train.compile_round(alg, config).lower(state, ids, batch, round_rng).compile()
   holder = {"state": state, "round": 0}
 
   def one_round():
@@ -161,8 +164,10 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int) -> Tuple[
                                   jax.random.fold_in(round_rng, holder["round"]))
     jax.block_until_ready(holder["state"])
 
-  compile_s = _median_time(one_round, 1)
-  return compile_s, _median_time(one_round, num_rounds)
+  for _ in range(warmup_rounds):
+    one_round()
+  compile_s = time.perf_counter() - start
+  return compile_s, _median_time(one_round, num_rounds), alg
 
 
 def cost_flops(compiled) -> Optional[float]:
@@ -258,7 +263,7 @@ def _setting(config, data) -> Dict[str, Any]:
 def round_row(config, data, peak_gflops: float, num_rounds: int,
               reference: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """One `round` result row for the resolved `config` on `data`."""
-  compile_s, round_s = time_rounds(config, data, num_rounds)
+  compile_s, round_s, _ = time_rounds(config, data, num_rounds)
   step_flops = train_step_flops(config, data.example_shape, data.num_classes, config.batch_size)
   flops_per_example = None if step_flops is None else step_flops / config.batch_size
   examples_per_s = int(data.train.counts.sum()) * config.local_epochs / round_s
@@ -334,27 +339,14 @@ def scaling_row(config, num_clients: int, num_rounds: int) -> Dict[str, Any]:
   """One scale, measured in this process: data (float16), compile, then timed rounds."""
   data = synthetic_data(config.model.name, num_clients, FLAGS.examples_per_client,
                         config.seed, np.float16)
-  _, alg = train.build(config, data)
-  state = jax.jit(alg.init)(jax.random.key(config.seed))
-  ids = np.arange(num_clients)
-  batch = data.train.gather(ids)
-  start = time.perf_counter()
-  round_fn = train.compile_round(alg, config).lower(
-      state, ids, batch, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - start
-  times = []
-  for r in range(num_rounds):
-    start = time.perf_counter()
-    state, _ = round_fn(state, ids, batch, jax.random.key(r))
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
+  compile_s, round_s, alg = time_rounds(config, data, num_rounds, warmup_rounds=0)
   return {"kind": "scaling", "algorithm": config.algorithm,
           "num_global_models": config.num_global_models, **_setting(config, data),
           "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
           "client_chunk_size": config.client_chunk_size, "compile_s": compile_s,
-          "round_s": statistics.median(times),
+          "round_s": round_s,
           "examples_per_s": num_clients * FLAGS.examples_per_client * config.local_epochs
-                            / statistics.median(times),
+                            / round_s,
           "data_bytes": int(data.train.x.nbytes + data.train.y.nbytes + data.test.x.nbytes),
           "delta_bytes_per_client": 4 * alg.communication[1],
           "peak_rss_bytes": peak_rss_bytes(),

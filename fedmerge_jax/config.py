@@ -131,11 +131,12 @@ class ConfigError(ValueError):
   """A config key or value that cannot work, with what to do instead."""
 
 
-def _flatten(config, prefix=""):
+def flatten(config, prefix=""):
+  """(dotted path, value) of every leaf of a ConfigDict or a nested dict (e.g. config.json)."""
   for key, value in config.items():
     path = prefix + key
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _flatten(value, path + ".")
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from flatten(value, path + ".")
     else:
       yield path, value
 
@@ -144,15 +145,15 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` over the defaults of `base_config()`, validated; missing keys get defaults."""
   validate(config, check_values=False)
   full = base_config()
-  full.update_from_flattened_dict(dict(_flatten(config)))
+  full.update_from_flattened_dict(dict(flatten(config)))
   validate(full)
   return full
 
 
 def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> None:
   """Raises ConfigError naming the first unknown key or bad value."""
-  schema = dict(_flatten(base_config()))
-  for path, value in _flatten(config):
+  schema = dict(flatten(base_config()))
+  for path, value in flatten(config):
     if path not in schema:
       close = difflib.get_close_matches(path, schema, n=3)
       hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
@@ -163,7 +164,7 @@ def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> No
         raise ConfigError(f"Config {path}={value!r} must be a number.")
   if not check_values:
     return
-  flat = dict(_flatten(config))
+  flat = dict(flatten(config))
   for path, choices in _CHOICES.items():
     if flat[path] not in choices:
       raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")

@@ -85,22 +85,14 @@ class OutOfMemoryError(MemoryError):
 RUN_IDENTITY = ("algorithm", "num_global_models", "update_mode", "seed", "model.", "data.")
 
 
-def _flat(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
 def check_resumable(config, workdir: str) -> None:
   """Refuses to resume `workdir`'s checkpoints under a different experiment; logs changed settings."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = dict(_flat(json.load(f)))
-  new = dict(_flat(json.loads(config.to_json())))
+    old = dict(config_lib.flatten(json.load(f)))
+  new = dict(config_lib.flatten(json.loads(config.to_json())))
   changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k)}
   clashes = [k for k in changed if k.startswith(RUN_IDENTITY)]
@@ -169,10 +161,10 @@ def compile_round(algorithm, config, mesh=None, shardings=None):
   return parallel.jit_round(keep_finite(algorithm.round), mesh, shardings, options)
 
 
-def without_phantoms(state, layout: parallel.ClientLayout, like=None):
+def without_phantoms(state, layout: parallel.ClientLayout, for_restore: bool = False):
   """Per-client leaves cut to the real clients: checkpoints do not depend on the device count.
 
-  With `like` (host arrays of the cut shapes, for a restore), returns those shapes instead.
+  `for_restore`: uninitialised host arrays of the cut shapes instead, as a restore target.
   """
   if layout.population == layout.num_clients:
     return state
@@ -180,7 +172,7 @@ def without_phantoms(state, layout: parallel.ClientLayout, like=None):
   def cut(leaf):
     if not parallel.is_per_client(leaf, layout.population):
       return leaf
-    if like is not None:
+    if for_restore:
       return np.empty((layout.num_clients, *leaf.shape[1:]), leaf.dtype)
     return leaf[:layout.num_clients]
   return jax.tree.map(cut, state)
@@ -228,18 +220,18 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
                data.name, data.num_clients, data.num_classes, jax.default_backend(), mesh.size)
 
   init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
+  rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))  # Host arrays: multi-host safe.
   state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population, init_rng)
   done, best, metrics = 0, None, {}
   restored = checkpoints and checkpoints.restore_latest(
-      {"algorithm": without_phantoms(state, layout, like=True),
-       "rngs": np.asarray(jax.random.key_data(jnp.stack(rngs)))})
+      {"algorithm": without_phantoms(state, layout, for_restore=True), "rngs": rng_data})
   if restored:
     done, saved, progress = restored
     state = with_phantoms(saved["algorithm"], state, shardings, layout)
-    rngs = list(jax.random.wrap_key_data(saved["rngs"]))
+    rng_data = saved["rngs"]
     best, metrics = progress["best"], progress["metrics"]
     logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
-  sample_rng, round_rng = rngs
+  sample_rng, round_rng = jax.random.wrap_key_data(rng_data)
   start_round = done
 
   def save(round_index: int) -> str:
@@ -247,10 +239,8 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     if checkpoints is None:
       return "Checkpoints are off (config.checkpoint_every=0)."
     if round_index > start_round and alive(state):
-      checkpoints.save(round_index, {"algorithm": without_phantoms(state, layout),
-                                     "rngs": np.asarray(jax.random.key_data(
-                                         jnp.stack([sample_rng, round_rng])))}, {"round": round_index, "best": best,
-                                                 "metrics": metrics})
+      checkpoints.save(round_index, {"algorithm": without_phantoms(state, layout), "rngs": rng_data},
+                       {"round": round_index, "best": best, "metrics": metrics})
     latest = checkpoints.latest_round()
     return ("No round finished yet." if latest is None else
             f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
