@@ -1,17 +1,29 @@
 """What one client does in a round: E epochs of SGD on its own padded, masked data.
 
 Written for a single client; `parallel.map_clients` runs it for many clients at once.
-A client holding n of the `max_n` padded examples takes its own ceil(n*E/B) steps; the
-scan runs the largest client's count and the extra steps leave parameters untouched.
-Padded examples are masked out of every loss.
+A client holding n real examples runs exactly its own steps (`num_local_steps`) in a
+`lax.while_loop` that stops at its count: one client at a time does no padded step at all,
+and under `vmap` a chunk loops to its own largest count, the finished members' carries left
+untouched. Padded rows are masked out of the loss and, for models whose `__call__` takes a
+`mask`, out of BatchNorm's batch statistics.
+
+Two batchings (`LocalConfig.batching`):
+- 'epoch': every epoch a fresh permutation of the n examples in ceil(n/B) batches, the last
+  holding n mod B (PyTorch's DataLoader with shuffle=True, drop_last=False; the authors').
+- 'stream': the E permutations concatenated, then cut into ceil(nE/B) batches, so batches
+  run across epoch boundaries (FedJAX's shuffle-repeat-batch).
 """
 
+import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+BATCHINGS = ("epoch", "stream")
 
 
 class LocalConfig(NamedTuple):
@@ -20,6 +32,7 @@ class LocalConfig(NamedTuple):
   batch_size: int
   client_lr: float
   prox_mu: float
+  batching: str = "epoch"  # 'epoch' | 'stream' (module docstring).
 
 
 class ClientData(NamedTuple):
@@ -30,8 +43,30 @@ class ClientData(NamedTuple):
 
 
 def num_local_steps(count, local: LocalConfig):
-  """ceil(n * E / B): batches run across epoch boundaries, the last may be partial."""
-  return (count * local.local_epochs + local.batch_size - 1) // local.batch_size
+  """A client's own number of SGD steps for `count` examples."""
+  batches = lambda n: (n + local.batch_size - 1) // local.batch_size
+  if local.batching == "epoch":
+    return local.local_epochs * batches(count)
+  if local.batching == "stream":
+    return batches(count * local.local_epochs)
+  raise ValueError(f"local_batching={local.batching!r}; expected one of {BATCHINGS}.")
+
+
+def batch_slots(t, count, local: LocalConfig):
+  """Step t's rows: (epoch [B], slot within that epoch's order [B], real-row mask [B])."""
+  batch = local.batch_size
+  n = jnp.maximum(count, 1)
+  if local.batching == "epoch":
+    per_epoch = (n + batch - 1) // batch
+    epoch = jnp.full((batch,), t // per_epoch)
+    slot = (t % per_epoch) * batch + jnp.arange(batch)
+    mask = slot < count
+  else:
+    position = t * batch + jnp.arange(batch)
+    mask = position < count * local.local_epochs
+    epoch, slot = position // n, position % n
+  epoch = jnp.minimum(epoch, local.local_epochs - 1)
+  return epoch, jnp.where(mask, slot, 0), mask
 
 
 def masked_cross_entropy(logits, labels, mask):
@@ -45,7 +80,10 @@ def squared_distance(a, b):
 
 
 def epoch_orders(key, count, max_n, num_epochs):
-  """[E, max_n] example indices: each row a fresh permutation of the first `count` slots."""
+  """[E, max_n] example indices: each row a fresh permutation of the first `count` slots.
+
+  The permutation of the real slots does not depend on `max_n` (how far a round pads).
+  """
   def one(k):
     scores = jnp.where(jnp.arange(max_n) < count, jax.random.uniform(k, (max_n,)), 2.0)
     return jnp.argsort(scores)
@@ -58,21 +96,34 @@ def cross_entropy_loss(outputs, labels, idx):
   return optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
 
 
+@functools.lru_cache(maxsize=None)
+def _call_takes_mask(module_type) -> bool:
+  return "mask" in inspect.signature(module_type.__call__).parameters
+
+
+def takes_mask(apply_fn) -> bool:
+  """Whether `apply_fn` (a flax `module.apply`, or a function marked `takes_mask = True`)
+  accepts `mask=` (the batch's real rows, for BatchNorm's statistics)."""
+  module = getattr(apply_fn, "__self__", None)
+  if isinstance(module, flax.linen.Module):
+    return _call_takes_mask(type(module))
+  return bool(getattr(apply_fn, "takes_mask", False))
+
+
 def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
                 anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss):
   """Trains one client's copy of `variables`; returns (delta = received - trained, metrics).
 
-  `variables` is a flax variable dict: 'params' are trained by SGD on the batch mean of
-  `example_loss(outputs, labels, example_indices)` + prox_mu * ||params - anchor||^2, the
-  anchor being the received params unless given (Ditto anchors to the global model);
-  other collections (BatchNorm's 'batch_stats') follow the model's own updates in train
-  mode. Delta covers both.
+  `variables` is a flax variable dict: 'params' are trained by SGD on the mean over the
+  batch's real rows of `example_loss(outputs, labels, example_indices)` + prox_mu *
+  ||params - anchor||^2, the anchor being the received params unless given (Ditto anchors
+  to the global model); other collections (BatchNorm's 'batch_stats') follow the model's
+  own updates in train mode. Delta covers both.
   """
   data = ClientData(*map(jnp.asarray, data))
   max_n = data.x.shape[0]
-  max_steps = -(-max_n * local.local_epochs // local.batch_size)
   count = data.count
-  total = count * local.local_epochs
+  steps = num_local_steps(count, local)
   order = epoch_orders(jax.random.fold_in(key, 0), count, max_n, local.local_epochs)
   dropout_key = jax.random.fold_in(key, 1)
   received = variables
@@ -80,35 +131,30 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   anchor = params0 if anchor is None else anchor
   tx = optax.sgd(local.client_lr)
   mutable = [name for name in variables if name != "params"]
+  mask_kwarg = takes_mask(apply_fn)
 
   def loss_fn(params, other, idx, mask, rng):
+    kwargs = {"mask": mask} if mask_kwarg else {}
     out = apply_fn({"params": params, **other}, data.x[idx], train=True,
-                   rngs={"dropout": rng}, mutable=mutable or False)
+                   rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
     outputs, new_other = out if mutable else (out, {})
     losses = example_loss(outputs, data.y[idx], idx)
     loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return loss + local.prox_mu * squared_distance(params, anchor), (loss, new_other)
 
-  def step(carry, t):
-    params, other, opt_state = carry
-    position = t * local.batch_size + jnp.arange(local.batch_size)
-    mask = position < total
-    position = jnp.where(mask, position, 0)
-    per_epoch = jnp.maximum(count, 1)
-    idx = order[jnp.minimum(position // per_epoch, local.local_epochs - 1), position % per_epoch]
+  def step(carry):
+    t, params, other, opt_state, loss_sum = carry
+    epoch, slot, mask = batch_slots(t, count, local)
     grads, (loss, new_other) = jax.grad(loss_fn, has_aux=True)(
-        params, other, idx, mask.astype(jnp.float32), jax.random.fold_in(dropout_key, t))
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    active = t * local.batch_size < total
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-    carry = (keep(new_params, params), keep(dict(new_other), other), keep(new_opt_state, opt_state))
-    return carry, (loss * active, active)
+        params, other, order[epoch, slot], mask, jax.random.fold_in(dropout_key, t))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (t + 1, optax.apply_updates(params, updates), dict(new_other), opt_state,
+            loss_sum + loss)
 
   other0 = {k: v for k, v in variables.items() if k != "params"}
-  init = (params0, other0, tx.init(params0))
-  (params, other, _), (losses, active) = jax.lax.scan(step, init, jnp.arange(max_steps))
+  init = (jnp.zeros((), jnp.int32), params0, other0, tx.init(params0), jnp.zeros((), jnp.float32))
+  _, params, other, _, loss_sum = jax.lax.while_loop(lambda c: c[0] < steps, step, init)
   trained = {"params": params, **other}
   delta = jax.tree.map(lambda r, t: r - t, flax.core.unfreeze(received), trained)
-  metrics = {"train_loss": jnp.sum(losses) / jnp.maximum(jnp.sum(active), 1)}
+  metrics = {"train_loss": loss_sum / jnp.maximum(steps, 1)}
   return delta, metrics

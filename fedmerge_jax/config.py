@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.clients_per_round = 0  # 0: every client, every round.
   c.local_epochs = 1
   c.batch_size = 32
+  # 'epoch': each epoch ceil(n/B) batches of a fresh permutation, the last partial (PyTorch's
+  # DataLoader, the FedMerge authors'); 'stream': E passes concatenated, cut into ceil(nE/B)
+  # batches (FedJAX's shuffle-repeat-batch). Identical when local_epochs = 1.
+  c.local_batching = "epoch"
   c.client_lr = 0.05
   c.prox_mu = 0.01  # fedmerge, fedprox: local loss CE + prox_mu * ||theta - theta_received||^2.
   c.server_lr_globals = 1.0
@@ -103,6 +107,7 @@ def femnist_training() -> ml_collections.ConfigDict:
   c.clients_per_round = 10
   c.local_epochs = 1
   c.batch_size = 20
+  c.local_batching = "stream"  # FedJAX's, as Reddi et al. ran it.
   c.client_lr = 0.1
   c.eval_every = 50
   c.model.name = "emnist_cnn"
@@ -117,6 +122,7 @@ _CHOICES = {
     "model.name": models.MODEL_NAMES,
     "model.conv_impl": CONV_IMPLS,
     "client_parallelism": CLIENT_PARALLELISMS,
+    "local_batching": ("epoch", "stream"),
 }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep")

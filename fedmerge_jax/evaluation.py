@@ -46,8 +46,10 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
 
   Each client is evaluated with its own model, `algorithm.personalized`. Clients go
   `chunk_size` at a time (all at once if 0), rounded up to a multiple of `mesh`'s devices
-  (one device if None) and split over them; each chunk is one jitted call of a fixed
-  shape, the last padded with repeats of a real client whose results are dropped.
+  (one device if None) and split over them, in order of size so that a chunk's members
+  have similar numbers of examples; each chunk is padded only to its own largest client,
+  bucketed (`ClientArrays.padded_length`), so few shapes compile. The last chunk is
+  filled with repeats of a real client whose results are dropped.
   `compiler_options` go to XLA with every chunk's computation (`models.compiler_options`).
   """
   mesh = mesh or parallel.make_mesh(1)
@@ -67,22 +69,30 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
     evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d))
     return {name: evaluate_all(personal, batch) for name, batch in batches.items()}
 
-  def gather(ids):
-    """A chunk's ids, train data and evaluation splits (NumPy)."""
-    batches = {name: arrays.gather(ids) for name, arrays in splits.items()}
-    return ids, data.train.gather(ids), batches
+  every = {"train": data.train, **splits}
+  sizes = sum(arrays.counts.astype(np.int64) for arrays in every.values())
+  order = parallel.largest_first(np.arange(n), sizes).astype(np.int32)
+  chunks = []
+  for start in range(0, n, chunk):
+    ids = order[start:start + chunk]
+    ids = np.concatenate([ids, np.full(chunk - len(ids), ids[0], np.int32)])
+    lengths = {name: arrays.padded_length(ids, 8) for name, arrays in every.items()}
+    chunks.append((ids, min(chunk, n - start), lengths))
+
+  def gather(ids, lengths):
+    """A chunk's ids, train data and evaluation splits (NumPy), each padded to its length."""
+    batches = {name: arrays.gather(ids, lengths[name]) for name, arrays in splits.items()}
+    return ids, data.train.gather(ids, lengths["train"]), batches
 
   def evaluate(state) -> Dict[str, float]:
     correct = {name: np.zeros(n) for name in splits}
     loss_sum = {name: np.zeros(n) for name in splits}
-    for start in range(0, n, chunk):
-      ids = np.arange(start, start + chunk, dtype=np.int32)
-      ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
-      results = jax.device_get(eval_chunk(state, *parallel.client_arrays(mesh, ids, gather)))
-      keep = slice(0, min(chunk, n - start))
+    for ids, real, lengths in chunks:
+      arrays = parallel.client_arrays(mesh, ids, lambda block: gather(block, lengths))
+      results = jax.device_get(eval_chunk(state, *arrays))
       for name, (c, l) in results.items():
-        correct[name][start:start + chunk] = c[keep]
-        loss_sum[name][start:start + chunk] = l[keep]
+        correct[name][ids[:real]] = c[:real]
+        loss_sum[name][ids[:real]] = l[:real]
     metrics = {}
     for name, arrays in splits.items():
       metrics.update(summarize(correct[name], loss_sum[name], arrays.counts, name))

@@ -14,12 +14,11 @@ summation order.
 
 import dataclasses
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from fedmerge_jax.client import ClientData
 
 CLIENTS = "clients"  # The mesh axis the client axis is sharded over.
 CLIENT_PARALLELISMS = ("auto", "vmap", "sequential")
@@ -132,7 +131,7 @@ class ClientLayout:
   eval_chunk: int
 
   def pad_ids(self, client_ids) -> np.ndarray:
-    """A round's sorted real ids followed by its phantom ids (>= num_clients, distinct)."""
+    """A round's real ids followed by its phantom ids (>= num_clients, distinct)."""
     phantoms = np.arange(self.num_clients, self.num_clients + self.round_size - len(client_ids))
     return np.concatenate([np.asarray(client_ids), phantoms]).astype(np.int32)
 
@@ -188,19 +187,38 @@ def jit_round(round_fn, mesh: Mesh, shardings, compiler_options=None):
                  out_shardings=(shardings, copies), compiler_options=compiler_options)
 
 
-def gather_with_phantoms(arrays, client_ids) -> ClientData:
-  """`arrays.gather(client_ids)` (NumPy) where ids past the real clients are phantoms.
+def largest_first(client_ids, counts) -> np.ndarray:
+  """`client_ids` reordered by their example counts, largest first (ties keep their order).
 
-  A phantom has zeros for examples and a count of 0, so it trains to no change and its
-  sample weight is 0.
+  Under `vmap` consecutive clients form a chunk, which loops to its largest member's step
+  count: sorted, a chunk's members need about the same number of steps. Results do not
+  depend on the order (each client's randomness comes from its id).
   """
   ids = np.asarray(client_ids)
-  phantom = ids >= arrays.counts.shape[0]
-  data = arrays.gather(np.where(phantom, 0, ids))
-  if not phantom.any():
-    return data
-  data.x[phantom], data.y[phantom] = 0, 0  # gather's fancy indexing made fresh arrays.
-  return ClientData(data.x, data.y, np.where(phantom, 0, data.count))
+  return ids[np.argsort(-np.asarray(counts)[ids], kind="stable")]
+
+
+class RoundGatherer:
+  """A round's data for the jitted round: its clients largest first, then phantoms, padded
+  to the round's bucketed length (`ClientArrays.padded_length`) and split over `clients`.
+
+  Logs each new padded length once: a new length means the round compiles again.
+  """
+
+  def __init__(self, arrays, layout: "ClientLayout", mesh: Mesh, multiple: int):
+    self.arrays, self.layout, self.mesh, self.multiple = arrays, layout, mesh, multiple
+    self.lengths = set()
+
+  def __call__(self, client_ids):
+    """(the real ids in the round's order, sharded padded ids, sharded ClientData)."""
+    ids = largest_first(client_ids, self.arrays.counts)
+    length = self.arrays.padded_length(ids, self.multiple)
+    if length not in self.lengths:
+      self.lengths.add(length)
+      logging.info("Rounds padded to %d examples per client (new shape: compiling).", length)
+    gather = lambda block: (block, self.arrays.gather(block, length))
+    sharded_ids, batch = client_arrays(self.mesh, self.layout.pad_ids(ids), gather)
+    return ids, sharded_ids, batch
 
 
 def client_arrays(mesh: Mesh, client_ids, gather):

@@ -247,7 +247,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
             "same command resumes from there.")
 
   round_fn = compile_round(algorithm, config, mesh, shardings)
-  gather_train = lambda ids: (ids, parallel.gather_with_phantoms(data.train, ids))
+  gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
   evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
                                        models.compiler_options(config.model))
   if algorithm.merging_weights is not None:
@@ -264,7 +264,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     for r in range(start_round + 1, config.num_rounds + 1):
       ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
                            config.clients_per_round)
-      sharded_ids, batch = parallel.client_arrays(mesh, layout.pad_ids(ids), gather_train)
+      ids, sharded_ids, batch = gather_round(ids)
       state, round_metrics = round_fn(state, sharded_ids, batch, jax.random.fold_in(round_rng, r))
       if not bool(round_metrics["finite"]):
         raise FloatingPointError(non_finite_message(round_metrics, r, ids, save(r - 1)))

@@ -33,8 +33,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def _client_data(data, cid):
-  return client.ClientData(*(jnp.asarray(a[cid]) for a in
-                             (data.train.x, data.train.y, data.train.counts)))
+  return jax.tree.map(lambda a: jnp.asarray(a[0]), data.train.gather([cid]))
 
 
 def _trained(model, variables, data, key, local, anchor=None):
@@ -212,7 +211,7 @@ def test_fedem_round_updates_sampled_mixtures_and_averages_components(tiny_confi
   _close(new.components, expected, rtol=1e-4, atol=1e-5)
   # Predictions are the mixture: probabilities sum to one.
   personal = alg.personalized(new, IDS, tiny_data.train.gather(IDS))
-  probs = jax.nn.softmax(alg.predict(_one(personal, 0), tiny_data.test.x[0]))
+  probs = jax.nn.softmax(alg.predict(_one(personal, 0), tiny_data.test.client(0)[0]))
   np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
 
 

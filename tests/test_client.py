@@ -1,18 +1,32 @@
-"""Local training: its own number of steps, masking, padding invariance, prox, shuffling."""
+"""Local training against a plain loop over one client's own batches: 'epoch' and 'stream'
+batching, partial last batches, padding, BatchNorm statistics over real rows only, prox."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fedmerge_jax import client
+from fedmerge_jax.models.layers import BatchNorm
 from fedmerge_jax.models.mlp import MLP
 
 LOCAL = client.LocalConfig(local_epochs=2, batch_size=4, client_lr=0.1, prox_mu=0.05)
 
 
-def _setup(n=7, max_n=9, seed=0):
-  model = MLP(num_classes=3, hidden_sizes=(5,))
+class TinyBN(nn.Module):
+  """Dense -> BatchNorm (PyTorch's running variance) -> relu -> head: a small BatchNorm model."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask=None):
+    x = nn.Dense(5)(x.reshape(x.shape[0], -1))
+    x = BatchNorm(use_running_average=not train, unbiased_running_var=True)(x, mask)
+    return nn.Dense(3, name="head")(nn.relu(x))
+
+
+def _setup(n=7, max_n=9, seed=0, model=None):
+  model = model or MLP(num_classes=3, hidden_sizes=(5,))
   rng = np.random.default_rng(seed)
   x = np.zeros((max_n, 6), np.float32)
   y = np.zeros((max_n,), np.int32)
@@ -22,39 +36,63 @@ def _setup(n=7, max_n=9, seed=0):
   return model, variables, client.ClientData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(n))
 
 
-def _reference_sgd(model, variables, data, key, local):
-  """A plain Python loop of SGD steps over the same example order."""
+def _reference_batches(order, n, local):
+  """The documented batches of one client, written out with Python lists (no padding)."""
+  epochs = [list(np.asarray(order[e, :n])) for e in range(local.local_epochs)]
+  b = local.batch_size
+  if local.batching == "epoch":  # PyTorch's DataLoader: per epoch, the last batch is partial.
+    return [perm[i:i + b] for perm in epochs for i in range(0, n, b)]
+  stream = sum(epochs, [])  # FedJAX: the epochs concatenated, then batched.
+  return [stream[i:i + b] for i in range(0, len(stream), b)]
+
+
+def _reference_train(model, variables, data, key, local):
+  """A plain Python loop of SGD steps on the real examples only (BatchNorm sees no padding)."""
   n = int(data.count)
-  order = np.asarray(client.epoch_orders(jax.random.fold_in(key, 0), n, data.x.shape[0],
-                                         local.local_epochs))
-  stream = np.concatenate([order[e, :n] for e in range(local.local_epochs)])
+  order = client.epoch_orders(jax.random.fold_in(key, 0), n, n, local.local_epochs)
+  batches = _reference_batches(order, n, local)
   params0 = variables["params"]
-  params = params0
-  steps = -(-n * local.local_epochs // local.batch_size)
-  for t in range(steps):
-    idx = stream[t * local.batch_size:(t + 1) * local.batch_size]
+  params, stats = params0, variables.get("batch_stats")
+  x, y = np.asarray(data.x)[:n], np.asarray(data.y)[:n]
+  for idx in batches:
     def loss(p):
-      logits = model.apply({"params": p}, data.x[idx])
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, data.y[idx]).mean()
+      v = {"params": p} if stats is None else {"params": p, "batch_stats": stats}
+      out = model.apply(v, x[idx], train=True, mutable=["batch_stats"] if stats is not None else False)
+      logits, new = out if stats is not None else (out, None)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
       prox = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params0)))
-      return ce + local.prox_mu * prox
-    params = jax.tree.map(lambda p, g: p - local.client_lr * g, params, jax.grad(loss)(params))
-  return steps, jax.tree.map(lambda a, b: a - b, params0, params)
+      return ce + local.prox_mu * prox, new
+    grads, new = jax.grad(loss, has_aux=True)(params)
+    params = jax.tree.map(lambda p, g: p - local.client_lr * g, params, grads)
+    stats = None if new is None else new["batch_stats"]
+  trained = {"params": params} if stats is None else {"params": params, "batch_stats": stats}
+  return [len(i) for i in batches], jax.tree.map(lambda a, b: a - b, dict(variables), trained)
 
 
-def test_local_train_matches_plain_sgd_loop_with_ceil_steps():
-  model, variables, data = _setup(n=7, max_n=9)
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("batching,n,sizes", [
+    ("epoch", 7, [4, 3, 4, 3]),    # Each epoch ends with its own partial batch.
+    ("stream", 7, [4, 4, 4, 2]),   # Batches cross the epoch boundary; one partial at the end.
+    ("epoch", 5, [4, 1, 4, 1]),
+    ("stream", 5, [4, 4, 2]),
+])
+@pytest.mark.parametrize("model", [None, TinyBN()], ids=["mlp", "batchnorm"])
+def test_local_train_equals_a_loop_over_the_clients_own_batches(batching, n, sizes, model):
+  local = LOCAL._replace(batching=batching)
+  model, variables, data = _setup(n=n, max_n=12, model=model)
   key = jax.random.key(3)
-  delta, _ = client.local_train(model.apply, variables, data, key, LOCAL)
-  steps, expected = _reference_sgd(model, variables, data, key, LOCAL)
-  assert steps == 4  # ceil(7 * 2 / 4): the last batch holds 2 examples.
-  assert int(client.num_local_steps(data.count, LOCAL)) == steps
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               delta["params"], expected)
+  delta, _ = jax.jit(lambda v, d: client.local_train(model.apply, v, d, key, local))(variables, data)
+  batch_sizes, expected = _reference_train(model, variables, data, key, local)
+  assert batch_sizes == sizes
+  assert int(client.num_local_steps(data.count, local)) == len(sizes)
+  _close(delta, expected)  # BatchNorm: running statistics too, as if never padded.
 
 
 def test_padding_does_not_change_the_update():
-  model, variables, data = _setup(n=5, max_n=5)
+  model, variables, data = _setup(n=5, max_n=5, model=TinyBN())
   key = jax.random.key(1)
   delta, metrics = client.local_train(model.apply, variables, data, key, LOCAL)
   # Same five real examples, 11 padding rows full of garbage.
@@ -65,13 +103,24 @@ def test_padding_does_not_change_the_update():
   # The example order only depends on the real slots: it is unchanged by padding.
   np.testing.assert_array_equal(
       client.epoch_orders(key, 5, 5, 2), client.epoch_orders(key, 5, 16, 2)[:, :5])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               delta, delta_padded)
+  _close(delta, delta_padded)
   np.testing.assert_allclose(metrics["train_loss"], metrics_padded["train_loss"], rtol=1e-5)
 
 
+def test_steps_past_a_clients_count_do_not_run_under_vmap():
+  """Two clients in one vmap: the smaller one's result equals its training alone."""
+  model, variables, small = _setup(n=3, max_n=16, model=TinyBN())
+  _, _, large = _setup(n=16, max_n=16, seed=1, model=TinyBN())
+  both = jax.tree.map(lambda a, b: jnp.stack([a, b]), small, large)
+  keys = jax.random.split(jax.random.key(0), 2)
+  together, _ = jax.vmap(lambda d, k: client.local_train(model.apply, variables, d, k, LOCAL))(
+      both, keys)
+  alone, _ = client.local_train(model.apply, variables, small, keys[0], LOCAL)
+  _close(jax.tree.map(lambda a: a[0], together), alone)
+
+
 def test_client_without_examples_returns_zero_delta():
-  model, variables, data = _setup(n=0, max_n=6)
+  model, variables, data = _setup(n=0, max_n=6, model=TinyBN())
   delta, _ = client.local_train(model.apply, variables, data, jax.random.key(0), LOCAL)
   assert all(float(jnp.abs(d).max()) == 0.0 for d in jax.tree.leaves(delta))
 
@@ -94,3 +143,19 @@ def test_prox_term_pulls_towards_received_model():
   held, _ = client.local_train(model.apply, variables, data, key, LOCAL._replace(prox_mu=5.0))
   norm = lambda t: sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(t))
   assert norm(held) < norm(free)
+
+
+def test_batchnorm_matches_pytorchs_formulas_on_real_rows():
+  """Normalise with the biased variance of the real rows; feed the unbiased one to the
+  running average (torch.nn.BatchNorm2d, momentum 0.1), written out in NumPy."""
+  x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 3, 3, 4)).astype(np.float32)
+  mask = np.array([1, 1, 1, 1, 0, 0], np.float32)
+  layer = BatchNorm(use_running_average=False, unbiased_running_var=True)
+  variables = layer.init(jax.random.key(0), x, mask)
+  out, new = layer.apply(variables, x, mask, mutable=["batch_stats"])
+  real = x[:4].reshape(-1, 4)
+  mean, var = real.mean(0), real.var(0)
+  np.testing.assert_allclose(out[:4], (x[:4] - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(new["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["var"], 0.9 + 0.1 * real.var(0, ddof=1),
+                             rtol=1e-5)

@@ -15,10 +15,11 @@ def test_from_arrays_pads_and_counts():
   assert data.num_classes == 5
   np.testing.assert_array_equal(data.train.counts, [3, 1])
   np.testing.assert_array_equal(data.test.counts, [0, 2])  # 'a' has no test examples.
-  assert data.train.x.shape == (2, 3, 2)
-  assert np.all(data.train.x[1, 1:] == 0) and data.val is None
-  batch = data.train.gather([1])
-  np.testing.assert_array_equal(batch.y, [[4, 0, 0]])
+  assert data.train.x.shape == (4, 2) and data.val is None  # Ragged: real examples only.
+  np.testing.assert_array_equal(data.train.client(1)[1], [4])
+  batch = data.train.gather([1, 0], length=4)
+  np.testing.assert_array_equal(batch.y, [[4, 0, 0, 0], [0, 1, 2, 0]])
+  np.testing.assert_array_equal(batch.count, [1, 3])
 
 
 @pytest.mark.parametrize("train,test,match", [

@@ -131,9 +131,9 @@ def test_federate_domains_splits_within_each_domain():
   assert data.train.x.dtype == np.float32 and 0 <= data.train.x.min() and data.train.x.max() <= 1
   # Domain b's clients hold only b's images, and its split ignores which other domains are used.
   only_b = domains.federate_domains([b], c, 3, "toy")
-  np.testing.assert_array_equal(only_b.train.x[0], data.train.x[3, :only_b.train.x.shape[1]])
+  np.testing.assert_array_equal(only_b.train.client(0)[0], data.train.client(3)[0])
   b_images = {bytes(x) for x in (b[1].astype(np.float32) / 255.0)}
-  assert all(bytes(x) in b_images for x in data.train.x[3, :data.train.counts[3]])
+  assert all(bytes(x) in b_images for x in data.train.client(3)[0])
 
 
 def test_domain_and_class_selection():
@@ -182,7 +182,7 @@ def pacs_config(root, **overrides):
 def assert_colours_match_labels(data):
   for split in (data.train, data.test, data.val):
     for i in range(data.num_clients):
-      for x, y in zip(split.x[i, :split.counts[i]], split.y[i, :split.counts[i]]):
+      for x, y in zip(*split.client(i)):
         np.testing.assert_allclose(x.mean((0, 1)), np.array(COLORS[int(y)]) / 255, atol=0.02)
 
 

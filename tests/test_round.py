@@ -38,8 +38,7 @@ def _reference_round(config, model, state, ids, data, rng):
   deltas = []
   for row, cid in enumerate(ids):
     received = jax.tree.map(lambda x: np.tensordot(w[row], x, 1), globals_)
-    batch = client.ClientData(*(jnp.asarray(a[cid]) for a in
-                                (data.train.x, data.train.y, data.train.counts)))
+    batch = jax.tree.map(lambda a: jnp.asarray(a[0]), data.train.gather([cid]))
     delta, _ = client.local_train(model.apply, received, batch,
                                   jax.random.fold_in(rng, cid), local)
     deltas.append(_flat(delta))

@@ -53,7 +53,7 @@ def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalCon
   return client_lib.LocalConfig(
       local_epochs=config.local_epochs if local_epochs is None else local_epochs,
       batch_size=config.batch_size, client_lr=config.client_lr,
-      prox_mu=config.prox_mu if prox_mu is None else prox_mu)
+      prox_mu=config.prox_mu if prox_mu is None else prox_mu, batching=config.local_batching)
 
 
 def model_predict(model):

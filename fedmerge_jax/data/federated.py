@@ -1,7 +1,8 @@
-"""Federated datasets as padded client arrays with counts, kept in host memory.
+"""Federated datasets kept ragged in host memory: each split is its real examples plus offsets.
 
-Every split is `[N, max_n, ...]` with the number of real examples per client; only the
-clients a round samples are gathered and sent to the device.
+A round gathers only its clients, padded to the largest of them rounded up to a bucket
+(`padded_length`), so the device sees the round's shape, not the population's, and
+recompiles only when a round needs a bucket it has not used before.
 """
 
 import dataclasses
@@ -12,30 +13,85 @@ import numpy as np
 from fedmerge_jax.client import ClientData
 
 
+def padded_length(n: int, multiple: int, cap: Optional[int] = None) -> int:
+  """`n` rounded up to a bucket: `multiple` * 2^k (at least `multiple`), at most `cap`
+  rounded up to `multiple`. Few distinct shapes, so few recompilations; under 2x padding."""
+  multiple = max(int(multiple), 1)
+  units = max(-(-int(n) // multiple), 1)
+  bucket = multiple * (1 << (units - 1).bit_length())
+  if cap is not None:
+    bucket = min(bucket, max(-(-int(cap) // multiple), 1) * multiple)
+  return bucket
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientArrays:
-  """One split for all clients: x `[N, max_n, ...]`, y `[N, max_n]`, counts `[N]`."""
+  """One split for all clients, ragged: client i's examples are rows offsets[i]:offsets[i+1]
+  of x `[total, ...]` and y `[total]`; nothing is stored for padding."""
   x: np.ndarray
   y: np.ndarray
-  counts: np.ndarray
+  offsets: np.ndarray  # [N + 1], int64.
 
-  def gather(self, client_ids) -> ClientData:
-    """The padded arrays of `client_ids` (NumPy, leading axis len(client_ids))."""
+  @property
+  def counts(self) -> np.ndarray:
+    """[N] real examples per client."""
+    return np.diff(self.offsets).astype(np.int32)
+
+  @property
+  def num_clients(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
+  def nbytes(self) -> int:
+    return self.x.nbytes + self.y.nbytes + self.offsets.nbytes
+
+  def client(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Client i's (x, y), views of its real examples."""
+    rows = slice(self.offsets[i], self.offsets[i + 1])
+    return self.x[rows], self.y[rows]
+
+  def padded_length(self, client_ids, multiple: int = 1) -> int:
+    """The bucketed length that holds the largest of `client_ids` (phantoms count 0)."""
     ids = np.asarray(client_ids)
-    return ClientData(self.x[ids], self.y[ids], self.counts[ids])
+    real = ids[ids < self.num_clients]
+    largest = int(self.counts[real].max(initial=0))
+    return padded_length(largest, multiple, cap=int(self.counts.max(initial=0)))
+
+  def gather(self, client_ids, length: Optional[int] = None) -> ClientData:
+    """`client_ids`' examples as NumPy `[C, length, ...]` zero-padded arrays and counts.
+
+    `length` defaults to the largest of these clients. Ids past the last client are
+    phantoms: no examples (count 0), so no training and sample weight 0.
+    """
+    ids = np.asarray(client_ids)
+    real = ids < self.num_clients
+    counts = np.where(real, self.counts[np.where(real, ids, 0)], 0).astype(np.int32)
+    length = max(int(counts.max(initial=0)) if length is None else int(length), 1)
+    if counts.max(initial=0) > length:
+      raise ValueError(f"gather: a client holds {counts.max()} examples, more than length={length}.")
+    x = np.zeros((len(ids), length, *self.x.shape[1:]), self.x.dtype)
+    y = np.zeros((len(ids), length), self.y.dtype)
+    for row, (i, n) in enumerate(zip(ids, counts)):
+      if n:
+        start = self.offsets[i]
+        x[row, :n] = self.x[start:start + n]
+        y[row, :n] = self.y[start:start + n]
+    return ClientData(x, y, counts)
 
   @classmethod
-  def pad(cls, per_client: Sequence[Tuple[np.ndarray, np.ndarray]], example_shape,
-          x_dtype=np.float32) -> "ClientArrays":
-    """Stacks clients' (x, y), zero-padding each to the largest client."""
-    counts = np.array([len(y) for _, y in per_client], np.int32)
-    max_n = max(int(counts.max(initial=0)), 1)
-    x = np.zeros((len(per_client), max_n, *example_shape), x_dtype)
-    y = np.zeros((len(per_client), max_n), np.int32)
+  def from_clients(cls, per_client: Sequence[Tuple[np.ndarray, np.ndarray]], example_shape,
+                   x_dtype=np.float32) -> "ClientArrays":
+    """Concatenates clients' (x, y) into one ragged split."""
+    counts = np.array([len(y) for _, y in per_client], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    x = np.zeros((int(offsets[-1]), *example_shape), x_dtype)
+    y = np.zeros((int(offsets[-1]),), np.int32)
     for i, (xi, yi) in enumerate(per_client):
-      x[i, :len(yi)] = xi
-      y[i, :len(yi)] = yi
-    return cls(x, y, counts)
+      x[offsets[i]:offsets[i + 1]] = xi
+      y[offsets[i]:offsets[i + 1]] = yi
+    return cls(x, y, offsets)
+
+  pad = from_clients  # The name loaders used when splits were padded.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +114,7 @@ class FederatedData:
 
   @property
   def example_shape(self) -> Tuple[int, ...]:
-    return tuple(self.train.x.shape[2:])
+    return tuple(self.train.x.shape[1:])
 
   @classmethod
   def from_arrays(cls, train: Mapping[str, Tuple[np.ndarray, np.ndarray]],
@@ -109,7 +165,7 @@ class FederatedData:
       empty = (np.zeros((0, *example_shape), np.float32), np.zeros((0,), np.int32))
       by_id = {str(k): v for k, v in clients.items()}
       per_client = [by_id.get(cid, empty) for cid in ids]
-      return ClientArrays.pad([(np.asarray(x), np.asarray(y)) for x, y in per_client],
+      return ClientArrays.from_clients([(np.asarray(x), np.asarray(y)) for x, y in per_client],
                               example_shape)
 
     group_array = None if groups is None else np.array([groups[k] for k in train], np.int32)

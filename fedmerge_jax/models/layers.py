@@ -182,3 +182,41 @@ class Conv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
     return y
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm whose batch statistics see only the real rows of a padded batch.
+
+  The same variables as `flax.linen.BatchNorm` (params 'scale', 'bias'; batch_stats
+  'mean', 'var'), so checkpoints and merges are unchanged. In training, the mean and the
+  biased variance over (rows marked by `mask` [B]) x spatial positions normalise the
+  batch, and the running averages move by `1 - momentum` towards them.
+  `unbiased_running_var=True` is PyTorch's rule: the running variance is fed the unbiased
+  batch variance (times n / (n - 1)), while normalisation uses the biased one.
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  unbiased_running_var: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    features = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      rows = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
+      weight = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+      axes = tuple(range(x.ndim - 1))
+      n = jnp.sum(rows) * (x.size // (x.shape[0] * features))  # Real rows x positions.
+      mean = jnp.sum(x * weight, axes) / jnp.maximum(n, 1.0)
+      var = jnp.sum(weight * jnp.square(x - mean), axes) / jnp.maximum(n, 1.0)
+      if not self.is_initializing():
+        fed = var * n / jnp.maximum(n - 1.0, 1.0) if self.unbiased_running_var else var
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * fed
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
