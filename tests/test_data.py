@@ -78,3 +78,12 @@ def test_rotation_groups_rotate_images():
   img = np.arange(16.0).reshape(1, 4, 4, 1)
   np.testing.assert_array_equal(transforms[1][0](img)[0, :, :, 0], np.rot90(img[0, :, :, 0]))
   assert load(config).num_clients == 20
+
+
+def test_ragged_splits_take_their_real_size():
+  sizes = [1, 400, 3, 57]
+  train = {f"c{i}": (np.ones((n, 28, 28, 1), np.float16), np.zeros(n, np.int32))
+           for i, n in enumerate(sizes)}
+  data = FederatedData.from_arrays(train, train)
+  real = sum(sizes) * (28 * 28 * 2 + 4)  # float16 pixels + int32 label per example.
+  assert real <= data.train.nbytes <= real + 8 * (len(sizes) + 1)  # + the offsets.

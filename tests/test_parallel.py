@@ -111,3 +111,53 @@ def test_round_memory_grows_with_chunk_size_not_clients(tiny_config, algorithm, 
   extra = (_round_temp_bytes(tiny_config, 64, algorithm, k, parallelism)
            - _round_temp_bytes(tiny_config, 8, algorithm, k, parallelism)) / 56
   assert deltas_kept * DELTA_BYTES <= extra < (deltas_kept + 0.1) * DELTA_BYTES
+
+
+@pytest.mark.parametrize("model,shape", [("resnet9", (4, 4, 3)), ("emnist_cnn", (8, 8, 1))],
+                         ids=["batchnorm", "dropout"])
+def test_batchnorm_and_dropout_rounds_do_not_depend_on_strategy_or_order(tiny_config, model, shape):
+  """vmap (one chunk, chunks of 3), one client at a time and any order of the round's clients
+  give the same round for a BatchNorm model and a dropout model on unequal clients."""
+  data = make_federation(num_clients=6, sizes=[3, 17, 6, 11, 1, 9], example_shape=shape)
+  tiny_config.model.name = model
+  tiny_config.algorithm = "fedmerge"
+  _, alg = train.build(resolve(tiny_config), data)
+  state = alg.init(jax.random.key(0))
+  state = state.replace(logits=jax.random.normal(jax.random.key(5), state.logits.shape))
+  rng = jax.random.key(7)
+
+  def run(ids, parallelism, chunk):
+    config = tiny_config.copy_and_resolve_references()
+    config.client_parallelism, config.client_chunk_size = parallelism, chunk
+    _, alg = train.build(resolve(config), data)
+    batch = data.train.gather(ids, data.train.padded_length(ids, 4))
+    return jax.jit(alg.round)(state, np.asarray(ids, np.int32), batch, rng)
+
+  ids = np.array([0, 1, 2, 3, 5])
+  reference, ref_metrics = run(ids, "vmap", 0)
+  for order, parallelism, chunk in [(ids, "vmap", 3), (ids, "sequential", 0),
+                                    (parallel.largest_first(ids, data.train.counts), "vmap", 2),
+                                    (ids[::-1], "sequential", 0)]:
+    new, metrics = run(order, parallelism, chunk)
+    _close(new, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)
+
+
+def test_largest_first_groups_clients_by_size():
+  counts = np.array([5, 40, 7, 40, 0, 12])
+  np.testing.assert_array_equal(parallel.largest_first([0, 2, 3, 5, 1], counts), [3, 1, 5, 2, 0])
+
+
+def test_round_gatherer_pads_to_the_rounds_bucket_not_the_population(tiny_data):
+  """A round of small clients is padded to its own largest (bucketed), not the population's."""
+  data = make_federation(num_clients=5, sizes=[3, 40, 5, 9, 2])
+  layout = parallel.client_layout(1, 5, 2, 0)
+  gather = parallel.RoundGatherer(data.train, layout, parallel.make_mesh(1), multiple=4)
+  ids, _, batch = gather(np.array([0, 2]))
+  np.testing.assert_array_equal(ids, [2, 0])  # Largest first.
+  assert batch.x.shape[1] == 8  # 5 examples -> bucket 4 * 2; the population's largest is 40.
+  np.testing.assert_array_equal(batch.count, [5, 3])
+  np.testing.assert_array_equal(batch.x[1, :3], data.train.client(0)[0])
+  assert not batch.x[1, 3:].any()
+  _, _, batch = gather(np.array([1, 4]))
+  assert batch.x.shape[1] == 40  # 40 -> 64 would exceed the largest client: capped at 40.

@@ -27,7 +27,13 @@ CASES = {  # name: (number of clients, config overrides); 10 clients never divid
     "fedavg_3_of_10_chunked": (10, {"algorithm": "fedavg", "clients_per_round": 3,
                                     "client_chunk_size": 2}),
     "ditto_5_of_10": (10, {"algorithm": "ditto", "clients_per_round": 5}),
+    # BatchNorm (masked batch statistics) and dropout (per-client keys) models, unequal clients.
+    "fedmerge_resnet9_4_of_10": (10, {"algorithm": "fedmerge", "clients_per_round": 4,
+                                      "model.name": "resnet9", "num_rounds": 1}),
+    "fedavg_dropout_cnn_chunked": (10, {"algorithm": "fedavg", "client_chunk_size": 4,
+                                        "model.name": "emnist_cnn", "num_rounds": 1}),
 }
+
 
 RUNS = textwrap.dedent("""
     import json, os, sys
@@ -41,10 +47,12 @@ RUNS = textwrap.dedent("""
     for name, (num_clients, overrides) in cases.items():
       for n in device_counts:
         config = tiny_base_config()
-        config.update(overrides)
+        config.update_from_flattened_dict(overrides)
         config.num_devices = n
         path = os.path.join(workdir, f"{name}_{n}")
-        train.train_and_evaluate(config, path, data=make_federation(num_clients))
+        shape = {"emnist_cnn": (8, 8, 1), "resnet9": (4, 4, 3)}.get(config.model.name, (4, 4, 1))
+        data = make_federation(num_clients, example_shape=shape)
+        train.train_and_evaluate(config, path, data=data)
         lines = open(os.path.join(path, "metrics.jsonl"))
         out["runs"][f"{name}_{n}"] = [json.loads(line) for line in lines]
 
@@ -53,7 +61,7 @@ RUNS = textwrap.dedent("""
     path = os.path.join(workdir, "resumed_8_to_1")
     for n, rounds in ((8, 1), (1, 2)):
       config = tiny_base_config()
-      config.update(cases[name][1])
+      config.update_from_flattened_dict(cases[name][1])
       config.num_devices, config.num_rounds = n, rounds
       train.train_and_evaluate(config, path, data=make_federation(cases[name][0]))
     lines = open(os.path.join(path, "metrics.jsonl"))

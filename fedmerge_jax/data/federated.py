@@ -165,8 +165,11 @@ class FederatedData:
       empty = (np.zeros((0, *example_shape), np.float32), np.zeros((0,), np.int32))
       by_id = {str(k): v for k, v in clients.items()}
       per_client = [by_id.get(cid, empty) for cid in ids]
+      # float16 images stay float16 (half the host memory); anything else becomes float32.
+      x_dtype = np.float16 if all(np.asarray(x).dtype == np.float16 for x, _ in per_client
+                                  if len(x)) else np.float32
       return ClientArrays.from_clients([(np.asarray(x), np.asarray(y)) for x, y in per_client],
-                              example_shape)
+                                       example_shape, x_dtype)
 
     group_array = None if groups is None else np.array([groups[k] for k in train], np.int32)
     return cls(tuple(ids), arrays(train), arrays(test), None if val is None else arrays(val),
