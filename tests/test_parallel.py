@@ -113,7 +113,9 @@ def test_round_memory_grows_with_chunk_size_not_clients(tiny_config, algorithm, 
   assert deltas_kept * DELTA_BYTES <= extra < (deltas_kept + 0.1) * DELTA_BYTES
 
 
-@pytest.mark.parametrize("model,shape", [("resnet9", (4, 4, 3)), ("emnist_cnn", (8, 8, 1))],
+# 16x16 images and a small step: on tiny images BatchNorm over a 2-row batch at 1x1 spatial
+# size amplifies float rounding differences between strategies into visible ones.
+@pytest.mark.parametrize("model,shape", [("resnet9", (16, 16, 3)), ("emnist_cnn", (8, 8, 1))],
                          ids=["batchnorm", "dropout"])
 def test_batchnorm_and_dropout_rounds_do_not_depend_on_strategy_or_order(tiny_config, model, shape):
   """vmap (one chunk, chunks of 3), one client at a time and any order of the round's clients
@@ -121,6 +123,7 @@ def test_batchnorm_and_dropout_rounds_do_not_depend_on_strategy_or_order(tiny_co
   data = make_federation(num_clients=6, sizes=[3, 17, 6, 11, 1, 9], example_shape=shape)
   tiny_config.model.name = model
   tiny_config.algorithm = "fedmerge"
+  tiny_config.client_lr = 0.01
   _, alg = train.build(resolve(tiny_config), data)
   state = alg.init(jax.random.key(0))
   state = state.replace(logits=jax.random.normal(jax.random.key(5), state.logits.shape))

@@ -29,7 +29,8 @@ CASES = {  # name: (number of clients, config overrides); 10 clients never divid
     "ditto_5_of_10": (10, {"algorithm": "ditto", "clients_per_round": 5}),
     # BatchNorm (masked batch statistics) and dropout (per-client keys) models, unequal clients.
     "fedmerge_resnet9_4_of_10": (10, {"algorithm": "fedmerge", "clients_per_round": 4,
-                                      "model.name": "resnet9", "num_rounds": 1}),
+                                      "model.name": "resnet9", "num_rounds": 1,
+                                      "client_lr": 0.01}),
     "fedavg_dropout_cnn_chunked": (10, {"algorithm": "fedavg", "client_chunk_size": 4,
                                         "model.name": "emnist_cnn", "num_rounds": 1}),
 }
@@ -50,7 +51,7 @@ RUNS = textwrap.dedent("""
         config.update_from_flattened_dict(overrides)
         config.num_devices = n
         path = os.path.join(workdir, f"{name}_{n}")
-        shape = {"emnist_cnn": (8, 8, 1), "resnet9": (4, 4, 3)}.get(config.model.name, (4, 4, 1))
+        shape = {"emnist_cnn": (8, 8, 1), "resnet9": (16, 16, 3)}.get(config.model.name, (4, 4, 1))
         data = make_federation(num_clients, example_shape=shape)
         train.train_and_evaluate(config, path, data=data)
         lines = open(os.path.join(path, "metrics.jsonl"))
