@@ -17,6 +17,8 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
+from fedmerge_jax import cli
+
 
 def dominant_model_ari(merging_weights, groups) -> float:
   """How well the global models recover the hidden client groups.
@@ -159,4 +161,4 @@ if __name__ == "__main__":
   # launch.py's own --workdir.
   flags.DEFINE_string("workdir", None, "A run's workdir (the --workdir given to launch.py).",
                       required=True)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # One-line flag errors; quiet logs.
