@@ -46,7 +46,8 @@ def parse_flags(argv):
   except (AttributeError, KeyError, flags.Error) as e:
     unknown = _unknown_override(argv)
     if unknown is not None:
-      fatal(f"Flags parsing error: {config_lib.unknown_key_message(unknown)} Every valid key, "
+      message = config_lib.unknown_key_message(unknown)
+      fatal(f"Flags parsing error: {message[0].lower()}{message[1:]} Every valid key, "
             "with its meaning, is listed in fedmerge_jax/config.py.")
     message = str(e).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
     fatal(f"Flags parsing error: {message}")

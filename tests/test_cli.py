@@ -45,7 +45,7 @@ def fatal_line(stderr):
 
 @pytest.mark.parametrize("args,expected", [
     (["--config=configs/default.py", "--config.model.hidden=3"],
-     "Unknown config key 'model.hidden'. Did you mean 'model.hidden_sizes'"),
+     "unknown config key 'model.hidden'. Did you mean 'model.hidden_sizes'"),
     (["--config=configs/no_such.py"], "--config=configs/no_such.py: no such file"),
     (["--config=configs/default.py", "--config.num_rounds=-1"], "num_rounds=-1 must be > 0"),
     (["--config=configs/default.py", "--workdir=launch.py"], "--workdir=launch.py is a file"),
