@@ -11,6 +11,7 @@ every expected failure ends in one FATAL line that keeps the finished rounds.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -49,9 +50,14 @@ def main(argv):
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:
     saved = checkpoint_lib.saved_rounds(FLAGS.workdir)
-    cli.fatal(f"interrupted; rounds up to {saved[-1]} are saved in "
-              f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
-              "interrupted before any round was saved; rerun to start again.")
+    print(f"FATAL interrupted; rounds up to {saved[-1]} are saved in "
+          f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
+          "FATAL interrupted before any round was saved; rerun to start again.",
+          file=sys.stderr, flush=True)
+    # Everything is on disk (train closed its writers). Exit now: interpreter shutdown while
+    # XLA still compiles on another thread (Ctrl-C in the first round) can crash.
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access
   except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
           train.OutOfMemoryError, checkpoint_lib.CheckpointError) as e:
     cli.fatal(f"{type(e).__name__}: {e}")  # The message names the problem and the fix.

@@ -84,6 +84,8 @@ def is_noise(record: logging.LogRecord) -> bool:
   """A library's INFO line, or JAX's libtpu probe at any level: not shown by default."""
   if any(noise in str(record.msg) for noise in NOISE):
     return True
+  if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+    return True  # A library's own report of Ctrl-C; the main says it in one line.
   return record.levelno < logging.WARNING and any(
       part in record.pathname for part in CHATTY_LIBRARIES)
 
