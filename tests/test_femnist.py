@@ -263,7 +263,9 @@ def test_a_download_failing_midway_leaves_no_temporary_folders(tmp_path, monkeyp
   monkeypatch.setattr(femnist, "_check_reachable", lambda url: None)  # Online at first...
 
   def fail_midway(self, urls):
-    (pathlib.Path(self.download_dir) / "federated_emnist_trainABC.tmp.123").mkdir(parents=True)
+    partial = pathlib.Path(self.download_dir) / "federated_emnist_trainABC.tmp.123"
+    partial.mkdir(parents=True)
+    (partial / "federated_emnist_train.sqlite").write_bytes(b"SQLite format 3\x00 half")
     raise ConnectionResetError(104, "Connection reset by peer")  # ... then not.
   monkeypatch.setattr(tfds.download.DownloadManager, "download", fail_midway)
   with pytest.raises(femnist.DataError, match="ConnectionResetError.*--config.data.data_dir="):

@@ -129,6 +129,17 @@ def test_titles_name_the_run(tmp_path):
   assert fig.axes[0].get_title().endswith("fedavg, K = 1, femnist")
 
 
+def test_every_plot_of_a_workdir_names_the_run(tmp_path, monkeypatch):
+  write_run(tmp_path, k=3)
+  json.dump({"algorithm": "ifca", "num_global_models": 3, "data": {"name": "femnist"}},
+            open(tmp_path / "config.json", "w"))
+  titles = []
+  monkeypatch.setattr(plot, "_save", lambda fig, path: titles.append(
+      " ".join(ax.get_title() for ax in fig.axes)) or path)
+  plot.write_plots(str(tmp_path))
+  assert len(titles) == 3 and all("ifca, K = 3, femnist" in t for t in titles), titles
+
+
 def test_a_single_evaluation_draws_its_point_and_value():
   fig = plot.accuracy_figure([{"round": 5, "test/acc_mean": 0.61, "test/acc_p10": 0.4}], {})
   ax = fig.axes[0]
