@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make_federation, tiny_base_config
+from test_checkpoint import fail_at_call
 from fedmerge_jax import checkpoint as checkpoint_lib
 from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
@@ -115,18 +116,9 @@ def test_every_checkpoint_unreadable_refuses_and_keeps_them(tmp_path):
 
 
 def poison_round(monkeypatch, call):
-  original = train.compile_round
-
-  def compile_round(*compile_args):
-    jitted, calls = original(*compile_args), [0]
-
-    def round_fn(state, ids, data, rng):
-      calls[0] += 1
-      if calls[0] == call:
-        data = data._replace(x=data.x * np.nan)
-      return jitted(state, ids, data, rng)
-    return round_fn
-  monkeypatch.setattr(train, "compile_round", compile_round)
+  """The round's `call`-th invocation sees NaN inputs (test_checkpoint's helper)."""
+  fail_at_call(monkeypatch, call, lambda jitted, state, ids, data, rng: jitted(
+      state, ids, data._replace(x=data.x * np.nan), rng))
 
 
 def test_nan_right_after_resuming_says_start_over(tmp_path, monkeypatch):
@@ -135,6 +127,7 @@ def test_nan_right_after_resuming_says_start_over(tmp_path, monkeypatch):
     run_tiny(tmp_path, num_rounds=6)
   assert "Rounds up to 2 are checkpointed" in str(info.value)
   assert "start over" not in str(info.value)
+  monkeypatch.undo()
   poison_round(monkeypatch, call=1)  # Resumed from round 2 and failed at once: it cannot.
   with pytest.raises(FloatingPointError, match="saved round 2 itself .* start over with a new "
                      "--workdir"):
