@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -145,3 +146,18 @@ def test_clients_per_round_beyond_the_data_is_named():
   config.data.num_clients = 20
   warning, = config_lib.data_warnings(config, 8, config.data.name)
   assert "data.num_clients=20" in warning and "only 8 clients" in warning
+
+
+def test_a_checkpoint_holding_nans_says_start_over(tmp_path, monkeypatch):
+  run_tiny(tmp_path)
+  original = checkpoint_lib.Checkpoints.restore_latest
+
+  def restore_nans(self, like):  # As if an older version had saved a ruined state.
+    step, state, progress = original(self, like)
+    state["algorithm"] = jax.tree.map(
+        lambda x: x * np.nan if np.issubdtype(x.dtype, np.floating) else x, state["algorithm"])
+    return step, state, progress
+  monkeypatch.setattr(checkpoint_lib.Checkpoints, "restore_latest", restore_nans)
+  with pytest.raises(FloatingPointError, match="round 4 .* non-finite values; resuming cannot "
+                     "help: start over with a new --workdir"):
+    run_tiny(tmp_path, num_rounds=6)
