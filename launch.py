@@ -3,20 +3,22 @@
 Override any config field on the command line, e.g. --config.num_rounds=20.
 All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
 On several hosts (a TPU pod slice, a GPU cluster) run the same command on every host
-with --multihost: see README_devices.md.
+with --multihost: see README.md, "Devices and pods". Quiet by default: --verbosity=1
+shows the libraries' log lines too.
+
+The config is checked before JAX is imported, so a bad one fails in about a second;
+every expected failure ends in one FATAL line that keeps the finished rounds.
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
-from fedmerge_jax import data as data_lib
-from fedmerge_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -32,14 +34,33 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.check_workdir(FLAGS.workdir)
+  try:
+    config_lib.resolve(FLAGS.config)  # Before importing JAX: a bad config fails at once.
+  except config_lib.ConfigError as e:
+    cli.fatal(f"ConfigError: {e}")
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from fedmerge_jax import checkpoint as checkpoint_lib
+  from fedmerge_jax import data as data_lib
+  from fedmerge_jax import train
   if FLAGS.multihost:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except KeyboardInterrupt:
+    saved = checkpoint_lib.saved_rounds(FLAGS.workdir)
+    print(f"FATAL interrupted; rounds up to {saved[-1]} are saved in "
+          f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
+          "FATAL interrupted before any round was saved; rerun to start again.",
+          file=sys.stderr, flush=True)
+    # Everything is on disk (train closed its writers). Exit now: interpreter shutdown while
+    # XLA still compiles on another thread (Ctrl-C in the first round) can crash.
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access
   except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
-          train.OutOfMemoryError) as e:
-    sys.exit(f"FATAL {type(e).__name__}: {e}")  # The message names the problem and the fix.
+          train.OutOfMemoryError, checkpoint_lib.CheckpointError) as e:
+    cli.fatal(f"{type(e).__name__}: {e}")  # The message names the problem and the fix.
   if jax.process_index() == 0:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 

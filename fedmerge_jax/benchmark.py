@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
@@ -473,4 +474,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # Quiet logs; --verbosity=1 for detail.

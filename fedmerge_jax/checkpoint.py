@@ -2,7 +2,8 @@
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 run killed mid-write (SIGKILL included) leaves only a temporary folder that restore never
-looks at; `restore_latest` also falls back to an older checkpoint if the newest is unreadable.
+looks at; `restore_latest` also falls back to an older checkpoint if the newest is unreadable,
+and refuses (keeping them all) when none is readable, rather than silently starting over.
 """
 
 import os
@@ -15,6 +16,19 @@ import orbax.checkpoint as ocp
 
 
 TEMPORARY_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none can be read: the message says what to do, nothing is deleted."""
+
+
+def saved_rounds(workdir: str) -> list:
+  """The rounds with a finished checkpoint in <workdir>/checkpoints, ascending (no orbax)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def remove_torn_writes(directory: str) -> None:
@@ -63,17 +77,26 @@ class Checkpoints:
     """(round, state, progress) of the newest readable checkpoint, or None if there is none.
 
     `like` is a state with the right structure, shapes, dtypes and shardings (a freshly
-    initialised one). An unreadable checkpoint is skipped with a warning.
+    initialised one). An unreadable checkpoint is skipped with a warning; if every one is
+    unreadable, CheckpointError (they are kept: a disk may come back, a bug may be fixed).
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like), progress=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint %s/%d cannot be restored (%s: %s); trying an older one.",
                         self.directory, step, type(e).__name__, e)
+        errors.append(f"{step}: {type(e).__name__}")
         continue
       return step, restored["state"], restored["progress"]
+    if steps:
+      raise CheckpointError(
+          f"None of the {len(steps)} checkpoints in {self.directory} can be read "
+          f"(round {', round '.join(errors)}); they are kept, and the run did not start over. "
+          f"To start over, use a new --workdir (or move {self.directory} away).")
     return None
 
   def close(self) -> None:

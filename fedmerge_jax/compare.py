@@ -106,21 +106,30 @@ def comparison_report(results: Sequence[Result], config, command: str) -> str:
           f"{TABLE_NOTE}\n\n{comparison_table(results)}")
 
 
+LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
+
+
 def plot_accuracy(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
                   title: str = "Mean client test accuracy") -> Figure:
-  """Saves test/acc_mean against rounds, one line per algorithm, as a PNG (Agg, no pyplot)."""
-  fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+  """Saves test/acc_mean against rounds, one line per algorithm, as a PNG (Agg, no pyplot).
+
+  Each line has its own dash and marker (identical curves stay distinguishable), and the
+  legend sits outside the axes, right of them, so it covers no curve.
+  """
+  fig = Figure(figsize=(7.6, 4.2), layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for name, history in histories.items():
+  for i, (name, history) in enumerate(histories.items()):
     points = [(m["round"], m["test/acc_mean"]) for m in history if "test/acc_mean" in m]
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-            label=name)
+    ax.plot([p[0] for p in points], [p[1] for p in points], label=name,
+            linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)],
+            markersize=5 + 3 * (i % 4), markerfacecolor="none" if i else None)  # Nested.
   ax.set_xlabel("round")
   ax.set_ylabel("test accuracy (unweighted mean over clients)")
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.savefig(path, format="png", dpi=120)
   return fig
 
@@ -147,7 +156,8 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
     f.write(comparison_report(results, config, command))
   plot_accuracy({r.algorithm: r.history for r in results},
                 os.path.join(workdir, "comparison.png"),
-                title=f"Mean client test accuracy on {config.data.name} ({config.model.name})")
+                title=f"Mean client test accuracy: {config.data.name}, {config.model.name}, "
+                f"K = {config.num_global_models}")
   return results
 
 

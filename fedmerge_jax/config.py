@@ -2,18 +2,14 @@
 
 `base_config()` is the full schema: experiment configs in `configs/` start from it and
 override values. `validate(config)` rejects keys the schema lacks (suggesting the close
-valid names) and out-of-range values, before any work is done.
+valid names) and out-of-range values, before any work is done. This module imports no
+JAX or Flax at load time, so a bad key or number fails in well under 2 seconds; the
+choice lists (which live beside the code they choose) are imported only to check names.
 """
 
 import difflib
 
 import ml_collections
-
-from fedmerge_jax import algorithms
-from fedmerge_jax import models
-from fedmerge_jax.models.layers import CONV_IMPLS
-from fedmerge_jax.parallel import CLIENT_PARALLELISMS
-from fedmerge_jax.server_optim import UPDATE_MODES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -116,14 +112,30 @@ def femnist_training() -> ml_collections.ConfigDict:
   return c
 
 
-_CHOICES = {
-    "algorithm": algorithms.ALGORITHM_NAMES,
-    "update_mode": UPDATE_MODES,
-    "model.name": models.MODEL_NAMES,
-    "model.conv_impl": CONV_IMPLS,
-    "client_parallelism": CLIENT_PARALLELISMS,
-    "local_batching": ("epoch", "stream"),
-}
+def _registered(module) -> tuple:
+  """A registry's names: `registered_names()` where the registry has it, else its constant."""
+  names = getattr(module, "registered_names", None)
+  if names is not None:
+    return tuple(names())
+  return tuple(getattr(module, "MODEL_NAMES", None) or getattr(module, "ALGORITHM_NAMES"))
+
+
+def _choices() -> dict:
+  """The valid names of each choice field; imported lazily (they pull in JAX and Flax)."""
+  # pylint: disable=import-outside-toplevel
+  from fedmerge_jax import algorithms
+  from fedmerge_jax import models
+  from fedmerge_jax.models.layers import CONV_IMPLS
+  from fedmerge_jax.parallel import CLIENT_PARALLELISMS
+  from fedmerge_jax.server_optim import UPDATE_MODES
+  return {
+      "algorithm": _registered(algorithms),
+      "update_mode": UPDATE_MODES,
+      "model.name": _registered(models),
+      "model.conv_impl": CONV_IMPLS,
+      "client_parallelism": CLIENT_PARALLELISMS,
+      "local_batching": ("epoch", "stream"),
+  }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
@@ -156,14 +168,23 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return full
 
 
+def unknown_key_message(path: str) -> str:
+  """'Unknown config key 'model.hidden'. Did you mean 'model.hidden_sizes'?' for a dotted path."""
+  schema = dict(flatten(base_config()))
+  close = difflib.get_close_matches(path, schema, n=3, cutoff=0.6)
+  head = path.rsplit(".", 1)[0] + "." if "." in path else ""
+  close += [k for k in schema if head and k.startswith(head) and k not in close
+            and path.rsplit(".", 1)[1] in k][:3 - len(close)]
+  hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+  return f"Unknown config key {path!r}.{hint}"
+
+
 def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> None:
   """Raises ConfigError naming the first unknown key or bad value."""
   schema = dict(flatten(base_config()))
   for path, value in flatten(config):
     if path not in schema:
-      close = difflib.get_close_matches(path, schema, n=3)
-      hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-      raise ConfigError(f"Unknown config key {path!r}.{hint}")
+      raise ConfigError(unknown_key_message(path))
     expected = schema[path]
     if isinstance(expected, (int, float)) and not isinstance(expected, bool):
       if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -171,9 +192,6 @@ def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> No
   if not check_values:
     return
   flat = dict(flatten(config))
-  for path, choices in _CHOICES.items():
-    if flat[path] not in choices:
-      raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")
   for path in _POSITIVE:
     if flat[path] <= 0:
       raise ConfigError(f"Config {path}={flat[path]!r} must be > 0.")
@@ -183,3 +201,26 @@ def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> No
   for path in _FRACTIONS:
     if not 0 <= flat[path] < 1:
       raise ConfigError(f"Config {path}={flat[path]!r} must be in [0, 1).")
+  for path, choices in _choices().items():  # Last: the only check that imports JAX.
+    if flat[path] not in choices:
+      raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")
+
+
+# Datasets split into exactly `data.num_clients` clients by their loaders.
+_SPLIT_INTO_NUM_CLIENTS = ("digits_groups", "cifar100_cluster", "cifar100_personal")
+
+
+def data_warnings(config, num_clients: int, data_name: str = "") -> list:
+  """What in a resolved `config` the loaded data cannot honour, naming both numbers.
+
+  Warnings, not errors: the run still works (every round trains every client).
+  """
+  found = []
+  if config.clients_per_round > num_clients:
+    found.append(f"config.clients_per_round={config.clients_per_round} but the dataset has only "
+                 f"{num_clients} clients: every round trains all {num_clients}.")
+  if (data_name == config.data.name and data_name in _SPLIT_INTO_NUM_CLIENTS
+      and num_clients < config.data.num_clients):
+    found.append(f"config.data.num_clients={config.data.num_clients} but the dataset "
+                 f"{data_name} has only {num_clients} clients.")
+  return found

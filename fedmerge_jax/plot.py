@@ -12,10 +12,14 @@ import sys
 
 from absl import app
 from absl import flags
+import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
+
+from fedmerge_jax import cli
 
 
 def dominant_model_ari(merging_weights, groups) -> float:
@@ -53,6 +57,28 @@ def read_clients(workdir: str):
     return {k: clients[k] for k in clients.files}
 
 
+def run_name(workdir: str, clients=None) -> str:
+  """'fedmerge, K = 4, digits_groups' from the workdir's config.json ('' if it has none).
+
+  K is the number of global models the run actually keeps (the merging weights' columns;
+  1 for single-model methods such as FedAvg), not the config's value.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    config = json.load(f)
+  k = 1
+  if clients is not None and "merging_weights" in clients:
+    k = int(np.shape(clients["merging_weights"])[1])
+  return (f"{config.get('algorithm', '?')}, K = {k}, "
+          f"{config.get('data', {}).get('name', '?')}")
+
+
+def _titled(title: str, run: str) -> str:
+  return f"{title}\n{run}" if run else title
+
+
 def _at(round_index) -> str:
   return "" if round_index is None else f" at round {round_index}"
 
@@ -62,24 +88,41 @@ def _save(fig: Figure, path: str) -> str:
   return path
 
 
-def plot_accuracy(metrics, summary, path: str) -> str:
-  """Test accuracy (mean and 10th percentile over clients) against rounds; best round marked."""
+def accuracy_figure(metrics, summary, run: str = "") -> Figure:
+  """Test accuracy (mean and 10th percentile over clients) against rounds; best round marked.
+
+  Markers on every evaluation, so a run with one evaluation still shows its point (and
+  its value); the two curves differ in dash and marker, so equal curves stay visible.
+  """
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
-  for key, label in (("test/acc_mean", "test accuracy, mean over clients"),
-                     ("test/acc_p10", "test accuracy, 10th percentile")):
+  rounds = sorted({m["round"] for m in metrics})
+  for key, label, style in (("test/acc_mean", "test accuracy, mean over clients", "-o"),
+                            ("test/acc_p10", "test accuracy, 10th percentile", "--s")):
     rows = [m for m in metrics if key in m]
-    ax.plot([m["round"] for m in rows], [m[key] for m in rows], marker=".", label=label)
+    ax.plot([m["round"] for m in rows], [m[key] for m in rows], style, markersize=4,
+            label=label)
+    if len(rows) == 1:
+      ax.annotate(f"{rows[0][key]:.3f}", (rows[0]["round"], rows[0][key]),
+                  textcoords="offset points", xytext=(6, 4))
   if "best/round" in summary:
-    ax.axvline(summary["best/round"], color="gray", linestyle="--",
+    ax.axvline(summary["best/round"], color="gray", linestyle=":",
                label=f"best by validation loss (round {summary['best/round']})")
-  ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="Personalised test accuracy")
+  if len(rounds) == 1:  # One evaluation: centre it instead of a degenerate axis.
+    ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02),
+         title=_titled("Personalised test accuracy", run))
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower right")
-  return _save(fig, path)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small")  # Off the curves.
+  return fig
 
 
-def plot_client_accuracy(test_acc, path: str, round_index=None) -> str:
+def plot_accuracy(metrics, summary, path: str, run: str = "") -> str:
+  return _save(accuracy_figure(metrics, summary, run), path)
+
+
+def client_accuracy_figure(test_acc, round_index=None, run: str = "") -> Figure:
   """Histogram of per-client test accuracy (clients without test examples left out)."""
   acc = np.asarray(test_acc, np.float64)
   acc = acc[np.isfinite(acc)]
@@ -91,12 +134,17 @@ def plot_client_accuracy(test_acc, path: str, round_index=None) -> str:
     ax.legend(loc="upper left")
   ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set(xlabel="test accuracy", ylabel="clients",
-         title=f"Per-client test accuracy{_at(round_index)} ({acc.size} clients)")
-  return _save(fig, path)
+         title=_titled(f"Per-client test accuracy{_at(round_index)} ({acc.size} clients)", run))
+  return fig
 
 
-def plot_merging_weights(weights, path: str, groups=None, round_index=None) -> str:
-  """Clients x K heatmap, rows grouped by dominant global model; known groups as a side strip."""
+def plot_client_accuracy(test_acc, path: str, round_index=None, run: str = "") -> str:
+  return _save(client_accuracy_figure(test_acc, round_index, run), path)
+
+
+def merging_weights_figure(weights, groups=None, round_index=None, run: str = "") -> Figure:
+  """Clients x K heatmap, rows grouped by dominant global model; known groups as a side
+  strip, with a legend naming each group's colour."""
   weights = np.asarray(weights)
   dominant = np.argmax(weights, axis=1)
   order = np.lexsort((-weights[np.arange(len(weights)), dominant], dominant))
@@ -107,35 +155,47 @@ def plot_merging_weights(weights, path: str, groups=None, round_index=None) -> s
   else:
     strip, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 12], "wspace": 0.05})
     groups = np.asarray(groups)
-    strip.imshow(groups[order][:, None], aspect="auto", cmap="tab10", vmin=0,
-                 vmax=max(9, groups.max()), interpolation="nearest")
+    vmax = max(9, groups.max())
+    strip.imshow(groups[order][:, None], aspect="auto", cmap="tab10", vmin=0, vmax=vmax,
+                 interpolation="nearest")
     strip.set(xticks=[], yticks=[], xlabel="group", ylabel="clients (by dominant model)")
+    cmap = matplotlib.colormaps["tab10"]
+    handles = [Patch(color=cmap(g / vmax), label=f"group {g}") for g in np.unique(groups)]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.45, 0.0),
+               ncol=min(len(handles), 6), title="known client group (left strip)",
+               fontsize="small")
     title += f"; ARI with known groups {dominant_model_ari(weights, groups):.2f}"
   image = ax.imshow(weights[order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
                     interpolation="nearest")
   ax.set_xticks(range(weights.shape[1]))
-  ax.set(xlabel="global model k", title=title)
+  ax.set(xlabel="global model k", title=_titled(title, run))
   if groups is None:
     ax.set_ylabel("clients (by dominant model)")
   else:
     ax.set_yticks([])
   fig.colorbar(image, ax=ax, label="merging weight")
-  return _save(fig, path)
+  return fig
+
+
+def plot_merging_weights(weights, path: str, groups=None, round_index=None, run: str = "") -> str:
+  return _save(merging_weights_figure(weights, groups, round_index, run), path)
 
 
 def write_plots(workdir: str) -> dict:
   """Writes every plot the workdir's files allow; returns {name: path of its PNG}."""
   metrics, summary = read_metrics(workdir)
   out = lambda name: os.path.join(workdir, f"{name}.png")
-  paths = {"accuracy": plot_accuracy(metrics, summary, out("accuracy"))}
   clients = read_clients(workdir)
+  run = run_name(workdir, clients)
+  paths = {"accuracy": plot_accuracy(metrics, summary, out("accuracy"), run)}
   if clients is not None:
     round_index = int(clients["round"]) if "round" in clients else None
     paths["client_accuracy"] = plot_client_accuracy(
-        clients["test_acc"], out("client_accuracy"), round_index)
+        clients["test_acc"], out("client_accuracy"), round_index, run)
     if "merging_weights" in clients:
       paths["merging_weights"] = plot_merging_weights(
-          clients["merging_weights"], out("merging_weights"), clients.get("groups"), round_index)
+          clients["merging_weights"], out("merging_weights"), clients.get("groups"),
+          round_index, run)
   return paths
 
 
@@ -159,4 +219,4 @@ if __name__ == "__main__":
   # launch.py's own --workdir.
   flags.DEFINE_string("workdir", None, "A run's workdir (the --workdir given to launch.py).",
                       required=True)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # One-line flag errors; quiet logs.

@@ -212,6 +212,8 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     metric_writers.write_atomically(os.path.join(workdir, "config.json"),
                                     lambda f: f.write(config.to_json(indent=2).encode()))
   data = data if data is not None else data_lib.load(config.data)
+  for warning in config_lib.data_warnings(config, data.num_clients, data.name):
+    logging.warning(warning)
   mesh = parallel.make_mesh(config.num_devices)
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
@@ -230,6 +232,10 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     state = with_phantoms(saved["algorithm"], state, shardings, layout)
     rng_data = saved["rngs"]
     best, metrics = progress["best"], progress["metrics"]
+    if not bool(all_finite(saved["algorithm"])):
+      raise FloatingPointError(
+          f"The checkpoint of round {done} in {checkpoints.directory} holds non-finite values; "
+          "resuming cannot help: start over with a new --workdir.")
     logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
   sample_rng, round_rng = jax.random.wrap_key_data(rng_data)
   start_round = done
@@ -267,7 +273,11 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
       ids, sharded_ids, batch = gather_round(ids)
       state, round_metrics = round_fn(state, sharded_ids, batch, jax.random.fold_in(round_rng, r))
       if not bool(round_metrics["finite"]):
-        raise FloatingPointError(non_finite_message(round_metrics, r, ids, save(r - 1)))
+        where = save(r - 1)
+        if 0 < start_round == r - 1:  # Resumed from round r - 1 and failed at once.
+          where += (f" Resuming cannot help: the saved round {start_round} itself leads to a "
+                    "non-finite loss; start over with a new --workdir.")
+        raise FloatingPointError(non_finite_message(round_metrics, r, ids, where))
       done = r
       bar.advance()
       if r % config.eval_every == 0 or r == config.num_rounds:

@@ -173,3 +173,15 @@ def test_cli_rejects_bad_algorithms_and_config_keys(tmp_path):
 
 def test_every_registered_algorithm_is_accepted():
   compare.check_algorithms(list(algorithms.ALGORITHM_NAMES))
+
+
+def test_comparison_legend_covers_no_curve_and_equal_curves_differ(tmp_path):
+  same = [{"round": r, "test/acc_mean": 0.5} for r in (1, 2, 3)]
+  fig = compare.plot_accuracy({"fedavg": same, "fedprox": same, "local": same},
+                              str(tmp_path / "p.png"))
+  ax = fig.axes[0]
+  renderer = fig.canvas.get_renderer()
+  legend = ax.get_legend().get_window_extent(renderer)
+  assert not legend.overlaps(ax.get_window_extent(renderer))  # Outside the plotting area.
+  styles = {(l.get_linestyle(), l.get_marker()) for l in ax.get_lines()}
+  assert len(styles) == 3  # Three identical curves, three looks.

@@ -4,7 +4,11 @@ import functools
 import http.server
 import importlib.util
 import json
+import logging
 import os
+import pathlib
+import shutil
+import socket
 import sqlite3
 import threading
 import zlib
@@ -221,6 +225,7 @@ def test_downloads_with_tfds_when_files_are_absent(fedjax_files, tmp_path, monke
   monkeypatch.setattr(femnist, "URL", f"http://127.0.0.1:{server.server_address[1]}/")
   monkeypatch.delenv("HTTP_PROXY", raising=False)
   monkeypatch.delenv("http_proxy", raising=False)
+  (tmp_path / "cache").mkdir()
   try:
     data = load(data_config(tmp_path / "cache"))
   finally:
@@ -229,6 +234,80 @@ def test_downloads_with_tfds_when_files_are_absent(fedjax_files, tmp_path, monke
   downloaded = [p.name for p in (tmp_path / "cache" / "downloads").rglob("*")]
   assert sum(name.endswith(".sqlite") for name in downloaded) == 2
   assert not any(".tmp." in name for name in downloaded)  # Written atomically.
+
+
+def refuse_connections(monkeypatch):
+  def refused(*args, **kwargs):
+    raise ConnectionRefusedError(111, "Connection refused")
+  monkeypatch.setattr(socket.socket, "connect", refused)
+  monkeypatch.setattr(socket, "create_connection", refused)
+
+
+def leftovers(directory):
+  return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_offline_without_files_fails_fast_in_one_line(tmp_path, monkeypatch, no_download):
+  refuse_connections(monkeypatch)  # No network: every connection is refused at once.
+  # no_download: TFDS's downloader (which retries for minutes) is never reached.
+  with pytest.raises(femnist.DataError) as info:
+    load(data_config(tmp_path))
+  message = str(info.value)
+  assert "\n" not in message
+  assert f"not found in {tmp_path}" in message and femnist.URL in message
+  assert "--config.data.data_dir=" in message and "ConnectionRefusedError" in message
+  assert leftovers(tmp_path) == []  # Nothing half-made: no *.tmp folders, no empty cache.
+
+
+def test_a_download_failing_midway_leaves_no_temporary_folders(tmp_path, monkeypatch):
+  monkeypatch.setattr(femnist, "_check_reachable", lambda url: None)  # Online at first...
+
+  def fail_midway(self, urls):
+    partial = pathlib.Path(self.download_dir) / "federated_emnist_trainABC.tmp.123"
+    partial.mkdir(parents=True)
+    (partial / "federated_emnist_train.sqlite").write_bytes(b"SQLite format 3\x00 half")
+    raise ConnectionResetError(104, "Connection reset by peer")  # ... then not.
+  monkeypatch.setattr(tfds.download.DownloadManager, "download", fail_midway)
+  with pytest.raises(femnist.DataError, match="ConnectionResetError.*--config.data.data_dir="):
+    load(data_config(tmp_path))
+  assert leftovers(tmp_path) == []
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error(tmp_path, no_download):
+  missing = tmp_path / "femnst"
+  with pytest.raises(femnist.DataError, match=f"data_dir={missing} does not exist"):
+    load(data_config(missing))
+  assert not missing.exists()  # Not silently created.
+
+
+def test_a_changed_source_file_rebuilds_the_cache(fedjax_files, tmp_path, no_download, caplog,
+                                                  capsys):
+  directory, train_w, test_w = fedjax_files
+  for name in (TRAIN, TEST):
+    shutil.copy(directory / name, tmp_path / name)
+  assert load(data_config(tmp_path)).client_ids == tuple(sorted(train_w))
+  # Other files of the same names (fewer writers): different sizes.
+  fewer = dict(list(train_w.items())[:3])
+  for name, writers in ((TRAIN, fewer), (TEST, {c: test_w[c] for c in fewer})):
+    (tmp_path / name).unlink()
+    write_sqlite(tmp_path / name, writers)
+  with caplog.at_level(logging.WARNING):
+    data = load(data_config(tmp_path))
+  assert data.client_ids == tuple(sorted(fewer))  # Not the 8 cached writers.
+  assert "changed since the cache was built (size" in caplog.text
+  # The same size, other bytes (SQLite's change counter): caught by the checksum.
+  caplog.clear()
+  blob = bytearray((tmp_path / TRAIN).read_bytes())
+  blob[24] ^= 0xFF
+  (tmp_path / TRAIN).write_bytes(bytes(blob))
+  with caplog.at_level(logging.WARNING):
+    assert load(data_config(tmp_path)).client_ids == tuple(sorted(fewer))
+  assert "SHA-256 differs" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    load(data_config(tmp_path))
+  assert "rebuilding" not in caplog.text  # Unchanged files: the cache is read as is.
+  assert "Downloading and preparing" not in capsys.readouterr().out  # Local files: quiet.
 
 
 def write_leaf(directory, split, users, seed, files=2):

@@ -65,19 +65,46 @@ def test_fallback_config_matches_configs_default():
   assert namespace["default_settings"]().to_dict() == default_config().to_dict()
 
 
-@pytest.mark.parametrize("where", ["notebooks", "elsewhere"])
-def test_install_cell_picks_the_repository_or_repo_url(where, tmp_path, monkeypatch):
+def run_install_cell(monkeypatch, where, repo_url=None, gpu=False):
+  """Executes the install cell as if fedmerge_jax were not installed; returns pip's command."""
   calls, find_spec = [], importlib.util.find_spec
   monkeypatch.setattr(subprocess, "check_call", calls.append)
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "fedmerge_jax" else find_spec(name, *a))
+  monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu else None)
   monkeypatch.setattr(sys, "path", list(sys.path))
-  monkeypatch.chdir(NOTEBOOKS if where == "notebooks" else tmp_path)
-  namespace = {}
-  exec(code_cell("install"), namespace)
+  monkeypatch.chdir(where)
+  source = code_cell("install")
+  if repo_url is not None:
+    source = source.replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
+  exec(source, {})
   command, = calls
   assert command[1:5] == ["-m", "pip", "install", "-q"]
-  if where == "notebooks":
-    assert command[5:] == ["-e", ROOT]
-  else:
-    assert command[5:] == [namespace["REPO_URL"]] and command[5].startswith("git+")
+  return command[5:]
+
+
+def test_install_cell_has_exactly_one_line_to_set():
+  marked = [line for line in code_cell("install").splitlines() if "# <-- SET THIS" in line]
+  assert len(marked) == 1 and marked[0].startswith('REPO_URL = ""')
+
+
+def test_install_cell_inside_the_repository_installs_it(monkeypatch):
+  assert run_install_cell(monkeypatch, NOTEBOOKS) == ["-e", ROOT]
+
+
+def test_install_cell_without_repo_url_says_what_to_set(monkeypatch, tmp_path):
+  with pytest.raises(RuntimeError, match="set REPO_URL in this cell .*<-- SET THIS"):
+    run_install_cell(monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("url", ["https://github.com/someone/fedmerge_jax",
+                                 "https://github.com/someone/fedmerge_jax.git/",
+                                 "git+https://github.com/someone/fedmerge_jax.git"])
+def test_install_cell_installs_from_repo_url(monkeypatch, tmp_path, url):
+  target = run_install_cell(monkeypatch, tmp_path, repo_url=url)
+  assert target == ["git+https://github.com/someone/fedmerge_jax.git"]
+
+
+def test_install_cell_on_a_gpu_runtime_adds_jax_cuda(monkeypatch, tmp_path):
+  target = run_install_cell(monkeypatch, tmp_path, repo_url="https://github.com/a/b", gpu=True)
+  assert target == ["git+https://github.com/a/b.git", "jax[cuda12]"]

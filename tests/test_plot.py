@@ -115,3 +115,43 @@ def test_missing_metrics_gives_a_clear_error(tmp_path):
   assert result.returncode != 0
   assert "metrics.jsonl" in result.stderr and "python launch.py" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_titles_name_the_run(tmp_path):
+  arrays = write_run(tmp_path, k=3)
+  json.dump({"algorithm": "fedmerge", "num_global_models": 3, "data": {"name": "femnist"}},
+            open(tmp_path / "config.json", "w"))
+  assert plot.run_name(str(tmp_path), arrays) == "fedmerge, K = 3, femnist"
+  json.dump({"algorithm": "fedavg", "num_global_models": 4, "data": {"name": "femnist"}},
+            open(tmp_path / "config.json", "w"))
+  assert plot.run_name(str(tmp_path), {}) == "fedavg, K = 1, femnist"  # What it kept.
+  fig = plot.accuracy_figure([{"round": 1, "test/acc_mean": 0.5}], {}, "fedavg, K = 1, femnist")
+  assert fig.axes[0].get_title().endswith("fedavg, K = 1, femnist")
+
+
+def test_every_plot_of_a_workdir_names_the_run(tmp_path, monkeypatch):
+  write_run(tmp_path, k=3)
+  json.dump({"algorithm": "ifca", "num_global_models": 3, "data": {"name": "femnist"}},
+            open(tmp_path / "config.json", "w"))
+  titles = []
+  monkeypatch.setattr(plot, "_save", lambda fig, path: titles.append(
+      " ".join(ax.get_title() for ax in fig.axes)) or path)
+  plot.write_plots(str(tmp_path))
+  assert len(titles) == 3 and all("ifca, K = 3, femnist" in t for t in titles), titles
+
+
+def test_a_single_evaluation_draws_its_point_and_value():
+  fig = plot.accuracy_figure([{"round": 5, "test/acc_mean": 0.61, "test/acc_p10": 0.4}], {})
+  ax = fig.axes[0]
+  for line in ax.get_lines()[:2]:
+    assert line.get_marker() not in (None, "", "None", ".")  # A visible point, not a dot.
+  assert ax.get_xlim() == (4, 6)  # Centred on the one round.
+  assert {t.get_text() for t in ax.texts} == {"0.610", "0.400"}
+
+
+def test_group_strip_has_a_legend():
+  weights = np.eye(3)[[0, 1, 2, 0]]
+  fig = plot.merging_weights_figure(weights, groups=np.array([0, 1, 2, 0]))
+  legend, = fig.legends
+  assert [t.get_text() for t in legend.get_texts()] == ["group 0", "group 1", "group 2"]
+  assert not plot.merging_weights_figure(weights).legends  # No groups, no strip, no legend.

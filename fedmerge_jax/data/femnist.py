@@ -11,7 +11,10 @@ the train file, test from the test file (the same writers).
 `as_data_source`). It downloads the files with TFDS's download manager, or takes them
 from `data.data_dir` when they are there, checks every row, and caches one example per
 writer, pixels stored as uint8 with background 0 (round((1 - pixels) * 255), FedJAX's
-`x = 1 - pixels`), under `<data_dir or ~/tensorflow_datasets>/femnist_fedjax/`.
+`x = 1 - pixels`), under `<data_dir or ~/tensorflow_datasets>/femnist_fedjax/`. The cache
+records the size and SHA-256 of the files it was built from; when the files in `data_dir`
+differ, it is rebuilt (with a warning). Offline, a missing file fails within seconds with
+one line naming where it was looked for, the address and the flag; nothing half-made stays.
 
 In host memory the images are float16 in [0, 1], `[N, max_n, 28, 28, 1]` (padded to the
 largest writer): half of float32's size. Models must cast inputs to float32 where an op
@@ -19,10 +22,15 @@ needs equal dtypes (XLA's convolution does; matmuls promote).
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 import re
+import shutil
+import socket
 import sqlite3
+import urllib.parse
 import zlib
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
@@ -196,13 +204,24 @@ class FemnistFedjax(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/google/fedjax",
         citation="Cohen et al., EMNIST: Extending MNIST to handwritten letters, IJCNN 2017.")
 
+  local_sources = False  # Set by `prepare` when every file is in data_dir: nothing to download.
+
+  def _log_download_bytes(self) -> None:
+    if not self.local_sources:  # TFDS prints "Downloading and preparing" to stdout.
+      super()._log_download_bytes()
+    logging.info("FEMNIST: building the cache in %s", self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("FEMNIST: cache ready in %s", self.data_dir)
+
   def _split_generators(self, dl_manager):
     names = dict(zip(("train", "test"), self.builder_config.files))
     paths = _manual_files(dl_manager, names)
     missing = {split: URL + name for split, name in names.items() if split not in paths}
     if missing:
       logging.info("FEMNIST: downloading %s", sorted(missing.values()))
-      paths.update(dl_manager.download(missing))
+      paths.update(_download(dl_manager, missing, _manual_dir(dl_manager)))
+    self.source_paths = {names[split]: os.fspath(path) for split, path in paths.items()}
     return {split: self._generate_examples(os.fspath(path), URL + names[split])
             for split, path in paths.items()}
 
@@ -211,11 +230,55 @@ class FemnistFedjax(tfds.core.GeneratorBasedBuilder):
       yield cid, {"client_id": cid, "pixels": images, "label": labels}
 
 
+def _manual_dir(dl_manager) -> Optional[pathlib.Path]:
+  try:
+    return dl_manager.manual_dir
+  except (AssertionError, ValueError):  # No manual dir, or an empty one.
+    return None
+
+
+def _check_reachable(url: str, timeout: float = 10.0) -> None:
+  """Fails within `timeout` seconds where TFDS's downloader would retry for minutes."""
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == "https" else 80)
+  socket.create_connection((parts.hostname, port), timeout=timeout).close()
+
+
+def offline_message(names: Sequence[str], looked_in, error: BaseException) -> str:
+  where = (f"in {looked_in}" if looked_in else
+           "locally (no --config.data.data_dir was given)")
+  reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+  return (f"FEMNIST files {', '.join(names)} were not found {where}, and downloading them "
+          f"from {URL} failed ({reason}). Download them from {URL} into a folder and set "
+          "--config.data.data_dir=<that folder>.")
+
+
+def _download(dl_manager, missing: Mapping[str, str], looked_in) -> Dict[str, pathlib.Path]:
+  """dl_manager.download(missing), failing fast offline and leaving no temporary folders."""
+  download_dir = pathlib.Path(dl_manager.download_dir)
+  before = set(download_dir.glob("*.tmp.*"))
+  try:
+    _check_reachable(next(iter(missing.values())))
+    return dl_manager.download(dict(missing))
+  except Exception as e:  # pylint: disable=broad-except  # requests', urllib3's, OSError...
+    for partial in set(download_dir.glob("*.tmp.*")) - before:
+      shutil.rmtree(partial, ignore_errors=True)
+    _remove_empty_folders(download_dir)  # TFDS's downloads/extracted, made for nothing.
+    names = [url.rsplit("/", 1)[-1] for url in missing.values()]
+    raise DataError(offline_message(names, looked_in, e)) from e
+
+
+def _remove_empty_folders(root: pathlib.Path) -> None:
+  """Removes `root` and the folders under it that hold no file."""
+  for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [root]:
+    if folder.is_dir() and not any(folder.iterdir()):
+      folder.rmdir()
+
+
 def _manual_files(dl_manager, names: Mapping[str, str]) -> Dict[str, pathlib.Path]:
   """The files of `names` present in the manual dir (`data.data_dir`), by split."""
-  try:
-    manual = dl_manager.manual_dir
-  except (AssertionError, ValueError):  # No manual dir, or an empty one.
+  manual = _manual_dir(dl_manager)
+  if manual is None:
     return {}
   found = {split: manual / name for split, name in names.items() if (manual / name).exists()}
   for path in found.values():
@@ -230,12 +293,65 @@ def prepare(data_dir: str = "", only_digits: bool = False) -> FemnistFedjax:
   `<data_dir>/downloads`); the cache goes to `data_dir` ('' : TFDS's data dir).
   """
   data_dir = os.path.expanduser(data_dir) if data_dir else None
-  builder = FemnistFedjax(config="digits" if only_digits else "full", data_dir=data_dir,
-                          file_format="array_record")
-  manual_dir = data_dir if data_dir and os.path.isdir(data_dir) else None
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
+  if data_dir and not os.path.isdir(data_dir):
+    raise DataError(f"--config.data.data_dir={data_dir} does not exist. Create it and put "
+                    f"FEMNIST's files from {URL} there, or fix the path.")
+  make = lambda: FemnistFedjax(config="digits" if only_digits else "full", data_dir=data_dir,
+                               file_format="array_record")
+  builder = make()
+  local = {name: os.path.join(data_dir, name) for name in builder.builder_config.files
+           if data_dir and os.path.isfile(os.path.join(data_dir, name))}
+  stale = _stale_cache_reason(builder, local)
+  if stale:
+    logging.warning("FEMNIST: %s; rebuilding the cache in %s.", stale, builder.data_dir)
+    shutil.rmtree(os.fspath(builder.data_dir))
+    builder = make()
+  builder.local_sources = len(local) == len(builder.builder_config.files)
+  dataset_folder = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+  existed = os.path.exists(dataset_folder)
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=data_dir, try_download_gcs=False))
+  except DataError:
+    if not existed:  # Only TFDS's metadata of a cache never built: leave nothing half-made.
+      shutil.rmtree(dataset_folder, ignore_errors=True)
+    raise
+  if getattr(builder, "source_paths", None):  # Built just now: record what from.
+    record = {name: fingerprint(path) for name, path in builder.source_paths.items()}
+    with open(os.path.join(os.fspath(builder.data_dir), SOURCES_RECORD), "w") as f:
+      json.dump(record, f, indent=1)
   return builder
+
+
+SOURCES_RECORD = "fedmerge_sources.json"  # In the cache: size and SHA-256 of its sources.
+
+
+def fingerprint(path: str) -> Dict[str, object]:
+  """{'size': bytes, 'sha256': hex digest} of a file."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _stale_cache_reason(builder: FemnistFedjax, local: Mapping[str, str]) -> Optional[str]:
+  """Why a prepared cache no longer matches the files in data_dir, or None if it does."""
+  cache = os.fspath(builder.data_dir)
+  if not local or not os.path.isdir(cache):
+    return None
+  record_path = os.path.join(cache, SOURCES_RECORD)
+  if not os.path.exists(record_path):
+    return "the cache has no record of the files it was built from"
+  with open(record_path) as f:
+    record = json.load(f)
+  for name, path in sorted(local.items()):
+    if name in record and os.path.getsize(path) != record[name]["size"]:
+      return f"{path} changed since the cache was built (size {record[name]['size']} -> " \
+             f"{os.path.getsize(path)} bytes)"
+    if name in record and fingerprint(path)["sha256"] != record[name]["sha256"]:
+      return f"{path} changed since the cache was built (its SHA-256 differs)"
+  return None
 
 
 def read_split(builder: FemnistFedjax, split: str) -> Writers:
