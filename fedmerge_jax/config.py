@@ -112,9 +112,9 @@ def femnist_training() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "algorithm": algorithms.ALGORITHM_NAMES,
+    "algorithm": algorithms.registered_names,  # Read at validation: users register more.
     "update_mode": UPDATE_MODES,
-    "model.name": models.MODEL_NAMES,
+    "model.name": models.registered_names,
     "model.conv_impl": CONV_IMPLS,
     "client_parallelism": CLIENT_PARALLELISMS,
 }
@@ -166,6 +166,7 @@ def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> No
     return
   flat = dict(flatten(config))
   for path, choices in _CHOICES.items():
+    choices = choices() if callable(choices) else choices
     if flat[path] not in choices:
       raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")
   for path in _POSITIVE:
