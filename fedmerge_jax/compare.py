@@ -425,6 +425,7 @@ flags.register_validator("seeds", _valid_seeds)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   command = shlex.join(["python", "-m", "fedmerge_jax.compare", *sys.argv[1:]])
   try:
     sweeps = parse_sweeps(FLAGS.sweep, config_lib.resolve(FLAGS.config))
