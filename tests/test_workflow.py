@@ -235,6 +235,8 @@ def test_a_registered_model_name_works_from_a_config(quick_config, tiny_data, tm
     config_lib.resolve(quick_config)
   with pytest.raises(ValueError, match="built-in"):
     models_lib.register_model("mlp", builder)
+  with pytest.raises(ValueError, match="must be callable"):
+    algorithms_lib.register_algorithm("mine", "not a factory")
 
 
 # --- Your own algorithm: the README's example ---------------------------------------------------

@@ -6,6 +6,7 @@ Users add theirs with `register_algorithm(name, factory)`; README "Your own algo
 
 from typing import Callable, Tuple
 
+from fedmerge_jax import registry
 from fedmerge_jax.algorithms import ditto, fedavg, fedavg_ft, fedem, fedmerge, ifca, local
 from fedmerge_jax.algorithms.base import Algorithm
 
@@ -29,14 +30,8 @@ def register_algorithm(name: str, factory: Factory) -> None:
   The factory returns an `Algorithm` (algorithms/base.py documents the protocol).
   Registering a name again replaces its factory; built-in names cannot be replaced.
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"register_algorithm: the name must be a non-empty string, not {name!r}.")
-  if name in ALGORITHM_NAMES:
-    raise ValueError(f"register_algorithm: {name!r} is a built-in algorithm; pick another name.")
-  if not callable(factory):
-    raise ValueError(f"register_algorithm({name!r}, ...): the factory must be callable "
-                     "(model, config, num_clients, example_input) -> Algorithm.")
-  _FACTORIES[name] = factory
+  registry.add(_FACTORIES, ALGORITHM_NAMES, name, factory, "algorithm",
+               "(model, config, num_clients, example_input) -> Algorithm")
 
 
 def registered_names() -> Tuple[str, ...]:

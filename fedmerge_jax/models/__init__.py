@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from fedmerge_jax import registry
 from fedmerge_jax.models import layers
 from fedmerge_jax.models.cnn import EmnistCNN, LeafFemnistCNN
 from fedmerge_jax.models.mlp import MLP
@@ -34,14 +35,8 @@ def register_model(name: str, builder: Builder) -> None:
   __call__ takes it); its last layer named 'head' feeds the `official` logit gradient.
   Registering a name again replaces its builder; built-in names cannot be replaced.
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"register_model: the name must be a non-empty string, not {name!r}.")
-  if name in MODEL_NAMES:
-    raise ValueError(f"register_model: {name!r} is a built-in model; pick another name.")
-  if not callable(builder):
-    raise ValueError(f"register_model({name!r}, ...): the builder must be callable "
-                     "(model_config, num_classes) -> flax.linen.Module.")
-  _BUILDERS[name] = builder
+  registry.add(_BUILDERS, MODEL_NAMES, name, builder, "model",
+               "(model_config, num_classes) -> flax.linen.Module")
 
 
 def registered_names() -> Tuple[str, ...]:
