@@ -4,9 +4,13 @@
 into one FATAL line, and quiets library logs unless `--verbosity` asks for them.
 """
 
+import importlib
 import logging
 import os
+<<<<<<< HEAD
 import re
+=======
+>>>>>>> issue13
 import sys
 
 from absl import app
@@ -38,9 +42,40 @@ def _unknown_override(argv):
   schema = dict(config_lib.flatten(config_lib.base_config()))
   return next((p for p in _config_override_paths(argv) if p not in schema), None)
 
+flags.DEFINE_list("imports", [], "Comma-separated Python modules imported before the config and "
+                  "flags are checked, e.g. my_models: where they call "
+                  "fedmerge_jax.models.register_model / algorithms.register_algorithm.")
+
+
+def import_user_modules(argv) -> None:
+  """Imports the modules --imports names in `argv` (the current folder is searched too), so
+  that what they register is known when flags and the config are validated."""
+  names = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--imports="):
+      names += arg.split("=", 1)[1].split(",")
+    elif arg == "--imports" and i + 1 < len(argv):
+      names += argv[i + 1].split(",")
+  if names and os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  for name in filter(None, (n.strip() for n in names)):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      sys.exit(f"FATAL --imports={name}: cannot import it ({e}). Give a module name (no .py), "
+               "run from the folder that holds it, or add that folder to PYTHONPATH.")
+
 
 def parse_flags(argv):
+<<<<<<< HEAD
   """absl's parsing; every mistake a user can make on the command line is one FATAL line."""
+=======
+  """absl's parsing (flag errors as one FATAL line), and ml_collections' unknown keys likewise.
+
+  Modules named by --imports are imported first.
+  """
+  import_user_modules(argv)
+>>>>>>> issue13
   try:
     rest = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, flags.Error) as e:

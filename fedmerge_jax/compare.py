@@ -1,20 +1,28 @@
-"""Runs several algorithms on one config and data, and tabulates and plots them side by side.
+"""Runs several algorithms on one config and data, over seeds and swept settings; tabulates, plots.
 
   python -m fedmerge_jax.compare --config=configs/default.py --algorithms=fedmerge,fedavg \
-      --workdir=/tmp/compare [--config.num_rounds=50 ...]
+      --workdir=/tmp/compare [--seeds=0,1,2] [--sweep=num_global_models=1,2,4 ...] \
+      [--config.num_rounds=50 ...]
 
-Each algorithm runs in <workdir>/<algorithm>/ with the same config (only `algorithm`
-changes), the same seeds and the same data, loaded once. Writes <workdir>/comparison.md
-(a Markdown table) and <workdir>/comparison.png (test/acc_mean against rounds), and
-prints the table.
+Each algorithm runs in <workdir>/[<setting>/]<algorithm>/[seed_<s>/] with the same config
+(only `algorithm`, the swept fields and `seed` change) and the same data, loaded once per
+data config (`--seeds` change `config.seed`, never `data.seed`). Writes
+<workdir>/comparison.md (a Markdown table: one row per setting and algorithm, mean ± std
+over seeds where there are several), <workdir>/comparison.png (test/acc_mean against
+rounds, the mean with a ±std band) and, with --sweep, <workdir>/comparison_sweep.png (a
+metric against the first swept field), and prints the table. A run whose summary.json is
+newer than its config.json, and whose config.json is this run's config, is reused; any
+other run is (re)started, and train_and_evaluate resumes it from its checkpoints.
 """
 
 import copy
+import itertools
 import json
 import os
 import shlex
+import statistics
 import sys
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -22,6 +30,7 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from ml_collections import config_flags
+import numpy as np
 
 from fedmerge_jax import algorithms as algorithms_lib
 from fedmerge_jax import cli
@@ -38,19 +47,33 @@ TABLE_NOTE = (
     "its round. Wall = train_and_evaluate's time in seconds, compilation included, data "
     f"loading excluded. Comm = floats sent per sampled client per round, down + up. "
     f"{MISSING} = not reported.")
+SEEDS_NOTE = ("With several seeds each cell is mean ± std over the seeds (sample standard "
+              "deviation, n − 1); the seeds change model init, client sampling and local "
+              "shuffling, not the data.")
+METRIC_COLUMNS = (("test acc mean", "test/acc_mean"), ("weighted", "test/acc_weighted"),
+                  ("std", "test/acc_std"), ("p10", "test/acc_p10"),
+                  ("best acc mean", "best/acc_mean"))
+
+Setting = Tuple[Tuple[str, Any], ...]  # ((config path, value), ...) of one sweep point.
+
+
+class SweepError(ValueError):
+  """A --sweep, --seeds or --sweep_metric that cannot work, with the form that does."""
 
 
 class Result(NamedTuple):
-  """One algorithm's run: its summary.json dict and its metrics.jsonl lines."""
+  """One run: its summary.json dict, its metrics.jsonl lines, its sweep setting and seed."""
   algorithm: str
   workdir: str
   summary: Dict[str, Any]
   history: List[Dict[str, Any]]
+  setting: Setting = ()
+  seed: Optional[int] = None
 
 
 def check_algorithms(names: Sequence[str]) -> None:
   """Raises ValueError for an empty, repeated or unknown algorithm name, listing valid ones."""
-  valid = algorithms_lib.ALGORITHM_NAMES
+  valid = algorithms_lib.registered_names()
   unknown = [n for n in names if n not in valid]
   if unknown:
     raise ValueError(f"Unknown algorithm(s) {', '.join(map(repr, unknown))}; "
@@ -62,15 +85,116 @@ def check_algorithms(names: Sequence[str]) -> None:
     raise ValueError(f"Algorithm(s) {', '.join(map(repr, repeated))} given more than once.")
 
 
+def parse_seeds(values: Sequence[Any]) -> List[int]:
+  """--seeds=0,1,2 -> [0, 1, 2]; ValueError for a non-integer or repeated seed."""
+  try:
+    seeds = [int(str(v).strip()) for v in values]
+  except ValueError:
+    raise SweepError(f"--seeds={','.join(map(str, values))}: seeds must be integers, "
+                     "e.g. --seeds=0,1,2.") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise SweepError(f"--seeds={','.join(map(str, values))}: give distinct integer seeds, "
+                     "e.g. --seeds=0,1,2.")
+  return seeds
+
+
+def _typed(path: str, text: str, like: Any) -> Any:
+  """`text` as the type of the config field's current value `like`."""
+  text = text.strip()
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise SweepError(f"--sweep {path}: {text!r} is not true or false.")
+    return text.lower() in ("true", "1")
+  if isinstance(like, (int, float)):
+    try:
+      value = float(text)
+    except ValueError:
+      raise SweepError(f"--sweep {path}: {text!r} is not a number.") from None
+    if isinstance(like, int):
+      if not value.is_integer():
+        raise SweepError(f"--sweep {path}: {text!r} is not an integer.")
+      return int(value)
+    return value
+  if isinstance(like, str):
+    return text
+  raise SweepError(f"--sweep {path}: fields of type {type(like).__name__} cannot be swept "
+                   "(numbers, booleans and strings can).")
+
+
+def parse_sweeps(specs: Sequence[str], config) -> List[Tuple[str, List[Any]]]:
+  """['num_global_models=1,2,4', ...] -> [(path, [typed values]), ...] for `config`'s fields."""
+  fields = dict(config_lib.flatten(config_lib.base_config()))
+  fields.update(config_lib.flatten(config))
+  sweeps = []
+  for spec in specs:
+    path, sep, values = spec.partition("=")
+    path = path.strip()
+    if not sep or not values.strip():
+      raise SweepError(f"--sweep={spec}: expected <config field>=<value>,<value>,... e.g. "
+                       "--sweep=num_global_models=1,2,4.")
+    if path in ("algorithm", "seed"):
+      raise SweepError(f"--sweep={spec}: use --{'algorithms' if path == 'algorithm' else 'seeds'}"
+                       f" to vary {path}.")
+    if path not in fields:
+      raise SweepError(f"--sweep={spec}: unknown config field {path!r} (every field is "
+                       "listed in fedmerge_jax/config.py).")
+    if path in (p for p, _ in sweeps):
+      raise SweepError(f"--sweep={spec}: {path} is swept twice; give its values once.")
+    sweeps.append((path, [_typed(path, v, fields[path]) for v in values.split(",")]))
+  return sweeps
+
+
+def sweep_settings(sweeps: Sequence[Tuple[str, Sequence[Any]]]) -> List[Setting]:
+  """Every combination of the swept values (the grid), first field slowest; [()] if none."""
+  paths = [p for p, _ in sweeps]
+  return [tuple(zip(paths, values)) for values in itertools.product(*(v for _, v in sweeps))]
+
+
+def setting_name(setting: Setting) -> str:
+  """'num_global_models=2,client_lr=0.1': the setting's folder name and label."""
+  return ",".join(f"{path}={value}" for path, value in setting).replace(os.sep, "_")
+
+
+def configured(config, algorithm: str, setting: Setting, seed: Optional[int]):
+  """`config` with this run's algorithm, swept values and seed, resolved and validated."""
+  run_config = copy.deepcopy(config)
+  with run_config.unlocked():
+    run_config.algorithm = algorithm
+    if seed is not None:
+      run_config.seed = seed
+    if setting:
+      run_config.update_from_flattened_dict(dict(setting))
+  return config_lib.resolve(run_config)
+
+
+def run_directory(workdir: str, algorithm: str, setting: Setting, seed: Optional[int]) -> str:
+  parts = [workdir] + ([setting_name(setting)] if setting else []) + [algorithm]
+  return os.path.join(*parts, *([f"seed_{seed}"] if seed is not None else []))
+
+
+def finished_summary(run_dir: str, config) -> Optional[Dict[str, Any]]:
+  """The summary of a finished run of exactly `config` in `run_dir`, else None.
+
+  Finished: summary.json is newer than config.json (train_and_evaluate writes config.json
+  when it starts and summary.json when it ends), and config.json is `config`.
+  """
+  summary_path, config_path = (os.path.join(run_dir, f) for f in ("summary.json", "config.json"))
+  if not (os.path.exists(summary_path) and os.path.exists(config_path)):
+    return None
+  if os.path.getmtime(summary_path) < os.path.getmtime(config_path):
+    return None  # Restarted after it finished, and stopped before finishing again.
+  with open(config_path) as f:
+    old = dict(config_lib.flatten(json.load(f)))
+  if old != dict(config_lib.flatten(json.loads(config.to_json()))):
+    return None
+  with open(summary_path) as f:
+    return json.load(f)
+
+
 def read_history(workdir: str) -> List[Dict[str, Any]]:
   """The per-evaluation metrics a run wrote to <workdir>/metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def _acc(summary, key) -> str:
-  value = summary.get(key)
-  return MISSING if value is None else f"{value:.4f}"
 
 
 def _count(value) -> str:
@@ -83,51 +207,134 @@ def _comm(summary) -> str:
   return MISSING if down is None or up is None else f"{_count(down)} + {_count(up)}"
 
 
-def comparison_table(results: Sequence[Result]) -> str:
-  """A Markdown table, one row per algorithm, of final, best and cost metrics."""
-  header = ["algorithm", "test acc mean", "weighted", "std", "p10", "best acc mean",
-            "best round", "wall (s)", "comm / client / round (down + up)"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def _cell(summaries: Sequence[Mapping[str, Any]], key: str, spec: str) -> str:
+  """One value formatted with `spec`, or mean ± std over several; — if any lacks it."""
+  values = [s.get(key) for s in summaries]
+  if not values or any(v is None for v in values):
+    return MISSING
+  if len(values) == 1:
+    return format(values[0], spec)
+  return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def grouped(results: Sequence[Result]) -> List[List[Result]]:
+  """Results of one setting and algorithm together (their seeds), in first-seen order."""
+  groups: Dict[Tuple[Setting, str], List[Result]] = {}
   for r in results:
-    s = r.summary
-    wall = s.get("wall_time_s")
-    row = [r.algorithm, _acc(s, "test/acc_mean"), _acc(s, "test/acc_weighted"),
-           _acc(s, "test/acc_std"), _acc(s, "test/acc_p10"), _acc(s, "best/acc_mean"),
-           MISSING if s.get("best/round") is None else str(s["best/round"]),
-           MISSING if wall is None else f"{wall:.2f}", _comm(s)]
+    groups.setdefault((r.setting, r.algorithm), []).append(r)
+  return list(groups.values())
+
+
+def comparison_table(results: Sequence[Result]) -> str:
+  """A Markdown table, one row per setting and algorithm, of final, best and cost metrics.
+
+  A row of several seeds shows mean ± std over them; comm is per run (equal over seeds).
+  """
+  swept = [path for path, _ in results[0].setting] if results else []
+  header = swept + ["algorithm"] + [name for name, _ in METRIC_COLUMNS] + [
+      "best round", "wall (s)", "comm / client / round (down + up)"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for group in grouped(results):
+    summaries = [r.summary for r in group]
+    comms = {_comm(s) for s in summaries}
+    row = [str(value) for _, value in group[0].setting] + [group[0].algorithm]
+    row += [_cell(summaries, key, ".4f") for _, key in METRIC_COLUMNS]
+    row += [_cell(summaries, "best/round", ".0f" if len(group) > 1 else "d"),
+            _cell(summaries, "wall_time_s", ".2f"),
+            comms.pop() if len(comms) == 1 else MISSING]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
 
 def comparison_report(results: Sequence[Result], config, command: str) -> str:
   """comparison.md: the producing command and config, the units note, the table."""
+  seeds = sorted({r.seed for r in results if r.seed is not None})
+  seed_text = (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
+               f"seed {seeds[0] if seeds else config.seed}")
+  note = TABLE_NOTE + (" " + SEEDS_NOTE if len(seeds) > 1 else "")
   return (f"Produced by `{command}` (dataset `{config.data.name}`, model "
-          f"`{config.model.name}`, {config.num_rounds} rounds, seed {config.seed}).\n\n"
-          f"{TABLE_NOTE}\n\n{comparison_table(results)}")
+          f"`{config.model.name}`, {config.num_rounds} rounds, {seed_text}).\n\n"
+          f"{note}\n\n{comparison_table(results)}")
 
 
 LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
 MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
 
 
-def plot_accuracy(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
-                  title: str = "Mean client test accuracy") -> Figure:
-  """Saves test/acc_mean against rounds, one line per algorithm, as a PNG (Agg, no pyplot).
+def _mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], metric: str):
+  """(rounds, mean, std) of `metric` at the rounds every history evaluated."""
+  per_run = [{m["round"]: m[metric] for m in h if metric in m} for h in histories]
+  rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+  values = np.array([[p[r] for r in rounds] for p in per_run]).reshape(len(per_run), len(rounds))
+  std = values.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(rounds))
+  return rounds, values.mean(axis=0), std
 
-  Each line has its own dash and marker (identical curves stay distinguishable), and the
-  legend sits outside the axes, right of them, so it covers no curve.
+
+def plot_accuracy(histories: Mapping[str, Sequence[Any]], path: str,
+                  title: str = "Mean client test accuracy") -> Figure:
+  """Saves test/acc_mean against rounds, one line per entry, as a PNG (Agg, no pyplot).
+
+  An entry is one run's history, or a list of histories (its seeds): their mean, with a
+  band of ± one standard deviation. Each line has its own dash and marker (identical curves
+  stay distinguishable), and the legend sits outside the axes, so it covers no curve.
   """
   fig = Figure(figsize=(7.6, 4.2), layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for i, (name, history) in enumerate(histories.items()):
-    points = [(m["round"], m["test/acc_mean"]) for m in history if "test/acc_mean" in m]
-    ax.plot([p[0] for p in points], [p[1] for p in points], label=name,
-            linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)],
-            markersize=5 + 3 * (i % 4), markerfacecolor="none" if i else None)  # Nested.
+  banded = False
+  for i, (name, runs) in enumerate(histories.items()):
+    runs = [runs] if not runs or isinstance(runs[0], Mapping) else list(runs)
+    rounds, mean, std = _mean_curve(runs, "test/acc_mean")
+    line, = ax.plot(rounds, mean, label=name, linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                    marker=MARKERS[i % len(MARKERS)], markersize=5 + 3 * (i % 4),
+                    markerfacecolor="none" if i else None)  # Nested markers.
+    if len(runs) > 1:
+      banded = True
+      ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2,
+                      linewidth=0)
   ax.set_xlabel("round")
   ax.set_ylabel("test accuracy (unweighted mean over clients)")
-  ax.set_title(title)
+  ax.set_title(title + ("\nline: mean over seeds, band: ± one std" if banded else ""), fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+  fig.savefig(path, format="png", dpi=120)
+  return fig
+
+
+def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
+  """Saves `metric` (from each summary) against the first swept field, one line per
+  algorithm and setting of the other swept fields, with ± std error bars over seeds."""
+  fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  field = results[0].setting[0][0]
+  xs = list(dict.fromkeys(r.setting[0][1] for r in results))
+  numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+  lines: Dict[str, Dict[Any, List[float]]] = {}
+  for group in grouped(results):
+    setting = group[0].setting
+    label = " ".join([group[0].algorithm] + [f"{p}={v}" for p, v in setting[1:]])
+    values = [r.summary[metric] for r in group if r.summary.get(metric) is not None]
+    if values:
+      lines.setdefault(label, {})[setting[0][1]] = values
+  if not lines:
+    raise SweepError(f"--sweep_metric={metric!r} is in no run's summary; choose one of "
+                     f"{sorted(k for k, v in results[0].summary.items() if isinstance(v, float))}.")
+  for label, points in lines.items():
+    keys = [x for x in xs if x in points]
+    at = keys if numeric else [xs.index(x) for x in keys]
+    means = [statistics.fmean(points[x]) for x in keys]
+    errors = [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in keys]
+    ax.errorbar(at, means, yerr=errors, marker="o", markersize=4, capsize=3, label=label)
+  if not numeric:
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+  else:
+    if len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 8:
+      ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+  ax.set_xlabel(field)
+  ax.set_ylabel(metric)
+  ax.set_title(f"{metric} against {field}")
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.savefig(path, format="png", dpi=120)
@@ -136,37 +343,70 @@ def plot_accuracy(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: st
 
 def run_comparison(config, algorithms: Sequence[str], workdir: str,
                    data: Optional[data_lib.FederatedData] = None,
-                   command: Optional[str] = None) -> List[Result]:
-  """Runs each algorithm on `config` and `data` (loaded once), writes the table and plot."""
+                   command: Optional[str] = None, seeds: Optional[Sequence[int]] = None,
+                   sweeps: Sequence[Tuple[str, Sequence[Any]]] = (),
+                   sweep_metric: str = "test/acc_mean", model=None) -> List[Result]:
+  """Runs each setting x algorithm x seed on `config`, writes the table and plots.
+
+  `seeds`: None runs `config.seed` in <algorithm>/ (today's layout); a list runs each in
+  <algorithm>/seed_<s>/. `sweeps`: [(config path, values)], as `parse_sweeps` returns;
+  their grid's settings each get a <path=value,...>/ folder. Data (`data`, or loaded once
+  per distinct data config) and `model` (see train_and_evaluate) are shared by every run.
+  Finished runs of the same config are reused (`finished_summary`).
+  """
   check_algorithms(algorithms)
   config = config_lib.resolve(config)
-  data = data if data is not None else data_lib.load(config.data)
+  run_seeds = [None] if seeds is None else parse_seeds(seeds)
+  settings = sweep_settings(sweeps)
+  runs = [(setting, name, seed, configured(config, name, setting, seed))
+          for setting in settings for name in algorithms for seed in run_seeds]  # Validates all first.
   os.makedirs(workdir, exist_ok=True)
+  loaded: Dict[str, data_lib.FederatedData] = {}
   results = []
-  for i, name in enumerate(algorithms):
-    run_config = copy.deepcopy(config)
-    run_config.algorithm = name
-    run_dir = os.path.join(workdir, name)
-    logging.info("Comparison %d/%d: %s in %s", i + 1, len(algorithms), name, run_dir)
-    summary = train.train_and_evaluate(run_config, run_dir, data=data)
-    results.append(Result(name, run_dir, summary, read_history(run_dir)))
+  for i, (setting, name, seed, run_config) in enumerate(runs):
+    run_dir = run_directory(workdir, name, setting, seed)
+    summary = finished_summary(run_dir, run_config)
+    if summary is not None:
+      logging.info("Run %d/%d: reusing the finished run in %s", i + 1, len(runs), run_dir)
+    else:
+      logging.info("Run %d/%d: %s in %s", i + 1, len(runs), name, run_dir)
+      if data is None:
+        key = run_config.data.to_json()
+        if key not in loaded:
+          loaded[key] = data_lib.load(run_config.data)
+      run_data = data if data is not None else loaded[key]
+      kwargs = {} if model is None else {"model": model}
+      summary = train.train_and_evaluate(run_config, run_dir, data=run_data, **kwargs)
+    results.append(Result(name, run_dir, summary, read_history(run_dir), setting, seed))
   command = command or (f"run_comparison(config, algorithms={list(algorithms)!r}, "
                         f"workdir={workdir!r})")
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(comparison_report(results, config, command))
-  plot_accuracy({r.algorithm: r.history for r in results},
-                os.path.join(workdir, "comparison.png"),
+  curves = {}
+  for group in grouped(results):
+    label = " ".join([group[0].algorithm] + [f"{p}={v}" for p, v in group[0].setting])
+    curves[label] = [r.history for r in group]
+  plot_accuracy(curves, os.path.join(workdir, "comparison.png"),
                 title=f"Mean client test accuracy: {config.data.name}, {config.model.name}, "
                 f"K = {config.num_global_models}")
+  if sweeps:
+    plot_sweep(results, sweep_metric, os.path.join(workdir, "comparison_sweep.png"))
   return results
 
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_list("algorithms", list(algorithms_lib.ALGORITHM_NAMES),
-                  f"Comma-separated algorithms to compare, from {algorithms_lib.ALGORITHM_NAMES}.")
+                  f"Comma-separated algorithms to compare, from {algorithms_lib.ALGORITHM_NAMES} "
+                  "and any that --imports registers.")
 flags.DEFINE_string("workdir", "/tmp/fedmerge_compare",
-                    "Where each <algorithm>/ run and comparison.md/.png are written.")
+                    "Where each run and comparison.md/.png are written.")
+flags.DEFINE_list("seeds", None, "Comma-separated seeds (config.seed), e.g. 0,1,2: every "
+                  "algorithm runs once per seed on the same data; the table shows mean ± std.")
+flags.DEFINE_multi_string("sweep", [], "<config field>=<v1>,<v2>,...: one run per value, e.g. "
+                          "num_global_models=1,2,4,8. Repeat for a grid.")
+flags.DEFINE_string("sweep_metric", "test/acc_mean",
+                    "The summary metric comparison_sweep.png plots against the swept field.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -178,16 +418,28 @@ def _valid_algorithms(names) -> bool:
   return True
 
 
+def _valid_seeds(values) -> bool:
+  try:
+    values is None or parse_seeds(values)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  return True
+
+
 flags.register_validator("algorithms", _valid_algorithms)
+flags.register_validator("seeds", _valid_seeds)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   command = shlex.join(["python", "-m", "fedmerge_jax.compare", *sys.argv[1:]])
   try:
-    results = run_comparison(FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command)
-  except config_lib.ConfigError as e:
+    sweeps = parse_sweeps(FLAGS.sweep, config_lib.resolve(FLAGS.config))
+    results = run_comparison(FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command,
+                             seeds=FLAGS.seeds, sweeps=sweeps, sweep_metric=FLAGS.sweep_metric)
+  except (config_lib.ConfigError, SweepError) as e:
     raise app.UsageError(str(e)) from None
   print(comparison_table(results), end="", flush=True)
 

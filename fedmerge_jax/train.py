@@ -45,11 +45,13 @@ def format_metrics(metrics: Dict[str, float]) -> str:
   return " | ".join(parts)
 
 
-def build(config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None):
+def build(config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None,
+          model=None):
   """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs.
 
   With a `layout`, for its padded population and device-aligned chunks (and, on several
   devices, clients vmapped: `auto` parallelism would otherwise pick one at a time on CPU).
+  A given `model` (any flax.linen module) replaces the one `config.model` names.
   """
   num_clients = data.num_clients
   if layout is not None:
@@ -57,7 +59,7 @@ def build(config, data: data_lib.FederatedData, layout: Optional[parallel.Client
     config.client_chunk_size, num_clients = layout.chunk_size, layout.population
     if layout.num_devices > 1 and config.client_parallelism == "auto":
       config.client_parallelism = "vmap"  # One client at a time would idle all devices but one.
-  model = models.get_model(config.model, data.num_classes)
+  model = model if model is not None else models.get_model(config.model, data.num_classes)
   algorithm = algorithms.get_algorithm(
       model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32))
   return model, algorithm
@@ -191,8 +193,22 @@ def with_phantoms(saved, state, shardings, layout: parallel.ClientLayout):
   return jax.tree.map(pad, saved, state, shardings)
 
 
-def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None):
+def accelerator_line() -> str:
+  """What this run computes on, e.g. 'JAX backend gpu: 1 device (NVIDIA H200), 1 process'."""
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  return (f"JAX backend {jax.default_backend()}: {len(devices)} device"
+          f"{'s' if len(devices) != 1 else ''} ({', '.join(kinds)}), "
+          f"{jax.process_count()} process{'es' if jax.process_count() != 1 else ''}")
+
+
+def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None,
+                       model=None):
   """Runs `config` and returns the final metrics and the best-by-validation ones.
+
+  `model`: any flax.linen module called as `apply(variables, x, train=...)` (and `mask=`
+  where its __call__ takes it) instead of the one `config.model` names; its last layer
+  named 'head' feeds the `official` logit gradient (ConfigError if it needs one).
 
   Writes to <workdir>: config.json (the resolved config), metrics.jsonl (one line per
   evaluation), TensorBoard events, clients.npz (the latest per-client accuracies and
@@ -201,6 +217,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   from the newest one, and the metrics come out as if the run had never stopped.
   """
   config = config_lib.resolve(config)
+  logging.info("%s", accelerator_line())  # The first line: is the accelerator seen?
   main_process = jax.process_index() == 0  # In a multi-host run only process 0 writes.
   os.makedirs(workdir, exist_ok=True)
   checkpoints = None
@@ -217,9 +234,9 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   mesh = parallel.make_mesh(config.num_devices)
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
-  _, algorithm = build(config, data, layout)
-  logging.info("%s on %s: %d clients, %d classes, backend %s, %d devices", config.algorithm,
-               data.name, data.num_clients, data.num_classes, jax.default_backend(), mesh.size)
+  model, algorithm = build(config, data, layout, model)
+  logging.info("%s on %s: %d clients, %d classes, model %s, %d devices used", config.algorithm,
+               data.name, data.num_clients, data.num_classes, type(model).__name__, mesh.size)
 
   init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
   rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))  # Host arrays: multi-host safe.

@@ -1,8 +1,12 @@
 """Federated algorithms, selected by `config.algorithm`; all share one shape (see base).
 
 Each module builds an `Algorithm` from the shared merge, local-training and round pieces.
+Users add theirs with `register_algorithm(name, factory)`; README "Your own algorithm".
 """
 
+from typing import Callable, Tuple
+
+from fedmerge_jax import registry
 from fedmerge_jax.algorithms import ditto, fedavg, fedavg_ft, fedem, fedmerge, ifca, local
 from fedmerge_jax.algorithms.base import Algorithm
 
@@ -16,11 +20,28 @@ _FACTORIES = {
     "ifca": ifca.make,
     "fedem": fedem.make,
 }
-ALGORITHM_NAMES = tuple(_FACTORIES)
+ALGORITHM_NAMES = tuple(_FACTORIES)  # The built-ins; registered_names() adds the users'.
+Factory = Callable[..., Algorithm]
+
+
+def register_algorithm(name: str, factory: Factory) -> None:
+  """Makes `config.algorithm=name` build `factory(model, config, num_clients, example_input)`.
+
+  The factory returns an `Algorithm` (algorithms/base.py documents the protocol).
+  Registering a name again replaces its factory; built-in names cannot be replaced.
+  """
+  registry.add(_FACTORIES, ALGORITHM_NAMES, name, factory, "algorithm",
+               "(model, config, num_clients, example_input) -> Algorithm")
+
+
+def registered_names() -> Tuple[str, ...]:
+  """Every name `config.algorithm` accepts now: the built-ins, then registered ones."""
+  return tuple(_FACTORIES)
 
 
 def get_algorithm(model, config, num_clients: int, example_input) -> Algorithm:
   """Builds `config.algorithm` for a population of `num_clients`."""
   if config.algorithm not in _FACTORIES:
-    raise ValueError(f"algorithm={config.algorithm!r} is unknown; choose one of {ALGORITHM_NAMES}.")
+    raise ValueError(f"algorithm={config.algorithm!r} is unknown; choose one of "
+                     f"{registered_names()} (or register yours: algorithms.register_algorithm).")
   return _FACTORIES[config.algorithm](model, config, num_clients, example_input)

@@ -26,7 +26,15 @@ class RoundStages(NamedTuple):
 
 
 class Algorithm(NamedTuple):
-  """Pure functions over an algorithm's state.
+  """The public protocol every algorithm follows: pure functions over its state.
+
+  A factory `(model, config, num_clients, example_input) -> Algorithm`, registered with
+  `fedmerge_jax.algorithms.register_algorithm(name, factory)`, makes `config.algorithm=name`
+  work everywhere (train_and_evaluate, launch.py, compare). `train.py` jits `round`,
+  donates its state, shards per-client leaves (leading axis `num_clients`) over devices,
+  checkpoints the state and evaluates `personalized` models with `predict`. The state
+  is any pytree of arrays; the simplest algorithms reuse `fedmerge.make` with their own
+  `ServerUpdate` (see fedavg.py and README "Your own algorithm").
 
   init(rng) -> state.
   round(state, client_ids [C], data: ClientData with leading axis C, rng) -> (state, metrics);

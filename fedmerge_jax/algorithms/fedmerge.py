@@ -79,6 +79,7 @@ def make(model, config, num_clients: int, example_input, *,
 
   if server.logit_gradient_params == "head":
     mask_fn = models.head_mask
+    mask_fn(one_model)  # A model without a 'head' fails here in one line, not mid-trace.
   else:
     mask_fn = lambda variables: jax.tree.map(lambda _: True, variables)
   # The globals step is linear in the deltas with weights known before training unless it

@@ -1,15 +1,16 @@
-"""Flax models selected by `config.model.name`.
+"""Flax models selected by `config.model.name`, and the registry users add theirs to.
 
 Every model is called as `model.apply(variables, x, train=...)` and names its last layer
 'head': the `official` FedMerge update computes the logit gradient from the head alone.
 """
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import ml_collections
 
+from fedmerge_jax import registry
 from fedmerge_jax.models import layers
 from fedmerge_jax.models.cnn import EmnistCNN, LeafFemnistCNN
 from fedmerge_jax.models.mlp import MLP
@@ -23,13 +24,31 @@ _BUILDERS: Dict[str, Callable[[ml_collections.ConfigDict, int], nn.Module]] = {
     "leaf_femnist_cnn": lambda cfg, n: LeafFemnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
     "resnet9": lambda cfg, n: ResNet9(num_classes=n, conv_impl=cfg.conv_impl),
 }
-MODEL_NAMES = tuple(_BUILDERS)
+MODEL_NAMES = tuple(_BUILDERS)  # The built-in models; registered_names() adds the users'.
+Builder = Callable[[ml_collections.ConfigDict, int], nn.Module]
+
+
+def register_model(name: str, builder: Builder) -> None:
+  """Makes `config.model.name=name` build `builder(config.model, num_classes)`.
+
+  The module is called as `apply(variables, x, train=...)` (and with `mask=` where its
+  __call__ takes it); its last layer named 'head' feeds the `official` logit gradient.
+  Registering a name again replaces its builder; built-in names cannot be replaced.
+  """
+  registry.add(_BUILDERS, MODEL_NAMES, name, builder, "model",
+               "(model_config, num_classes) -> flax.linen.Module")
+
+
+def registered_names() -> Tuple[str, ...]:
+  """Every name `config.model.name` accepts now: the built-ins, then registered ones."""
+  return tuple(_BUILDERS)
 
 
 def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the flax module named by `model_config.name`."""
   if model_config.name not in _BUILDERS:
-    raise ValueError(f"model.name={model_config.name!r} is unknown; choose one of {MODEL_NAMES}.")
+    raise ValueError(f"model.name={model_config.name!r} is unknown; choose one of "
+                     f"{registered_names()} (or register yours: models.register_model).")
   return _BUILDERS[model_config.name](model_config, num_classes)
 
 
@@ -39,11 +58,24 @@ def compiler_options(model_config: ml_collections.ConfigDict):
 
 
 def head_mask(variables) -> dict:
-  """A pytree of bools over `variables`: True on the parameters of the 'head' layer."""
+  """A pytree of bools over `variables`: True on the parameters of the 'head' layer.
+
+  Raises config.ConfigError if there are none: the `official` update would otherwise
+  silently compute a zero logit gradient and never personalise.
+  """
+  from fedmerge_jax import config as config_lib  # pylint: disable=g-import-not-at-top (cycle)
   def is_head(path, _):
     keys = [getattr(k, "key", None) for k in path]
     return len(keys) >= 2 and keys[0] == "params" and keys[1] == HEAD
-  return jax.tree_util.tree_map_with_path(is_head, variables)
+  mask = jax.tree_util.tree_map_with_path(is_head, variables)
+  if not any(jax.tree.leaves(mask)):
+    top = sorted(variables.get("params", {})) if hasattr(variables, "get") else []
+    raise config_lib.ConfigError(
+        f"update_mode='official' computes the logit gradient from the model's last layer "
+        f"named 'head', and this model has none (its top-level layers: {top}). Name the "
+        f"last layer 'head' (e.g. nn.Dense(num_classes, name='head')), or set "
+        f"--config.update_mode=gradient.")
+  return mask
 
 
 def count_params(variables) -> int:
