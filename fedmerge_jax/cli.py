@@ -7,10 +7,7 @@ into one FATAL line, and quiets library logs unless `--verbosity` asks for them.
 import importlib
 import logging
 import os
-<<<<<<< HEAD
 import re
-=======
->>>>>>> issue13
 import sys
 
 from absl import app
@@ -42,6 +39,7 @@ def _unknown_override(argv):
   schema = dict(config_lib.flatten(config_lib.base_config()))
   return next((p for p in _config_override_paths(argv) if p not in schema), None)
 
+
 flags.DEFINE_list("imports", [], "Comma-separated Python modules imported before the config and "
                   "flags are checked, e.g. my_models: where they call "
                   "fedmerge_jax.models.register_model / algorithms.register_algorithm.")
@@ -67,15 +65,11 @@ def import_user_modules(argv) -> None:
 
 
 def parse_flags(argv):
-<<<<<<< HEAD
-  """absl's parsing; every mistake a user can make on the command line is one FATAL line."""
-=======
-  """absl's parsing (flag errors as one FATAL line), and ml_collections' unknown keys likewise.
+  """absl's parsing; every mistake a user can make on the command line is one FATAL line.
 
-  Modules named by --imports are imported first.
+  Modules named by --imports are imported first, so that what they register validates.
   """
   import_user_modules(argv)
->>>>>>> issue13
   try:
     rest = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, flags.Error) as e:
