@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from fedmerge_jax import client, train
-from fedmerge_jax.algorithms import fedavg_ft, fedem
+from fedmerge_jax.algorithms import fedavg_ft, fedem, ifca
 from fedmerge_jax.algorithms.ditto import PERSONAL_STREAM
 from fedmerge_jax.config import resolve
 from fedmerge_jax.data import FederatedData
@@ -200,9 +200,8 @@ def test_ifca_assigns_argmin_loss_model_and_averages_per_cluster(tiny_config, ti
     _close(_one(new.globals, k), expected, rtol=1e-4, atol=1e-5)
   # Each client predicts with the cluster model that fits its training data best.
   models = alg.personalized(new, ids, tiny_data.train.gather(ids))
-  train_losses = np.asarray(jax.jit(lambda s, d: __import__(
-      "fedmerge_jax.algorithms.ifca", fromlist=["x"]).training_losses(model, s.globals, d))(
-          new, tiny_data.train.gather(ids)))
+  train_losses = np.asarray(jax.jit(lambda s, d: ifca.training_losses(model, s.globals, d))(
+      new, tiny_data.train.gather(ids)))
   for c in ids:
     _close(_one(models, c), _one(new.globals, int(train_losses[c].argmin())), rtol=0, atol=0)
   assert alg.communication[0] == 3 * alg.communication[1]
