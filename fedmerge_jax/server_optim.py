@@ -55,8 +55,40 @@ class ServerUpdate(NamedTuple):
   """
   globals_tx: optax.GradientTransformationExtraArgs
   logits_tx: optax.GradientTransformation
-  logit_gradient_params: str  # 'head' or 'all': which parameters feed dL/dA.
+  logit_gradient_params: str  # 'head' or 'all' (trainable 'params' only): what feeds dL/dA.
   logits_first: bool  # If True, the globals step uses the weights after the logit step.
+  # If True, `logits_tx` runs on each client's logit row alone, with that row's own state
+  # (`init_logits_state`, `sparse_logits_step`): unsampled rows never move.
+  logits_rowwise: bool = False
+
+
+def init_logits_state(server: ServerUpdate, logits):
+  """The logit optimizer's state: one state per row (leaves [N, ...]) if `logits_rowwise`."""
+  if server.logits_rowwise:
+    return jax.vmap(server.logits_tx.init)(logits)
+  return server.logits_tx.init(logits)
+
+
+def sparse_logits_step(server: ServerUpdate, logits, opt_state, client_ids, grad_rows):
+  """(new logits, new state) after the logit step of the clients `client_ids` (distinct).
+
+  Row-wise (lazy, as sparse optimizers): gather the sampled rows and their state rows,
+  run the optimizer on each row alone, scatter both back, so an unsampled client keeps its
+  logits and its state rows bit for bit. A step count (adam's `count`) is per row: the
+  number of rounds that client took part in, as if each client had its own optimizer.
+  Otherwise the optimizer sees the whole [N, K] gradient, zero on unsampled rows (fit for
+  stateless rules whose normalisation couples the round's rows, as the `official` mode).
+  """
+  if not server.logits_rowwise:
+    grad = jnp.zeros_like(logits).at[client_ids].add(grad_rows)
+    updates, opt_state = server.logits_tx.update(grad, opt_state, logits)
+    return optax.apply_updates(logits, updates), opt_state
+  rows = logits[client_ids]
+  state_rows = jax.tree.map(lambda s: s[client_ids], opt_state)
+  updates, new_state_rows = jax.vmap(server.logits_tx.update)(grad_rows, state_rows, rows)
+  new_logits = logits.at[client_ids].set(optax.apply_updates(rows, updates))
+  new_state = jax.tree.map(lambda s, r: s.at[client_ids].set(r), opt_state, new_state_rows)
+  return new_logits, new_state
 
 
 def named_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -83,5 +115,6 @@ def make_server_update(config) -> ServerUpdate:
             named_optimizer(config.server_optimizer_globals, config.server_lr_globals)),
         logits_tx=named_optimizer(config.server_optimizer_logits, config.server_lr_logits),
         logit_gradient_params="all",
-        logits_first=False)
+        logits_first=False,
+        logits_rowwise=True)
   raise ValueError(f"update_mode={config.update_mode!r}; expected one of {UPDATE_MODES}.")

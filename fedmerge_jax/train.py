@@ -61,7 +61,8 @@ def build(config, data: data_lib.FederatedData, layout: Optional[parallel.Client
       config.client_parallelism = "vmap"  # One client at a time would idle all devices but one.
   model = model if model is not None else models.get_model(config.model, data.num_classes)
   algorithm = algorithms.get_algorithm(
-      model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32))
+      model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32),
+      total_train_examples=int(data.train.counts.sum()))
   return model, algorithm
 
 
@@ -202,6 +203,27 @@ def accelerator_line() -> str:
           f"{jax.process_count()} process{'es' if jax.process_count() != 1 else ''}")
 
 
+def all_merging_weights(algorithm, data: data_lib.FederatedData, chunk_size: int, mesh):
+  """state -> [N, K] every real client's merging weights, chunk by chunk as evaluation goes.
+
+  They come from the clients' training data where the algorithm looks at it (IFCA's
+  assignment), so plots and the ARI show the weights that evaluation used.
+  """
+  n = data.num_clients
+  chunk = parallel.client_layout(mesh.size, n, 0, chunk_size).eval_chunk
+  weights_fn = jax.jit(algorithm.merging_weights, out_shardings=parallel.replicated(mesh))
+
+  def weights(state) -> np.ndarray:
+    rows = []
+    for start in range(0, n, chunk):
+      ids = np.arange(start, start + chunk, dtype=np.int32)
+      ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
+      rows.append(np.asarray(weights_fn(state, ids, data.train.gather(ids)))[:n - start])
+    return np.concatenate(rows)[:n]
+
+  return weights
+
+
 def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None,
                        model=None):
   """Runs `config` and returns the final metrics and the best-by-validation ones.
@@ -274,7 +296,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
                                        models.compiler_options(config.model))
   if algorithm.merging_weights is not None:
-    merging_weights = jax.jit(algorithm.merging_weights, out_shardings=parallel.replicated(mesh))
+    merging_weights = all_merging_weights(algorithm, data, config.client_chunk_size, mesh)
   down, up = algorithm.communication
   if main_process:
     jsonl = metric_writers.JsonlWriter(workdir, start_round)
@@ -306,7 +328,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
         metrics.update(evaluated)
         weights = None
         if algorithm.merging_weights is not None:
-          weights = np.asarray(merging_weights(state))[:data.num_clients]
+          weights = merging_weights(state)
           if data.groups is not None:
             metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
         metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,

@@ -37,11 +37,17 @@ def register_algorithm(name: str, factory: Factory) -> None:
 def registered_names() -> Tuple[str, ...]:
   """Every name `config.algorithm` accepts now: the built-ins, then registered ones."""
   return tuple(_FACTORIES)
+# Algorithms whose server weights a client by its share of the whole population's examples.
+_POPULATION_WEIGHTED = ("fedem",)
 
 
-def get_algorithm(model, config, num_clients: int, example_input) -> Algorithm:
-  """Builds `config.algorithm` for a population of `num_clients`."""
+def get_algorithm(model, config, num_clients: int, example_input,
+                  total_train_examples=None) -> Algorithm:
+  """Builds `config.algorithm` for a population of `num_clients` holding
+  `total_train_examples` training examples in all (FedEM's server weights need it)."""
   if config.algorithm not in _FACTORIES:
     raise ValueError(f"algorithm={config.algorithm!r} is unknown; choose one of "
                      f"{registered_names()} (or register yours: algorithms.register_algorithm).")
-  return _FACTORIES[config.algorithm](model, config, num_clients, example_input)
+  extra = ({"total_train_examples": total_train_examples}
+           if config.algorithm in _POPULATION_WEIGHTED else {})
+  return _FACTORIES[config.algorithm](model, config, num_clients, example_input, **extra)

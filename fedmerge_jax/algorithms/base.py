@@ -43,8 +43,9 @@ class Algorithm(NamedTuple):
     what each client predicts with; some methods (IFCA, fine-tuning) look at train data.
   predict(one_client_model, x [B, ...]) -> logits (or log-probabilities) [B, classes].
   communication: (floats sent down, floats sent up) per sampled client per round.
-  merging_weights(state) -> [N, K] how much each client draws on each of the K shared
-    models (FedMerge's softmax(A), FedEM's mixtures), for logs and plots; None if K = 1.
+  merging_weights(state, client_ids [C], train_data) -> [C, K] how much each client draws
+    on each of the K shared models (FedMerge's softmax(A), FedEM's mixtures, IFCA's
+    assignment recomputed as `personalized` does), for logs and plots; None if K = 1.
   stages: the round's `RoundStages`, where the algorithm has them (None otherwise).
   """
   init: Callable[..., Any]

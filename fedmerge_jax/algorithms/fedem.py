@@ -5,6 +5,13 @@ mixture-of-experts family). Each round a sampled client runs, on its own data:
   E-step: q_k(x) = pi_k p_k(y|x) / sum_j pi_j p_j(y|x); pi_k <- mean over examples of q_k(x);
   M-step: E epochs of SGD on sum_k q_k(x) CE(h_k(x), y), all K components at once;
 and the server averages each component's updates over clients, weighted by n_i.
+
+Under client sampling this follows the reference implementation (omarfoq/FedEM,
+`CentralizedAggregator.mix`): the server averages every client's copy of each component
+with weights n_i / (sum of n over the whole population), and an unsampled client's copy is
+the last global component, unchanged. So Theta_k <- Theta_k - sum_{i sampled} n_i / n_total
+* Delta_ik: the step shrinks with the share of data sampled. Only sampled clients update
+their pi. With all clients sampled this is the plain n_i-weighted average.
 """
 
 from typing import Any
@@ -44,15 +51,36 @@ def e_step(model, components, mixture_row, data: client_lib.ClientData):
   return q, jnp.where(data.count > 0, pi, mixture_row)
 
 
-def make(model, config, num_clients, example_input):
+def component_apply(model, num_components: int):
+  """All K components on one batch: outputs [K, B, classes] (and their new state).
+
+  Each component draws its own randomness (dropout masks): every key in `rngs` is split
+  into K, one per component.
+  """
+  def stacked_apply(variables, x, rngs=None, **kwargs):
+    if not rngs:
+      return jax.vmap(lambda v: model.apply(v, x, **kwargs))(variables)
+    keys = {name: jax.random.split(key, num_components) for name, key in rngs.items()}
+    return jax.vmap(lambda v, r: model.apply(v, x, rngs=r, **kwargs))(variables, keys)
+  return stacked_apply
+
+
+def make(model, config, num_clients, example_input, total_train_examples=None):
+  """FedEM for `num_clients`; `total_train_examples` (sum of n over the population) scales
+  the server step as the reference does under sampling (None: the sampled clients' sum,
+  i.e. full participation's average whoever is sampled)."""
   k_models = config.num_global_models
   server = averaging_server(config).globals_tx
   local = base.local_config(config, prox_mu=0.0)
   size = base.num_floats(jax.eval_shape(lambda: model.init(jax.random.key(0), example_input[None])))
 
-  def stacked_apply(variables, x, **kwargs):
-    """All K components on one batch: outputs [K, B, classes] (and their new state)."""
-    return jax.vmap(lambda v: model.apply(v, x, **kwargs))(variables)
+  stacked_apply = component_apply(model, k_models)
+
+  def population_weights(data):
+    """n_i / n_total: the reference's weights (the sampled share if the total is unknown)."""
+    if total_train_examples is None:
+      return base.sample_weights(data)
+    return data.count.astype(jnp.float32) / total_train_examples
 
   def init(rng) -> State:
     components = init_stacked(model, rng, k_models, example_input)
@@ -76,7 +104,7 @@ def make(model, config, num_clients, example_input):
       deltas, pi, metrics = outputs
       return jax.tree.map(lambda d: jnp.einsum("c,c...->...", chunk[1], d), deltas), (pi, metrics)
 
-    p = base.sample_weights(data)
+    p = population_weights(data)
     grad, (mixture, client_metrics) = parallel.map_clients(
         lambda pi, _, d, k: train_one(state.components, pi, d, k),
         (state.mixture[client_ids], p, data, base.client_keys(rng, client_ids)),
@@ -102,4 +130,4 @@ def make(model, config, num_clients, example_input):
 
   return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
                         communication=(k_models * size, k_models * size),
-                        merging_weights=lambda state: state.mixture)
+                        merging_weights=lambda state, ids, train: state.mixture[ids])

@@ -25,7 +25,8 @@ from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
 from fedmerge_jax.merge import merge, merging_weights, server_gradients
-from fedmerge_jax.server_optim import ServerUpdate, make_server_update
+from fedmerge_jax.server_optim import (ServerUpdate, init_logits_state, make_server_update,
+                                       sparse_logits_step)
 
 
 @flax.struct.dataclass
@@ -40,6 +41,15 @@ def init_stacked(model, rng, num_models: int, example_input):
   """K models of one architecture, each with its own random init, stacked on axis 0."""
   keys = jax.random.split(rng, num_models)
   return jax.vmap(lambda k: flax.core.unfreeze(model.init(k, example_input[None])))(keys)
+
+
+def trainable_mask(variables):
+  """True on the trainable 'params' leaves, False on BatchNorm's running statistics.
+
+  The statistics are not arguments of the loss, so they have no place in dL/dA.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], "key", None) == "params", variables)
 
 
 def make(model, config, num_clients: int, example_input, *,
@@ -63,7 +73,7 @@ def make(model, config, num_clients: int, example_input, *,
   def init(rng) -> State:
     stacked = init_stacked(model, rng, k_models, example_input)
     logits = jnp.zeros((num_clients, k_models), jnp.float32)  # Uniform 1/K weights.
-    return State(stacked, logits, server.globals_tx.init(stacked), server.logits_tx.init(logits))
+    return State(stacked, logits, server.globals_tx.init(stacked), init_logits_state(server, logits))
 
   def client_logits(state: State, client_ids, data):
     if assign_logits is None:
@@ -81,7 +91,7 @@ def make(model, config, num_clients: int, example_input, *,
     mask_fn = models.head_mask
     mask_fn(one_model)  # A model without a 'head' fails here in one line, not mid-trace.
   else:
-    mask_fn = lambda variables: jax.tree.map(lambda _: True, variables)
+    mask_fn = trainable_mask
   # The globals step is linear in the deltas with weights known before training unless it
   # uses the logits after their step (official mode) and K > 1: then every delta is kept.
   streaming = not server.logits_first or k_models == 1
@@ -134,10 +144,9 @@ def make(model, config, num_clients: int, example_input, *,
     return state, base.training_metrics(data, metrics)
 
   def logits_step(state: State, client_ids, grad_rows) -> State:
-    grad = jnp.zeros_like(state.logits).at[client_ids].add(grad_rows)
-    updates, opt_state = server.logits_tx.update(grad, state.logits_opt_state, state.logits)
-    return state.replace(logits=optax.apply_updates(state.logits, updates),
-                         logits_opt_state=opt_state)
+    logits, opt_state = sparse_logits_step(server, state.logits, state.logits_opt_state,
+                                           client_ids, grad_rows)
+    return state.replace(logits=logits, logits_opt_state=opt_state)
 
   def globals_step(state: State, grad, model_mass) -> State:
     updates, opt_state = server.globals_tx.update(
@@ -147,6 +156,7 @@ def make(model, config, num_clients: int, example_input, *,
 
   def server_from_deltas(state: State, client_ids, data, deltas) -> State:
     """The server's part of a round given every client's delta (the breakdown's stage)."""
+    state = assigned(state, client_ids, data)  # IFCA: the rows its clients trained with.
     p = base.sample_weights(data)
     grad, grad_rows = chunk_gradients(state.globals, state.logits[client_ids], p, deltas)
     return server_step(state, client_ids, p, grad, grad_rows, deltas)
@@ -157,6 +167,6 @@ def make(model, config, num_clients: int, example_input, *,
   down = size * (models_down or 1)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
                         predict=base.model_predict(model), communication=(down, size),
-                        merging_weights=(lambda state: merging_weights(state.logits))
-                        if k_models > 1 else None,
+                        merging_weights=(lambda state, ids, train: merging_weights(
+                            client_logits(state, ids, train))) if k_models > 1 else None,
                         stages=stages)
