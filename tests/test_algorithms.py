@@ -74,7 +74,7 @@ def test_fedavg_and_fedprox_match_their_papers(tiny_config, algorithm):
   for c in IDS:
     n = int(data.train.counts[c])
     steps = n * config.local_epochs // config.batch_size
-    x, y = data.train.x[c, :1], data.train.y[c, :1]
+    x, y = (a[:1] for a in data.train.client(c))
     w = w_t
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
         model.apply({"params": p}, x), y).mean()
@@ -149,7 +149,7 @@ def test_ditto_matches_its_paper(tiny_config):
     if c not in IDS:
       _close(_one(new.personal, c), _one(state.personal, c), rtol=0, atol=0)
       continue
-    x, y = data.train.x[c, :1], data.train.y[c, :1]
+    x, y = (a[:1] for a in data.train.client(c))
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
         model.apply({"params": p}, x), y).mean()
     v = _one(state.personal, c)["params"]
@@ -160,7 +160,7 @@ def test_ditto_matches_its_paper(tiny_config):
   n = data.train.counts[IDS].astype(np.float64)
   trained = []
   for c in IDS:
-    x, y = data.train.x[c, :1], data.train.y[c, :1]
+    x, y = (a[:1] for a in data.train.client(c))
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
         model.apply({"params": p}, x), y).mean()
     w = w_t
@@ -303,7 +303,7 @@ def test_fedem_components_draw_their_own_dropout_masks(tiny_config, tiny_data):
             zip(jax.tree.leaves(moved[0]), jax.tree.leaves(moved[1])))
   assert gap > 1e-3
   # And in eval mode (no dropout) identical components give identical outputs.
-  out = fedem.component_apply(model, 2)(same, tiny_data.test.x[0], train=False)
+  out = fedem.component_apply(model, 2)(same, tiny_data.test.client(0)[0], train=False)
   np.testing.assert_array_equal(out[0], out[1])
 
 

@@ -165,7 +165,7 @@ def test_personal_loader_pools_and_holds_out(mock_arrays):
   np.testing.assert_array_equal(data.test.counts, np.ceil(n * (1 / 6)).astype(int))
   np.testing.assert_array_equal(data.val.counts, np.ceil(0.1 * (n - data.test.counts)).astype(int))
   # Normalised with CIFAR-100's statistics: client 0's first image is one of the inputs.
-  first = data.train.x[0, 0]
+  first = data.train.client(0)[0][0]
   pooled = cifar100.normalize(np.concatenate([mock_arrays[0], mock_arrays[2]]))
   assert np.any(np.all(np.isclose(pooled, first, atol=1e-6), axis=(1, 2, 3)))
 

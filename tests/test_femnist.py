@@ -108,9 +108,9 @@ def test_load_through_tfds_from_local_files(fedjax_files, no_download):
   np.testing.assert_array_equal(data.test.counts, [len(test_w[c][1]) for c in ids])
   for i, cid in enumerate(ids):
     pixels, label = train_w[cid]
-    np.testing.assert_allclose(data.train.x[i, :len(label), ..., 0], 1 - pixels, atol=3e-3)
-    np.testing.assert_array_equal(data.train.y[i, :len(label)], label)
-    assert np.all(data.train.x[i, len(label):] == 0)
+    x, y = data.train.client(i)
+    np.testing.assert_allclose(x[..., 0], 1 - pixels, atol=3e-3)
+    np.testing.assert_array_equal(y, label)
   np.testing.assert_array_equal(data.groups, [femnist.writer_domain(c) for c in ids])
   assert set(data.groups) == {0, 1}
   # The TFDS cache lives under data_dir, in array_record files; a second load reuses it.
@@ -342,8 +342,8 @@ def test_leaf_json(tmp_path):
   x, y = train_a["f2150_33"]
   i = data.client_ids.index("f2150_33")
   # Background 0, like FedJAX's loader: x = 1 - LEAF's pixels.
-  np.testing.assert_allclose(data.train.x[i, :len(y)].reshape(len(y), 784), 1 - x, atol=1e-3)
-  np.testing.assert_array_equal(data.train.y[i, :len(y)], y)
+  np.testing.assert_allclose(data.train.client(i)[0].reshape(len(y), 784), 1 - x, atol=1e-3)
+  np.testing.assert_array_equal(data.train.client(i)[1], y)
   assert load(data_config(tmp_path, name="leaf_femnist", only_digits=True)).num_classes == 10
 
 

@@ -108,9 +108,9 @@ def test_ifca_merging_weights_are_the_assignment_evaluation_uses(tiny_config, ti
   for c in every:
     n = int(tiny_data.train.counts[c])
     for k in range(3):
-      out = model.apply(_one(state.globals, k), tiny_data.train.x[c, :n])
-      losses[c, k] = optax.softmax_cross_entropy_with_integer_labels(
-          out, tiny_data.train.y[c, :n]).mean()
+      x, y = tiny_data.train.client(c)
+      out = model.apply(_one(state.globals, k), x)
+      losses[c, k] = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
   expected = np.eye(3)[losses.argmin(1)]
   np.testing.assert_array_equal(np.asarray(alg.merging_weights(state, every, train_data)), expected)
   # The same through train.py's chunked path (chunks of 2, the last padded).
