@@ -34,8 +34,9 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
-def _client_data(data, cid):
-  return jax.tree.map(lambda a: jnp.asarray(a[0]), data.train.gather([cid]))
+def _client_data(data, cid, length=None):
+  """Client `cid`'s training data, padded to `length` rows (default: its own count)."""
+  return jax.tree.map(lambda a: jnp.asarray(a[0]), data.train.gather([cid], length))
 
 
 def _trained(model, variables, data, key, local, anchor=None):
@@ -210,7 +211,7 @@ def test_fedem_e_step_follows_the_likelihoods_of_real_examples_only(tiny_config,
   tiny_config.num_global_models = 3
   config, model, alg = _build(tiny_config, tiny_data, "fedem")
   state = alg.init(jax.random.key(1))
-  d = _client_data(tiny_data, 0)  # 3 real examples, 8 padded rows.
+  d = _client_data(tiny_data, 0, length=11)  # 3 real examples, 8 padded rows.
   n = int(d.count)
   assert n < d.y.shape[0], "the test needs padded rows"
   prior = jnp.array([0.5, 0.3, 0.2])
