@@ -95,7 +95,7 @@ def make(model, config, num_clients: int, example_input, *,
   def server_step(state: State, client_ids, p, grad, grad_rows, deltas=None) -> State:
     """The logit step, then the globals step (dL/dTheta from `deltas` unless streamed)."""
     rows = state.logits[client_ids]
-    state = logits_step(state, client_ids, grad_rows)
+    state = logits_step(state, client_ids, grad_rows, p)
     weight_rows = state.logits[client_ids] if server.logits_first else rows
     if grad is None:  # Summed chunk by chunk: no second copy of all clients' deltas.
       grad, _ = parallel.map_clients(
@@ -132,9 +132,12 @@ def make(model, config, num_clients: int, example_input, *,
     state = server_step(state, client_ids, base.sample_weights(data), grad, grad_rows, *deltas)
     return state, base.training_metrics(data, metrics)
 
-  def logits_step(state: State, client_ids, grad_rows) -> State:
+  def logits_step(state: State, client_ids, grad_rows, p) -> State:
     grad = jnp.zeros_like(state.logits).at[client_ids].add(grad_rows)
-    updates, opt_state = server.logits_tx.update(grad, state.logits_opt_state, state.logits)
+    # The authors' logit step needs p per row (server_optim.authors_logit_step).
+    row_weights = jnp.zeros(state.logits.shape[0], p.dtype).at[client_ids].add(p)
+    updates, opt_state = optax.with_extra_args_support(server.logits_tx).update(
+        grad, state.logits_opt_state, state.logits, row_weights=row_weights)
     return state.replace(logits=optax.apply_updates(state.logits, updates),
                          logits_opt_state=opt_state)
 
