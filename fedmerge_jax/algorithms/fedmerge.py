@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from fedmerge_jax import client as client_lib
+from fedmerge_jax import gap
 from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
@@ -75,7 +76,9 @@ def make(model, config, num_clients: int, example_input, *,
 
   def train_one(stacked, weights_row, data, key):
     received = jax.tree.map(lambda leaf: leaf[0], merge(stacked, weights_row[None]))
-    return client_lib.local_train(model.apply, received, data, key, local)
+    delta, metrics = client_lib.local_train(model.apply, received, gap.train_part(data), key, local)
+    trained = jax.tree.map(jnp.subtract, received, delta)  # For the gap metric (gap.py) only.
+    return delta, gap.probe(metrics, base.model_predict(model), trained, data)
 
   if server.logit_gradient_params == "head":
     mask_fn = models.head_mask
