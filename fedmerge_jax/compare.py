@@ -35,7 +35,8 @@ TABLE_NOTE = (
     "mean = unweighted over clients, weighted = pooled over examples, std = across "
     "clients, p10 = 10th percentile over clients (the bottom decile); all at the last "
     "round. Best = test acc mean at the evaluation with the lowest validation loss, and "
-    "its round. Wall = train_and_evaluate's time in seconds, compilation included, data "
+    "its round. Gap acc = mean over the last round's trained clients of the accuracy of "
+    "the model each had just trained minus that of the model the server sends it next. Wall = train_and_evaluate's time in seconds, compilation included, data "
     f"loading excluded. Comm = floats sent per sampled client per round, down + up. "
     f"{MISSING} = not reported.")
 
@@ -83,10 +84,16 @@ def _comm(summary) -> str:
   return MISSING if down is None or up is None else f"{_count(down)} + {_count(up)}"
 
 
+def _gap(summary) -> str:
+  """gap/acc_mean at the last evaluation, signed (gap.py): trained minus received accuracy."""
+  value = summary.get("gap/acc_mean")
+  return MISSING if value is None or value != value else f"{value:+.4f}"  # NaN: none trained.
+
+
 def comparison_table(results: Sequence[Result]) -> str:
   """A Markdown table, one row per algorithm, of final, best and cost metrics."""
   header = ["algorithm", "test acc mean", "weighted", "std", "p10", "best acc mean",
-            "best round", "wall (s)", "comm / client / round (down + up)"]
+            "best round", "wall (s)", "comm / client / round (down + up)", "gap acc"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in results:
     s = r.summary
@@ -94,7 +101,7 @@ def comparison_table(results: Sequence[Result]) -> str:
     row = [r.algorithm, _acc(s, "test/acc_mean"), _acc(s, "test/acc_weighted"),
            _acc(s, "test/acc_std"), _acc(s, "test/acc_p10"), _acc(s, "best/acc_mean"),
            MISSING if s.get("best/round") is None else str(s["best/round"]),
-           MISSING if wall is None else f"{wall:.2f}", _comm(s)]
+           MISSING if wall is None else f"{wall:.2f}", _comm(s), _gap(s)]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
