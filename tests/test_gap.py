@@ -129,8 +129,18 @@ def test_received_is_the_global_model_where_clients_predict_with_another(tiny_co
   data = federation()
   _, alg = train.build(resolve(tiny_config), data)
   state = alg.init(jax.random.key(0))
+  if algorithm == "ditto":  # Personal models that differ from the global one.
+    state = state.replace(personal=jax.tree.map(lambda x: x + 1.0, state.personal))
   ids = np.array([1, 3])
-  got = alg.received(state, ids, data.train.gather(ids))
+  got = (alg.received or alg.personalized)(state, ids, data.train.gather(ids))
   server = state.server if algorithm == "ditto" else state
   jax.tree.map(lambda g, w: np.testing.assert_array_equal(g, np.broadcast_to(w, g.shape)),
                got, jax.tree.map(lambda x: x[0], server.globals))
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "ifca", "fedem", "ditto", "fedavg_ft"])
+def test_every_algorithm_reports_a_gap(tmp_path, tiny_config, algorithm):
+  tiny_config.algorithm, tiny_config.num_rounds = algorithm, 1
+  tiny_config.checkpoint_every, tiny_config.tensorboard = 0, False
+  summary = train.train_and_evaluate(tiny_config, str(tmp_path), data=federation())
+  assert np.isfinite(summary["gap/acc_mean"]) and np.isfinite(summary["gap/loss_mean"])
