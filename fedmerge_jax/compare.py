@@ -44,7 +44,9 @@ TABLE_NOTE = (
     "mean = unweighted over clients, weighted = pooled over examples, std = across "
     "clients, p10 = 10th percentile over clients (the bottom decile); all at the last "
     "round. Best = test acc mean at the evaluation with the lowest validation loss, and "
-    "its round. Wall = train_and_evaluate's time in seconds, compilation included, data "
+    "its round. Gap acc = mean over the last round's trained clients of the accuracy of "
+    "the model each had just trained minus that of the model the server sends it next. "
+    "Wall = train_and_evaluate's time in seconds, compilation included, data "
     f"loading excluded. Comm = floats sent per sampled client per round, down + up. "
     f"{MISSING} = not reported.")
 SEEDS_NOTE = ("With several seeds each cell is mean ± std over the seeds (sample standard "
@@ -210,7 +212,7 @@ def _comm(summary) -> str:
 def _cell(summaries: Sequence[Mapping[str, Any]], key: str, spec: str) -> str:
   """One value formatted with `spec`, or mean ± std over several; — if any lacks it."""
   values = [s.get(key) for s in summaries]
-  if not values or any(v is None for v in values):
+  if not values or any(v is None or v != v for v in values):  # v != v: NaN.
     return MISSING
   if len(values) == 1:
     return format(values[0], spec)
@@ -232,7 +234,7 @@ def comparison_table(results: Sequence[Result]) -> str:
   """
   swept = [path for path, _ in results[0].setting] if results else []
   header = swept + ["algorithm"] + [name for name, _ in METRIC_COLUMNS] + [
-      "best round", "wall (s)", "comm / client / round (down + up)"]
+      "best round", "wall (s)", "comm / client / round (down + up)", "gap acc"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for group in grouped(results):
     summaries = [r.summary for r in group]
@@ -241,7 +243,8 @@ def comparison_table(results: Sequence[Result]) -> str:
     row += [_cell(summaries, key, ".4f") for _, key in METRIC_COLUMNS]
     row += [_cell(summaries, "best/round", ".0f" if len(group) > 1 else "d"),
             _cell(summaries, "wall_time_s", ".2f"),
-            comms.pop() if len(comms) == 1 else MISSING]
+            comms.pop() if len(comms) == 1 else MISSING,
+            _cell(summaries, "gap/acc_mean", "+.4f")]  # gap.py: trained minus received.
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 

@@ -17,6 +17,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.algorithm = "fedmerge"  # See fedmerge_jax.algorithms.ALGORITHM_NAMES.
   c.num_global_models = 4  # K.
   c.update_mode = "official"  # 'official' (the authors' code) or 'gradient' (chain rule).
+  # 'official' mode's logit step: 'authors' (their update_W: L1-normalised gradient, repeated
+  # 0.01 p_i G steps until an entry moved > server_lr_logits, at most 10,000) or
+  # 'max_normalized' (one step lr_A G / max|G|). See server_optim.py.
+  c.logit_step = "authors"
   c.num_rounds = 100
   c.clients_per_round = 0  # 0: every client, every round.
   c.local_epochs = 1
@@ -87,7 +91,7 @@ def authors_training(num_global_models: int = 5) -> ml_collections.ConfigDict:
   c.prox_mu = 0.01
   c.server_lr_logits = 0.01
   c.server_lr_globals = 1.0
-  c.eval_every = 10
+  c.eval_every = 1  # The authors evaluate every round and select on mean validation loss.
   c.model.name = "resnet9"
   return c
 
@@ -127,10 +131,11 @@ def _choices() -> dict:
   from fedmerge_jax import models
   from fedmerge_jax.models.layers import CONV_IMPLS
   from fedmerge_jax.parallel import CLIENT_PARALLELISMS
-  from fedmerge_jax.server_optim import UPDATE_MODES
+  from fedmerge_jax.server_optim import LOGIT_STEPS, UPDATE_MODES
   return {
       "algorithm": _registered(algorithms),
       "update_mode": UPDATE_MODES,
+      "logit_step": LOGIT_STEPS,
       "model.name": _registered(models),
       "model.conv_impl": CONV_IMPLS,
       "client_parallelism": CLIENT_PARALLELISMS,

@@ -209,15 +209,29 @@ class RoundGatherer:
     self.arrays, self.layout, self.mesh, self.multiple = arrays, layout, mesh, multiple
     self.lengths = set()
 
-  def __call__(self, client_ids):
-    """(the real ids in the round's order, sharded padded ids, sharded ClientData)."""
+  def __call__(self, client_ids, test_arrays=None):
+    """(the real ids in the round's order, sharded padded ids, sharded ClientData).
+
+    With `test_arrays`, the data is `gap.WithTest`: each client's test split attached
+    (evaluation rounds measure the local-global gap with it).
+    """
     ids = largest_first(client_ids, self.arrays.counts)
+    padded = self.layout.pad_ids(ids)
     length = self.arrays.padded_length(ids, self.multiple)
-    if length not in self.lengths:
-      self.lengths.add(length)
-      logging.info("Rounds padded to %d examples per client (new shape: compiling).", length)
-    gather = lambda block: (block, self.arrays.gather(block, length))
-    sharded_ids, batch = client_arrays(self.mesh, self.layout.pad_ids(ids), gather)
+    shape = (length,) if test_arrays is None else (length, test_arrays.padded_length(ids, 8))
+    if shape not in self.lengths:
+      self.lengths.add(shape)
+      logging.info("Rounds padded to %s examples per client (new shape: compiling).",
+                   " + ".join(map(str, shape)))
+
+    def gather(block):
+      train = self.arrays.gather(block, length)
+      if test_arrays is None:
+        return block, train
+      from fedmerge_jax import gap  # pylint: disable=import-outside-toplevel  (gap imports us)
+      return block, gap.WithTest(train, test_arrays.gather(block, shape[1]))
+
+    sharded_ids, batch = client_arrays(self.mesh, padded, gather)
     return ids, sharded_ids, batch
 
 

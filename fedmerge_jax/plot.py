@@ -122,6 +122,27 @@ def plot_accuracy(metrics, summary, path: str, run: str = "") -> str:
   return _save(accuracy_figure(metrics, summary, run), path)
 
 
+def plot_gap(metrics, path: str) -> str:
+  """The local-global gap (gap.py) against rounds: accuracy gap (left axis), loss gap (right)."""
+  rows = [m for m in metrics if "gap/acc_mean" in m]
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  rounds = [m["round"] for m in rows]
+  ax.plot(rounds, [m["gap/acc_mean"] for m in rows], marker=".", color="C0",
+          label="accuracy: trained - received")
+  ax.axhline(0, color="gray", linewidth=0.8)
+  ax.set(xlabel="round", ylabel="accuracy gap (mean over trained clients)",
+         title="Local-global gap on the clients' own test data")
+  loss_ax = ax.twinx()
+  loss_ax.plot(rounds, [m["gap/loss_mean"] for m in rows], marker=".", color="C1",
+               label="loss: received - trained")
+  loss_ax.set_ylabel("loss gap")
+  handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
+  ax.legend(handles=handles, loc="upper right")
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
 def client_accuracy_figure(test_acc, round_index=None, run: str = "") -> Figure:
   """Histogram of per-client test accuracy (clients without test examples left out)."""
   acc = np.asarray(test_acc, np.float64)
@@ -188,6 +209,8 @@ def write_plots(workdir: str) -> dict:
   clients = read_clients(workdir)
   run = run_name(workdir, clients)
   paths = {"accuracy": plot_accuracy(metrics, summary, out("accuracy"), run)}
+  if any("gap/acc_mean" in m for m in metrics):
+    paths["gap"] = plot_gap(metrics, out("gap"))
   if clients is not None:
     round_index = int(clients["round"]) if "round" in clients else None
     paths["client_accuracy"] = plot_client_accuracy(

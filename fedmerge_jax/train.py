@@ -20,6 +20,7 @@ from fedmerge_jax import checkpoint as checkpoint_lib
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
+from fedmerge_jax import gap
 from fedmerge_jax import metric_writers
 from fedmerge_jax import models
 from fedmerge_jax import parallel
@@ -38,7 +39,8 @@ def sample_clients(rng, num_clients: int, clients_per_round: int) -> np.ndarray:
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
-  shown = ["train/loss", "test/acc_mean", "test/acc_weighted", "test/acc_p10", "val/loss"]
+  shown = ["train/loss", "test/acc_mean", "test/acc_weighted", "test/acc_p10", "val/loss",
+           "gap/acc_mean"]
   parts = [f"round {metrics['round']:>5d}"]
   parts += [f"{k} {metrics[k]:.4f}" for k in shown if k in metrics]
   parts.append(f"{metrics['rounds_per_s']:.2f} rounds/s")
@@ -293,6 +295,9 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
 
   round_fn = compile_round(algorithm, config, mesh, shardings)
   gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
+  # Evaluation rounds also measure the local-global gap (gap.py): the round gets the test split.
+  measure_gap = gap.make_gap_evaluator(algorithm, data, config.client_chunk_size,
+                                       models.compiler_options(config.model))
   evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
                                        models.compiler_options(config.model))
   if algorithm.merging_weights is not None:
@@ -309,7 +314,8 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
     for r in range(start_round + 1, config.num_rounds + 1):
       ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
                            config.clients_per_round)
-      ids, sharded_ids, batch = gather_round(ids)
+      evaluating = r % config.eval_every == 0 or r == config.num_rounds
+      ids, sharded_ids, batch = gather_round(ids, data.test if evaluating else None)
       state, round_metrics = round_fn(state, sharded_ids, batch, jax.random.fold_in(round_rng, r))
       if not bool(round_metrics["finite"]):
         where = save(r - 1)
@@ -319,13 +325,16 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
         raise FloatingPointError(non_finite_message(round_metrics, r, ids, where))
       done = r
       bar.advance()
-      if r % config.eval_every == 0 or r == config.num_rounds:
+      if evaluating:
         now = time.perf_counter()
         metrics = {"round": r}
         metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
         evaluated = evaluate(state)
         per_client = {k: evaluated.pop(k) for k in list(evaluated) if k.startswith("clients/")}
         metrics.update(evaluated)
+        gap_scalars, gap_clients = measure_gap(state, ids, round_metrics)
+        metrics.update(gap_scalars)
+        per_client.update(gap_clients)
         weights = None
         if algorithm.merging_weights is not None:
           weights = merging_weights(state)

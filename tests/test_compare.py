@@ -116,8 +116,8 @@ def test_table_formats_communication_and_missing_values():
   rows = table_rows(compare.comparison_table(
       [compare.Result("a", "", full, []), compare.Result("b", "", bare, [])]))
   assert rows["a"] == ["0.9611", "0.5000", "0.0100", "0.8889", "0.9500", "180", "8.61",
-                       "4,810 + 19,240.5"]
-  assert rows["b"] == ["0.2500"] + [compare.MISSING] * 5 + ["1.00", compare.MISSING]
+                       "4,810 + 19,240.5", compare.MISSING]  # No gap/acc_mean: no gap.
+  assert rows["b"] == ["0.2500"] + [compare.MISSING] * 5 + ["1.00"] + [compare.MISSING] * 2
 
 
 VALID = re.escape(", ".join(algorithms.ALGORITHM_NAMES))

@@ -8,6 +8,8 @@ import pytest
 from fedmerge_jax import client, models, train
 from fedmerge_jax.config import resolve
 
+from test_logit_step import update_w_loop
+
 
 def _build(config, data):
   config = resolve(config)
@@ -48,7 +50,10 @@ def _reference_round(config, model, state, ids, data, rng):
   theta_i = w @ theta_k
   if config.update_mode == "official":
     g = p[:, None] * w * ((deltas * head) @ theta_k.T - np.sum(deltas * head * theta_i, 1)[:, None])
-    logits[ids] -= config.server_lr_logits * g / np.abs(g).max()
+    if config.logit_step == "authors":  # Their update_W, looped as written.
+      logits[ids] = update_w_loop(logits[ids], g / p[:, None], p, config.server_lr_logits)[0]
+    else:
+      logits[ids] -= config.server_lr_logits * g / np.abs(g).max()
     w_new = _softmax(logits[ids])
     w_hat = p[:, None] * w_new / (p[:, None] * w_new).sum(0)
     theta_k = theta_k - config.server_lr_globals * w_hat.T @ deltas
@@ -59,9 +64,13 @@ def _reference_round(config, model, state, ids, data, rng):
   return theta_k, logits
 
 
-@pytest.mark.parametrize("update_mode,chunk", [("official", 0), ("official", 2), ("gradient", 0)])
-def test_vectorised_round_equals_per_client_loop(tiny_config, tiny_data, update_mode, chunk):
+@pytest.mark.parametrize("update_mode,chunk,logit_step", [
+    ("official", 0, "authors"), ("official", 2, "authors"), ("official", 0, "max_normalized"),
+    ("gradient", 0, "authors")])
+def test_vectorised_round_equals_per_client_loop(tiny_config, tiny_data, update_mode, chunk,
+                                                 logit_step):
   tiny_config.update_mode = update_mode
+  tiny_config.logit_step = logit_step
   tiny_config.client_chunk_size = chunk
   tiny_config.server_lr_globals = 1.0 if update_mode == "official" else 0.7
   config, model, alg = _build(tiny_config, tiny_data)

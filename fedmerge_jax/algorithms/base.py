@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fedmerge_jax import client as client_lib
+from fedmerge_jax import gap
 from fedmerge_jax import parallel
 
 
@@ -47,6 +48,8 @@ class Algorithm(NamedTuple):
     on each of the K shared models (FedMerge's softmax(A), FedEM's mixtures, IFCA's
     assignment recomputed as `personalized` does), for logs and plots; None if K = 1.
   stages: the round's `RoundStages`, where the algorithm has them (None otherwise).
+  received(state, client_ids, train_data) -> the models the server sends those clients
+    (for the gap metric, gap.py); None: `personalized`.
   """
   init: Callable[..., Any]
   round: Callable[..., Any]
@@ -55,6 +58,7 @@ class Algorithm(NamedTuple):
   communication: Tuple[int, int]
   merging_weights: Optional[Callable[[Any], jax.Array]] = None
   stages: Optional[RoundStages] = None
+  received: Optional[Callable[..., Any]] = None
 
 
 def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalConfig:
@@ -90,7 +94,8 @@ def training_metrics(data: client_lib.ClientData, client_metrics) -> dict:
   p = sample_weights(data)
   return {"train/loss": jnp.sum(p * client_metrics["train_loss"]),
           "train/num_examples": jnp.sum(data.count.astype(jnp.float32)),
-          "clients/train_loss": client_metrics["train_loss"]}
+          "clients/train_loss": client_metrics["train_loss"],
+          **gap.forward(client_metrics)}  # The gap metric's per-client (a) on evaluation rounds.
 
 
 def trained_models(apply_fn, models, data, rng, client_ids, local, chunk_size, anchors=None,
@@ -101,8 +106,10 @@ def trained_models(apply_fn, models, data, rng, client_ids, local, chunk_size, a
   `chunk_size` and `parallelism` say how clients run (`parallel.map_clients`).
   """
   def one(variables, d, key, anchor=None):
-    delta, metrics = client_lib.local_train(apply_fn, variables, d, key, local, anchor=anchor)
-    return jax.tree.map(jnp.subtract, variables, delta), metrics
+    delta, metrics = client_lib.local_train(apply_fn, variables, gap.train_part(d), key, local,
+                                            anchor=anchor)
+    trained = jax.tree.map(jnp.subtract, variables, delta)
+    return trained, gap.probe(metrics, lambda v, x: apply_fn(v, x, train=False), trained, d)
   args = (models, data, client_keys(rng, client_ids))
   return parallel.map_clients(one, args if anchors is None else args + (anchors,), chunk_size,
                               parallelism)

@@ -48,4 +48,6 @@ def make(model, config, num_clients, example_input):
 
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
                         predict=base.model_predict(model),
-                        communication=global_algorithm.communication)
+                        communication=global_algorithm.communication,
+                        received=lambda state, ids, data: global_algorithm.personalized(
+                            state.server, ids, data))  # The server sends w (gap metric).

@@ -23,4 +23,5 @@ def make(model, config, num_clients, example_input):
                                    parallelism=config.client_parallelism)
     return tuned
 
-  return algorithm._replace(personalized=personalized)
+  # The server sends the global model; clients fine-tune it only to predict (gap metric).
+  return algorithm._replace(personalized=personalized, received=algorithm.personalized)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fedmerge_jax import client as client_lib
+from fedmerge_jax import gap
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
 from fedmerge_jax.algorithms.fedavg import averaging_server
@@ -94,9 +95,10 @@ def make(model, config, num_clients, example_input, total_train_examples=None):
       ce = jax.vmap(lambda out: optax.softmax_cross_entropy_with_integer_labels(out, labels))(outputs)
       return jnp.sum(q[idx].T * ce, axis=0)
 
-    delta, metrics = client_lib.local_train(stacked_apply, components, data, key, local,
-                                            example_loss=weighted_loss)
-    return delta, pi, metrics
+    delta, metrics = client_lib.local_train(stacked_apply, components, gap.train_part(data), key,
+                                            local, example_loss=weighted_loss)
+    trained = (jax.tree.map(jnp.subtract, components, delta), pi)  # Gap metric (gap.py) only.
+    return delta, pi, gap.probe(metrics, predict, trained, data)
 
   def round_fn(state: State, client_ids, data, rng):
     def summarize(chunk, outputs):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from fedmerge_jax import client as client_lib
+from fedmerge_jax import gap
 from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
@@ -85,7 +86,9 @@ def make(model, config, num_clients: int, example_input, *,
 
   def train_one(stacked, weights_row, data, key):
     received = jax.tree.map(lambda leaf: leaf[0], merge(stacked, weights_row[None]))
-    return client_lib.local_train(model.apply, received, data, key, local)
+    delta, metrics = client_lib.local_train(model.apply, received, gap.train_part(data), key, local)
+    trained = jax.tree.map(jnp.subtract, received, delta)  # For the gap metric (gap.py) only.
+    return delta, gap.probe(metrics, base.model_predict(model), trained, data)
 
   if server.logit_gradient_params == "head":
     mask_fn = models.head_mask
@@ -106,7 +109,7 @@ def make(model, config, num_clients: int, example_input, *,
   def server_step(state: State, client_ids, p, grad, grad_rows, deltas=None) -> State:
     """The logit step, then the globals step (dL/dTheta from `deltas` unless streamed)."""
     rows = state.logits[client_ids]
-    state = logits_step(state, client_ids, grad_rows)
+    state = logits_step(state, client_ids, grad_rows, p)
     weight_rows = state.logits[client_ids] if server.logits_first else rows
     if grad is None:  # Summed chunk by chunk: no second copy of all clients' deltas.
       grad, _ = parallel.map_clients(
@@ -143,9 +146,10 @@ def make(model, config, num_clients: int, example_input, *,
     state = server_step(state, client_ids, base.sample_weights(data), grad, grad_rows, *deltas)
     return state, base.training_metrics(data, metrics)
 
-  def logits_step(state: State, client_ids, grad_rows) -> State:
+  def logits_step(state: State, client_ids, grad_rows, p) -> State:
+    # The authors' logit step needs p per row (server_optim.authors_logit_step).
     logits, opt_state = sparse_logits_step(server, state.logits, state.logits_opt_state,
-                                           client_ids, grad_rows)
+                                           client_ids, grad_rows, row_weights=p)
     return state.replace(logits=logits, logits_opt_state=opt_state)
 
   def globals_step(state: State, grad, model_mass) -> State:

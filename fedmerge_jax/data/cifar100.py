@@ -1,19 +1,20 @@
 """CIFAR-100 split into 50 clients the two ways of the FedMerge paper (arXiv 2504.06768).
 
-- 'cifar100_cluster' (data.partition='cluster'): clients in contiguous blocks, one per
-  class cluster; see `partition.cluster_partition`. Test = the CIFAR-100 test set split
-  with the same per-class shares; validation = val_fraction of each train class.
+Both splits are the authors' (github.com/shutong043/FedMerge, loaddata.py) draw for draw
+from data.seed (11 in the paper configs): the same per-client index sets, given CIFAR-100
+in the original archives' order.
+- 'cifar100_cluster' (data.partition='cluster'): `partition.cluster_partition`; clients
+  in contiguous blocks, one per class cluster; validation = 10% of each train class.
 - 'cifar100_personal' (data.partition='dirichlet'): train+test pooled and split by
-  `partition.capped_dirichlet_partition`; then per client test_fraction (1/6) for test
-  and val_fraction of the rest for validation (`partition.holdout_per_client`).
+  `partition.personal_partition` (capped Dirichlet(0.1), then per client 1/6 test and
+  10% of the rest validation).
 
 Images come, in this order of preference, from an original CIFAR-100 archive in
 `data.data_dir` (read with NumPy: `cifar-100-binary.tar.gz`, the one TFDS downloads, or
 `cifar-100-python.tar.gz`, the one torchvision and the authors use; either also
 extracted), or from a prepared TFDS `cifar100` (read with `tfds.data_source`, no
-TensorFlow). Examples are put in the archives' order (TFDS's by its 'id'), so a seed gives
-the same split from either source.
-"""
+TensorFlow). TFDS numbers each example by its record index in the binary archive ('id'
+train_00000, ...): sorted by id, its order is the binary archive's."""
 
 import io
 import os
@@ -29,8 +30,9 @@ from fedmerge_jax.data import partition
 from fedmerge_jax.data.federated import FederatedData
 
 NUM_CLASSES = 100
-MEAN = np.array([0.5071, 0.4865, 0.4409], np.float32)
-STD = np.array([0.2673, 0.2564, 0.2762], np.float32)
+# The authors' normalisation constants (their loaddata.generate_dataloader).
+MEAN = np.array([0.5071, 0.4867, 0.4408], np.float32)
+STD = np.array([0.2675, 0.2565, 0.2761], np.float32)
 Arrays = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x, y, test x, y.
 
 PREPARE_HINT = (
@@ -160,10 +162,9 @@ def personal_federation(arrays: Arrays, c) -> FederatedData:
   _check_partition(c, "dirichlet")
   train_x, train_y, test_x, test_y = arrays
   x, y = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
-  parts = partition.capped_dirichlet_partition(y, c.num_clients, c.dirichlet_alpha, c.seed,
-                                               min_size=c.min_client_size)
-  train, val, test = partition.holdout_per_client(parts, c.test_fraction, c.val_fraction,
-                                                  c.seed + 1)
+  train, val, test = partition.personal_partition(
+      y, c.num_clients, c.dirichlet_alpha, c.min_client_size, c.test_fraction, c.val_fraction,
+      c.seed, num_classes=NUM_CLASSES)
   return FederatedData.from_arrays(
       _client_dict(x, y, train), _client_dict(x, y, test),
       _client_dict(x, y, val) if c.val_fraction > 0 else None,

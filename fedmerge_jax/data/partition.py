@@ -1,6 +1,7 @@
 """Partitioners: which example indices each client gets, deterministic from a seed."""
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import random
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -13,14 +14,12 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> List[np.nda
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                        min_size: int = 1, max_tries: int = 1000,
-                        cap: Optional[float] = None) -> List[np.ndarray]:
+                        min_size: int = 1, max_tries: int = 1000) -> List[np.ndarray]:
   """Per class, the class's examples are split over clients by Dirichlet(alpha) shares.
 
   Redrawn until every client holds at least `min_size` examples. Small alpha: each client
-  sees few classes; large alpha: close to iid. With a `cap`, a client already holding
-  >= cap examples gets no share of the next classes (the rest renormalised): the
-  authors' 'personal' split, see `capped_dirichlet_partition`.
+  sees few classes; large alpha: close to iid. (The authors' capped variant for CIFAR-100
+  is `personal_partition`.)
   """
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
@@ -30,9 +29,6 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
     for cls in np.unique(labels):
       idx = rng.permutation(np.flatnonzero(labels == cls))
       shares = rng.dirichlet(np.full(num_clients, alpha))
-      if cap is not None:
-        shares = shares * (sizes < cap)
-        shares = shares / shares.sum()
       cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
       for client, chunk in enumerate(np.split(idx, cuts)):
         parts[client].append(chunk)
@@ -148,81 +144,79 @@ def partition_by_name(name: str, labels: np.ndarray, config_data, num_clients: i
   return parts
 
 
-# The FedMerge authors' CIFAR-100 splits (arXiv 2504.06768; fedmerge_jax.data.cifar100).
+# The FedMerge authors' CIFAR-100 splits (arXiv 2504.06768; github.com/shutong043/FedMerge,
+# loaddata.py), reproduced draw for draw: one legacy NumPy stream (their np.random.seed)
+# and one Python `random` stream (their random.seed), both seeded with `seed`.
 
 
-def round_counts(shares, total: int, min_count: int = 0) -> np.ndarray:
-  """Integer counts proportional to `shares` that sum to `total`, each >= min_count.
+def _fix_total(counts: np.ndarray, total: int, limit: Optional[int] = None) -> np.ndarray:
+  """The authors' rounding fix: -1 on the largest (+1 on the smallest) until the sum is total.
 
-  The authors' rounding: round each share of `total`, raise those under min_count to it,
-  then move the surplus (deficit) one unit at a time from the largest (to the smallest)
-  count. min_count is lowered to total // len(shares) when it cannot be met.
+  With `limit`, at most limit + 1 moves (their loop's give-up); the sum is then checked.
   """
-  shares = np.asarray(shares, np.float64)
-  min_count = min(min_count, total // len(shares))
-  counts = np.maximum(np.round(shares * total / shares.sum()).astype(np.int64), min_count)
-  while counts.sum() > total:
-    counts[np.argmax(counts)] -= 1
-  while counts.sum() < total:
-    counts[np.argmin(counts)] += 1
+  counts = counts.copy()
+  moves = 0
+  while counts.sum() != total:
+    counts[np.argmax(counts) if counts.sum() > total else np.argmin(counts)] += (
+        -1 if counts.sum() > total else 1)
+    moves += 1
+    if limit is not None and moves > limit:
+      break
+  if counts.sum() != total:
+    raise ValueError(f"cannot round {len(counts)} shares to a total of {total} in {limit} moves "
+                     f"(the authors' rule); use fewer clients per class.")
   return counts
 
 
-def cycling_class_clusters(num_classes: int, num_clusters: int, classes_per_cluster: int,
-                           rng: np.random.Generator) -> List[np.ndarray]:
-  """Class clusters drawn by a picker that cycles through all classes.
-
-  Classes are drawn without replacement from a pool that refills with all classes when
-  empty, so the first clusters partition the classes and later ones overlap them. The
-  authors' picker could draw a class twice within one cluster right after a refill; here
-  a cluster never repeats a class (its own classes are skipped), so each has exactly
-  `classes_per_cluster` distinct classes. Each cluster is returned sorted.
+def cycling_class_clusters(num_classes: int, classes_per_cluster: Sequence[int],
+                           py_rng) -> List[List[int]]:
+  """The authors' class picker: `py_rng.choice` from a list, removing the pick, refilled
+  with every class when empty. A cluster can hold a class twice (right after a refill).
   """
-  if not 1 <= classes_per_cluster <= num_classes:
-    raise ValueError(f"classes_per_cluster={classes_per_cluster} must be in [1, {num_classes}].")
-  if num_clusters * classes_per_cluster < num_classes:
-    raise ValueError(f"{num_clusters} clusters x {classes_per_cluster} classes cannot cover "
-                     f"all {num_classes} classes; raise num_clusters or classes_per_cluster.")
-  pool = np.ones(num_classes, bool)
-  clusters = []
-  for _ in range(num_clusters):
-    cluster = np.zeros(num_classes, bool)
-    for _ in range(classes_per_cluster):
-      if not (pool & ~cluster).any():
-        pool[:] = True
-      chosen = rng.choice(np.flatnonzero(pool & ~cluster))
-      pool[chosen] = False
-      cluster[chosen] = True
-    clusters.append(np.flatnonzero(cluster))
+  if sum(classes_per_cluster) < num_classes or max(classes_per_cluster) > num_classes:
+    raise ValueError(f"classes per cluster {list(classes_per_cluster)} must each be <= "
+                     f"{num_classes} and cover all {num_classes} classes together; raise "
+                     f"data.num_clusters or data.classes_per_cluster.")
+  available, clusters = list(range(num_classes)), []
+  for size in classes_per_cluster:
+    cluster = []
+    for _ in range(size):
+      if not available:
+        available = list(range(num_classes))
+      chosen = py_rng.choice(available)
+      available.remove(chosen)
+      cluster.append(chosen)
+    clusters.append(cluster)
   return clusters
 
 
-def clients_per_cluster(num_clusters: int, num_clients: int, rng: np.random.Generator,
+def clients_per_cluster(num_clusters: int, num_clients: int, rs: np.random.RandomState,
                         min_clients: int = 2) -> np.ndarray:
-  """Cluster sizes: `uniform_filter1d(rand(num_clusters), 3)` scaled to num_clients (min 2)."""
+  """Cluster sizes: round(uniform_filter1d(rand(K), 3) scaled to num_clients), each >= 2,
+  then fixed to the total (the authors' produce_client_by_class)."""
   if num_clients < num_clusters * min_clients:
     raise ValueError(f"num_clients={num_clients} < {num_clusters} clusters x {min_clients} "
                      f"clients each; raise num_clients or lower num_clusters.")
-  smooth = ndimage.uniform_filter1d(rng.random(num_clusters), size=3)
-  return round_counts(smooth, num_clients, min_clients)
+  smooth = ndimage.uniform_filter1d(rs.rand(num_clusters), size=3)
+  counts = np.round(smooth * num_clients / np.sum(smooth)).astype(int)
+  counts[counts < min_clients] = min_clients
+  return _fix_total(counts, num_clients)
 
 
-def per_class_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator):
-  """(kept, held_out) indices: int(fraction * n_c) random examples of each class held out."""
-  labels = np.asarray(labels)
-  kept, held = [], []
-  for cls in np.unique(labels):
-    idx = np.flatnonzero(labels == cls)
-    order = idx[rng.permutation(len(idx))]
-    cut = int(fraction * len(idx))
-    held.append(order[:cut])
-    kept.append(order[cut:])
-  return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+def _authors_class_counts(shares: np.ndarray, n: int) -> np.ndarray:
+  """A class's per-holder counts: round(n * shares), fixed to n, then >= 1 (20 moves each)."""
+  counts = _fix_total(np.round(n * shares), n, limit=20)
+  for _ in range(20):
+    if not np.any(counts < 1):
+      break
+    counts[np.argmax(counts)] -= 1
+    counts[np.argmin(counts)] += 1
+  return counts.astype(np.int64)
 
 
 class ClusterPartition(NamedTuple):
   """The 'cluster' split: class clusters, each client's cluster, per-client indices."""
-  cluster_classes: List[np.ndarray]  # [num_clusters] the sorted classes of each cluster.
+  cluster_classes: List[List[int]]  # [num_clusters] each cluster's picks (may repeat one).
   client_cluster: np.ndarray  # [num_clients] each client's cluster (contiguous blocks).
   train: List[np.ndarray]  # Per client: indices into the train labels.
   val: List[np.ndarray]  # Per client: indices into the train labels (held out from train).
@@ -231,80 +225,103 @@ class ClusterPartition(NamedTuple):
 
 def cluster_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int,
                       num_clusters: int, classes_per_cluster: int, alpha: float,
-                      val_fraction: float, seed: int, num_classes: Optional[int] = None,
-                      min_clients_per_cluster: int = 2) -> ClusterPartition:
-  """The FedMerge authors' 'cluster' split of a train and a test set.
+                      val_fraction: float, seed: int,
+                      num_classes: Optional[int] = None) -> ClusterPartition:
+  """The authors' 'cluster' split (their train2trainval and produce_client_by_*).
 
-  1. `per_class_holdout`: val_fraction of each class's train examples become validation.
-  2. `cycling_class_clusters`: clusters of classes (overlapping once all are used).
-  3. `clients_per_cluster`: cluster j owns the next contiguous block of clients; a client
-     holds its cluster's classes.
-  4. For each class: one Dirichlet(alpha) share vector over the clients holding it (in
-     client order); the class's train, val and test examples are each shuffled and cut
-     into contiguous chunks of `round_counts(shares, n, 1)` -- the same shares for all
-     three, so a client's val and test mix follows its train mix.
-  Every example of every class is assigned; a holder gets >= 1 example of each of its
-  classes where the class has as many examples as holders. Random draws, all from
-  default_rng(seed), in the order of the steps; step 4 goes through the classes in
-  ascending order, drawing shares, then the train, val and test permutations.
+  Legacy NumPy stream `RandomState(seed)`, in this order: per class, a permutation of its
+  train examples (the first int(val_fraction n) to validation); a permutation of the train
+  pool and of the validation pool (pools in class order); `rand(num_clusters)` for the
+  clients per cluster; then per class, per split (train, val, test), a permutation of the
+  class's examples in pool order. The class picker uses Python's `random.Random(seed)`.
+  A class's Dirichlet(alpha) shares over the clients holding it come from
+  `RandomState(class)` (their scipy `seed=classid`), the same for the three splits.
+  Clients hold their cluster's classes; the returned indices are sorted.
   """
   train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
   if num_classes is None:
     num_classes = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1))) + 1
-  rng = np.random.default_rng(seed)
-  kept, held = per_class_holdout(train_labels, val_fraction, rng)
-  clusters = cycling_class_clusters(num_classes, num_clusters, classes_per_cluster, rng)
-  sizes = clients_per_cluster(num_clusters, num_clients, rng, min_clients_per_cluster)
-  client_cluster = np.repeat(np.arange(num_clusters), sizes)
-  holds = np.zeros((num_clients, num_classes), bool)
-  for client, cluster in enumerate(client_cluster):
-    holds[client, clusters[cluster]] = True
-  sources = [(kept, train_labels[kept]), (held, train_labels[held]),
-             (np.arange(len(test_labels)), test_labels)]
+  rs, py_rng = np.random.RandomState(seed), random.Random(seed)
+  kept, held = [], []
+  for cls in range(num_classes):
+    idx = np.flatnonzero(train_labels == cls)
+    order = rs.permutation(len(idx))
+    cut = int(val_fraction * len(idx))
+    held.append(idx[order[:cut]])
+    kept.append(idx[order[cut:]])
+  kept, held = np.concatenate(kept), np.concatenate(held)
+  kept, held = kept[rs.permutation(len(kept))], held[rs.permutation(len(held))]
+  clusters = cycling_class_clusters(num_classes, [classes_per_cluster] * num_clusters, py_rng)
+  client_cluster = np.repeat(np.arange(num_clusters), clients_per_cluster(
+      num_clusters, num_clients, rs))
+  sources = [kept, held, np.arange(len(test_labels))]
+  source_labels = [train_labels[kept], train_labels[held], test_labels]
   parts = [[[] for _ in range(num_clients)] for _ in sources]
   for cls in range(num_classes):
-    holders = np.flatnonzero(holds[:, cls])
-    shares = rng.dirichlet(np.full(len(holders), alpha))
-    for split_parts, (index, labels) in zip(parts, sources):
+    holders = [j for j, k in enumerate(client_cluster) if cls in clusters[k]]
+    if not holders:
+      raise ValueError(f"class {cls} is in no cluster; raise data.classes_per_cluster.")
+    shares = np.random.RandomState(cls).dirichlet([alpha] * len(holders))
+    for split_parts, index, labels in zip(parts, sources, source_labels):
       idx = index[labels == cls]
-      idx = idx[rng.permutation(len(idx))]
-      chunks = np.split(idx, np.cumsum(round_counts(shares, len(idx), 1))[:-1])
-      for client, chunk in zip(holders, chunks):
+      idx = idx[rs.permutation(len(idx))]
+      cuts = np.cumsum(_authors_class_counts(shares, len(idx)))[:-1]
+      for client, chunk in zip(holders, np.split(idx, cuts)):
         split_parts[client].append(chunk)
-  as_array = lambda chunks: np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
+  as_array = lambda c: np.sort(np.concatenate(c)).astype(np.int64) if c else np.zeros(0, np.int64)
   train, val, test = ([as_array(c) for c in split_parts] for split_parts in parts)
   return ClusterPartition(clusters, client_cluster, train, val, test)
 
 
-def capped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                               min_size: int = 1, cap: Optional[float] = None,
-                               max_tries: int = 1000) -> List[np.ndarray]:
-  """The authors' 'personal' split (their `separate_data`, 'dir' mode).
+class PersonalPartition(NamedTuple):
+  """The 'personal' split: per-client indices into the pooled labels."""
+  train: List[np.ndarray]
+  val: List[np.ndarray]
+  test: List[np.ndarray]
 
-  `dirichlet_partition` with a per-client cap, default N / num_clients: classes in
-  ascending order; a client already holding >= cap examples gets no share of the next
-  classes; the class's shuffled examples are cut at floor(cumsum * n). Redrawn until
-  every client has >= min_size.
+
+def personal_partition(labels: np.ndarray, num_clients: int, alpha: float, min_size: int,
+                       test_fraction: float, val_fraction: float, seed: int,
+                       num_classes: Optional[int] = None,
+                       max_tries: int = 1000) -> PersonalPartition:
+  """The authors' 'personal' split (their separate_data 'dir' mode and split_data_val).
+
+  Legacy NumPy stream `RandomState(seed)`: per class in order, `shuffle` its examples, draw
+  Dirichlet(alpha) shares over the clients, zero those of clients already holding
+  >= N / num_clients, cut at floor(cumsum * n); redrawn until every client holds
+  >= min_size. Then per client, sklearn's train_test_split twice from the same stream:
+  a permutation, test = the first ceil(test_fraction n); a permutation of the rest,
+  validation = its first ceil(val_fraction m). Returned indices are sorted.
   """
-  cap = len(labels) / num_clients if cap is None else cap
-  return dirichlet_partition(labels, num_clients, alpha, seed, min_size=min_size,
-                             max_tries=max_tries, cap=cap)
-
-
-def holdout_per_client(parts: Sequence[np.ndarray], test_fraction: float, val_fraction: float,
-                       seed: int) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
-  """Each client's indices -> (train, val, test) lists, like sklearn's train_test_split twice.
-
-  Per client, shuffled: test = ceil(test_fraction * n), val = ceil(val_fraction * (n - test)),
-  train the rest. Draws from default_rng(seed), one permutation per client in order.
-  """
-  rng = np.random.default_rng(seed)
+  labels = np.asarray(labels)
+  if num_classes is None:
+    num_classes = int(labels.max(initial=-1)) + 1
+  rs, cap = np.random.RandomState(seed), len(labels) / num_clients
+  for _ in range(max_tries):
+    held = [[] for _ in range(num_clients)]
+    for cls in range(num_classes):
+      idx = np.flatnonzero(labels == cls)
+      rs.shuffle(idx)
+      shares = rs.dirichlet(np.repeat(alpha, num_clients))
+      shares = shares * np.array([len(h) < cap for h in held])
+      shares = shares / shares.sum()
+      cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
+      for h, chunk in zip(held, np.split(idx, cuts)):
+        h.extend(chunk.tolist())
+    if min(len(h) for h in held) >= min_size:
+      break
+  else:
+    raise ValueError(f"personal partition: no split with >= {min_size} examples per client in "
+                     f"{max_tries} draws; lower data.min_client_size or data.num_clients.")
   train, val, test = [], [], []
-  for idx in parts:
-    idx = np.asarray(idx)[rng.permutation(len(idx))]
+  for h in held:
+    idx = np.asarray(h, np.int64)
+    order = rs.permutation(len(idx))
     n_test = int(np.ceil(test_fraction * len(idx)))
-    n_val = int(np.ceil(val_fraction * (len(idx) - n_test)))
-    test.append(np.sort(idx[:n_test]))
-    val.append(np.sort(idx[n_test:n_test + n_val]))
-    train.append(np.sort(idx[n_test + n_val:]))
-  return train, val, test
+    test.append(np.sort(idx[order[:n_test]]))
+    rest = idx[order[n_test:]]
+    order = rs.permutation(len(rest))
+    n_val = int(np.ceil(val_fraction * len(rest)))
+    val.append(np.sort(rest[order[:n_val]]))
+    train.append(np.sort(rest[order[n_val:]]))
+  return PersonalPartition(train, val, test)

@@ -1,0 +1,118 @@
+"""The local-global gap: what a client loses between its local training and the next model.
+
+FedMerge's claim (arXiv 2504.06768): merging "smoothens the local-global gap between
+consecutive rounds caused by client drift". Measured here for every algorithm, on each
+evaluation round, for the clients trained in that round, on each client's own test split:
+  (a) the model the client holds at the end of its local training this round;
+  (b) the model the server sends it next (`Algorithm.received`, default `personalized`,
+      of the state after the round).
+gap/acc_mean = mean over those clients of acc(a) - acc(b); gap/loss_mean = mean of
+loss(b) - loss(a). Positive: the server's model is worse on the client's data than what
+the client had just trained.
+
+How, without training twice: on evaluation rounds train.py passes the round `WithTest`
+data (the sampled clients' test split attached). Each local-training site calls `probe`,
+which evaluates the just-trained model on that split and adds two scalars to the client's
+metrics (`base.training_metrics` forwards them). Only those two scalars per client are
+kept; then `make_gap_evaluator` evaluates (b) chunk by chunk.
+"""
+
+from typing import Dict, Tuple
+
+import flax
+import jax
+import numpy as np
+
+from fedmerge_jax import evaluation
+from fedmerge_jax.client import ClientData
+
+TRAINED_KEYS = ("gap_trained_correct", "gap_trained_loss_sum")  # Per-client, from `probe`.
+
+
+@flax.struct.dataclass
+class WithTest:
+  """A round's client data (`train`, read through as its attributes) with each client's test split."""
+  train: ClientData
+  test: ClientData
+
+  def __getattr__(self, name):
+    if name in ("train", "test") or name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(self.train, name)
+
+
+def train_part(data):
+  """What local training sees: the training data, whether or not a test split is attached."""
+  return data.train if isinstance(data, WithTest) else data
+
+
+def probe(metrics: dict, predict, trained_model, data) -> dict:
+  """metrics plus (a)'s correct count and summed loss on the client's test split, if attached."""
+  if not isinstance(data, WithTest):
+    return metrics
+  correct, loss_sum = evaluation.evaluate_client(predict, trained_model, data.test)
+  return dict(metrics, gap_trained_correct=correct, gap_trained_loss_sum=loss_sum)
+
+
+def forward(client_metrics: dict) -> dict:
+  """The per-client (a) scalars as round metrics 'clients/gap_trained_*' (none if not probed)."""
+  return {f"clients/{k}": client_metrics[k] for k in TRAINED_KEYS if k in client_metrics}
+
+
+def summarize(trained: Tuple[np.ndarray, np.ndarray], received: Tuple[np.ndarray, np.ndarray],
+              test_counts: np.ndarray) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+  """(scalars, per-client acc and loss gaps) from (correct, loss_sum) of (a) and (b).
+
+  Clients without test examples are left out (their per-client gaps are NaN).
+  """
+  n = np.asarray(test_counts, np.float64)
+  has = n > 0
+  with np.errstate(invalid="ignore", divide="ignore"):
+    acc_a, loss_a = trained[0] / n, trained[1] / n
+    acc_b, loss_b = received[0] / n, received[1] / n
+  acc_gap = np.where(has, acc_a - acc_b, np.nan)
+  loss_gap = np.where(has, loss_b - loss_a, np.nan)
+  mean = lambda v: float(np.mean(v[has])) if has.any() else float("nan")
+  scalars = {"gap/acc_mean": mean(acc_gap), "gap/loss_mean": mean(loss_gap),
+             "gap/trained_acc_mean": mean(acc_a), "gap/received_acc_mean": mean(acc_b)}
+  return scalars, {"acc": acc_gap, "loss": loss_gap}
+
+
+def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=None):
+  """Returns gap(state, client_ids, round_metrics) -> (scalars, per-client arrays over all N).
+
+  `state` is the state after the round that trained `client_ids` (real ids, in the round's order) with
+  `WithTest` data; round_metrics holds its 'clients/gap_trained_*' (phantoms after the
+  real clients). (b) is evaluated `chunk_size` clients at a time (all if 0); the
+  per-client arrays are NaN for clients not trained in the round.
+  """
+  received = algorithm.received or algorithm.personalized
+
+  def evaluate_chunk(state, client_ids, train: ClientData, test: ClientData):
+    models = received(state, client_ids, train)
+    return jax.vmap(lambda m, d: evaluation.evaluate_client(algorithm.predict, m, d))(models, test)
+
+  evaluate_chunk = jax.jit(evaluate_chunk, compiler_options=compiler_options)
+
+  def gap(state, client_ids, round_metrics) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+    ids = np.asarray(client_ids)
+    c = len(ids)
+    chunk = c if chunk_size <= 0 else min(chunk_size, c)
+    correct, loss_sum = np.zeros(c), np.zeros(c)
+    for start in range(0, c, chunk):
+      part = ids[start:start + chunk]
+      padded = np.concatenate([part, np.full(chunk - len(part), part[0])])  # One shape.
+      got = jax.device_get(evaluate_chunk(
+          state, padded, data.train.gather(padded, data.train.padded_length(padded, 8)),
+          data.test.gather(padded, data.test.padded_length(padded, 8))))
+      correct[start:start + len(part)] = got[0][:len(part)]
+      loss_sum[start:start + len(part)] = got[1][:len(part)]
+    trained = tuple(np.asarray(round_metrics[f"clients/{k}"])[:c] for k in TRAINED_KEYS)
+    scalars, per_client = summarize(trained, (correct, loss_sum), data.test.counts[ids])
+    full = {}
+    for name, values in per_client.items():
+      full[f"clients/gap_{name}"] = np.full(data.num_clients, np.nan)
+      full[f"clients/gap_{name}"][ids] = values
+    return scalars, full
+
+  return gap
