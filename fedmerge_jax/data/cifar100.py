@@ -178,8 +178,8 @@ def split_statistics(data: FederatedData) -> dict:
     return {"total": int(n.sum()), "min": int(n.min()), "median": float(np.median(n)),
             "max": int(n.max())}
   present = np.zeros((data.num_clients, data.num_classes), bool)
-  for i, (y, n) in enumerate(zip(data.train.y, data.train.counts)):
-    present[i, y[:n]] = True
+  for i in range(data.num_clients):
+    present[i, data.train.client(i)[1]] = True
   classes = present.sum(1)
   stats = {"name": data.name, "num_clients": data.num_clients,
            "train": sizes(data.train), "test": sizes(data.test),

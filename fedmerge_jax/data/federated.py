@@ -91,8 +91,6 @@ class ClientArrays:
       y[offsets[i]:offsets[i + 1]] = yi
     return cls(x, y, offsets)
 
-  pad = from_clients  # The name loaders used when splits were padded.
-
 
 @dataclasses.dataclass(frozen=True)
 class FederatedData:

@@ -16,8 +16,8 @@ records the size and SHA-256 of the files it was built from; when the files in `
 differ, it is rebuilt (with a warning). Offline, a missing file fails within seconds with
 one line naming where it was looked for, the address and the flag; nothing half-made stays.
 
-In host memory the images are float16 in [0, 1], `[N, max_n, 28, 28, 1]` (padded to the
-largest writer): half of float32's size. Models must cast inputs to float32 where an op
+In host memory the images are float16 in [0, 1], ragged (every writer's real examples,
+`[total, 28, 28, 1]`, plus offsets): half of float32's size, and no padding. Models must cast inputs to float32 where an op
 needs equal dtypes (XLA's convolution does; matmuls promote).
 """
 
@@ -394,10 +394,11 @@ def split_validation(writers: Writers, fraction: float, seed: int) -> Tuple[Writ
   return train, val
 
 
-def pad_images(per_client: Sequence[Tuple[np.ndarray, np.ndarray]]) -> ClientArrays:
-  """uint8 images -> padded float16 `[N, max_n, 28, 28, 1]` in [0, 1], labels, counts."""
-  return ClientArrays.pad(
-      [(np.asarray(x, np.float32)[..., None] / 255, y) for x, y in per_client],
+def ragged_images(per_client: Sequence[Tuple[np.ndarray, np.ndarray]]) -> ClientArrays:
+  """uint8 images -> a ragged split: float16 `[total, 28, 28, 1]` in [0, 1], labels, offsets."""
+  return ClientArrays.from_clients(
+      [((np.asarray(x, np.float32)[..., None] / 255).astype(np.float16), y)  # float16 early:
+       for x, y in per_client],                                                # lower peak.
       (*IMAGE_SHAPE, 1), x_dtype=np.float16)
 
 
@@ -429,9 +430,9 @@ def to_federated(train: Writers, test: Writers, num_classes: int, data_config,
   domains = [writer_domain(cid) for cid in ids]
   return FederatedData(
       client_ids=tuple(ids),
-      train=pad_images([train[cid] for cid in ids]),
-      test=pad_images([test.get(cid, empty) for cid in ids]),
-      val=None if val is None else pad_images([val[cid] for cid in ids]),
+      train=ragged_images([train[cid] for cid in ids]),
+      test=ragged_images([test.get(cid, empty) for cid in ids]),
+      val=None if val is None else ragged_images([val[cid] for cid in ids]),
       num_classes=num_classes,
       groups=None if None in domains else np.array(domains, np.int32),
       name=name)
