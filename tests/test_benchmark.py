@@ -147,13 +147,16 @@ def test_targets_judge_unequal_clients_and_say_what_they_need():
   assert checks(rows)["fedavg_femnist_vs_equal_sizes"]["measured"] is None
 
 
-def test_targets_pass_and_fail_on_the_scaling_rows():
+def test_targets_pass_and_fail_on_the_equal_and_scaling_rows():
   scale = lambda c, rss: {"kind": "scaling", "model": "emnist_cnn", "algorithm": "fedavg",
                           "num_global_models": 1, "clients": c,
                           "round_s": 0.1 * c, "peak_rss_bytes": rss, "data_bytes": 1000 * c,
                           "delta_bytes_per_client": 4_000_000}
-  rows = [scale(100, 2e9), scale(3400, 2e9 + 3300 * 1000)]
+  rows = [scale(100, 2e9), scale(3400, 2e9 + 3300 * 1000),
+          _round("fedavg", "equal", 3000.0, speedup=1.5, clients=10)]  # The 10 x 200 setting.
   checks = {c["name"]: c["pass"] for c in benchmark.targets_row(rows)["checks"]}
+  assert checks["fedavg_emnist_cnn_vs_fedjax"] is True  # 3,000 >= 2 x 1,400.
+  assert checks["fedavg_emnist_cnn_speedup_vs_loop"] is False
   assert checks["emnist_cnn_3400_clients_fit_24gib"] is True
   assert checks["memory_grows_with_chunk_not_clients"] is True
   assert checks["round_time_linear_in_clients"] is True
