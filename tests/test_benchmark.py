@@ -165,7 +165,7 @@ def test_targets_pass_and_fail_on_the_equal_and_scaling_rows():
 def test_benchmark_prints_every_kind_of_line():
   argv = [sys.executable, "-m", "fedmerge_jax.benchmark", "--model=mlp",
           "--algorithm=fedavg", "--client_sizes=9,3,5", "--clients_per_round=2",
-          "--batch_size=4", "--rounds=1", "--breakdown", "--scaling",
+          "--batch_size=4", "--local_batching=stream", "--rounds=1", "--breakdown", "--scaling",
           "--scaling_clients=2,3", "--examples_per_client=4", "--targets", "--peak_size=64"]
   result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
   rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -174,7 +174,8 @@ def test_benchmark_prints_every_kind_of_line():
   reference, row = rows[0], rows[1]
   assert row["workload"] == "list" and row["sizes"] == {"min": 3, "median": 5.0, "mean": 17 / 3,
                                                         "max": 9}
-  assert row["useful_examples_per_s"] > 0 and 0 < row["real_fraction"] <= 1
+  assert row["local_batching"] == reference["local_batching"] == "stream"
+  assert row["useful_examples_per_s"] > 0 and 0 < row["real_fraction"] < 1  # 9 -> 3 batches of 4.
   assert row["speedup_vs_loop"] == pytest.approx(
       row["useful_examples_per_s"] / reference["useful_examples_per_s"])
   assert all(rows[2][k] > 0 for k in ("merge_s", "train_s", "server_s", "eval_s", "round_s"))
