@@ -69,11 +69,10 @@ def test_gap_equals_a_direct_computation(tiny_config, algorithm):
       received = jax.tree.map(lambda x: np.asarray(x[0]), state.globals)
       sent = jax.tree.map(lambda x: np.asarray(x[0]), new_state.globals)
     n = data.train.counts[cid]
-    own = client.ClientData(data.train.x[cid, :n], data.train.y[cid, :n], n)
+    own = client.ClientData(*data.train.client(cid), n)
     delta, _ = client.local_train(model.apply, received, own, jax.random.fold_in(rng, cid), local)
     trained = jax.tree.map(lambda r, d: r - np.asarray(d), received, delta)
-    m = data.test.counts[cid]
-    x, y = data.test.x[cid, :m], data.test.y[cid, :m]
+    x, y = data.test.client(cid)
     (acc_a, loss_a), (acc_b, loss_b) = (numpy_scores(model, v, x, y) for v in (trained, sent))
     acc_gaps.append(acc_a - acc_b)
     loss_gaps.append(loss_b - loss_a)

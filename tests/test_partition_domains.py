@@ -108,7 +108,7 @@ def test_describe_partition_numbers():
 def test_digits_use_partition_by_name():
   data = load(data_config(partition="pathological", classes_per_client=2))
   for i in range(data.num_clients):
-    seen = np.concatenate([s.y[i, :s.counts[i]] for s in (data.train, data.test, data.val)])
+    seen = np.concatenate([s.client(i)[1] for s in (data.train, data.test, data.val)])
     assert len(np.unique(seen)) == 2
 
 
@@ -204,7 +204,7 @@ def test_pacs_loads_a_folder(tmp_path):
   write_pacs(kfold_parent / "kfold", classes=("dog", "horse", "house"))
   subset = load(pacs_config(str(kfold_parent), classes=("house", "dog")))
   assert subset.num_classes == 2
-  labels = np.concatenate([s.y[i, :s.counts[i]] for s in (subset.train, subset.test, subset.val)
+  labels = np.concatenate([s.client(i)[1] for s in (subset.train, subset.test, subset.val)
                            for i in range(subset.num_clients)])
   np.testing.assert_array_equal(np.bincount(labels), [6, 6])
 
@@ -269,7 +269,7 @@ def test_domainnet_loads_through_tfds_data_source():
   np.testing.assert_array_equal(data.train.x, again.train.x)
   # TFDS labels 2 (alarm_clock), 0 (aircraft_carrier) kept as 0, 1; label 1 dropped.
   assert subset.num_classes == 2
-  kept = np.concatenate([s.y[i, :s.counts[i]] for s in (subset.train, subset.test, subset.val)
+  kept = np.concatenate([s.client(i)[1] for s in (subset.train, subset.test, subset.val)
                          for i in range(subset.num_clients)])
   assert np.bincount(kept).tolist() == [9, 10]
 
