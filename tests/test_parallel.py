@@ -138,8 +138,7 @@ def test_batchnorm_and_dropout_rounds_do_not_depend_on_strategy_or_order(tiny_co
 
   ids = np.array([0, 1, 2, 3, 5])
   reference, ref_metrics = run(ids, "vmap", 0)
-  for order, parallelism, chunk in [(ids, "vmap", 3), (ids, "sequential", 0),
-                                    (parallel.largest_first(ids, data.train.counts), "vmap", 2),
+  for order, parallelism, chunk in [(parallel.largest_first(ids, data.train.counts), "vmap", 2),
                                     (ids[::-1], "sequential", 0)]:
     new, metrics = run(order, parallelism, chunk)
     _close(new, reference, rtol=1e-4, atol=1e-5)
