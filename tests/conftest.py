@@ -1,10 +1,35 @@
 """Shared fixtures: tiny federations and configs that run in seconds on CPU."""
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedmerge_jax.config import base_config
 from fedmerge_jax.data import FederatedData
+from fedmerge_jax.models.layers import BatchNorm
+
+
+class TinyBN(nn.Module):
+  """Dense -> BatchNorm (PyTorch's running variance, masked) -> relu -> head: a small BatchNorm
+  model that compiles in a blink."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask=None):
+    x = nn.Dense(5)(x.reshape(x.shape[0], -1).astype(jnp.float32))
+    x = BatchNorm(use_running_average=not train, unbiased_running_var=True)(x, mask)
+    return nn.Dense(self.num_classes, name="head")(nn.relu(x))
+
+
+class TinyDropout(nn.Module):
+  """Dense -> dropout 0.5 -> head: a small model whose training draws random masks."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1).astype(jnp.float32)))
+    return nn.Dense(self.num_classes, name="head")(nn.Dropout(0.5, deterministic=not train)(x))
 
 
 def make_federation(num_clients=5, sizes=None, example_shape=(4, 4, 1), num_classes=3, seed=0,

@@ -1,7 +1,6 @@
 """Local training against a plain loop over one client's own batches: 'epoch' and 'stream'
 batching, partial last batches, padding, BatchNorm statistics over real rows only, prox."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +10,9 @@ import pytest
 from fedmerge_jax import client
 from fedmerge_jax.models.layers import BatchNorm
 from fedmerge_jax.models.mlp import MLP
+from conftest import TinyBN
 
 LOCAL = client.LocalConfig(local_epochs=2, batch_size=4, client_lr=0.1, prox_mu=0.05)
-
-
-class TinyBN(nn.Module):
-  """Dense -> BatchNorm (PyTorch's running variance) -> relu -> head: a small BatchNorm model."""
-
-  @nn.compact
-  def __call__(self, x, train: bool = False, mask=None):
-    x = nn.Dense(5)(x.reshape(x.shape[0], -1))
-    x = BatchNorm(use_running_average=not train, unbiased_running_var=True)(x, mask)
-    return nn.Dense(3, name="head")(nn.relu(x))
 
 
 def _setup(n=7, max_n=9, seed=0, model=None):
