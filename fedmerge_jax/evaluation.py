@@ -72,12 +72,8 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
   every = {"train": data.train, **splits}
   sizes = sum(arrays.counts.astype(np.int64) for arrays in every.values())
   order = parallel.largest_first(np.arange(n), sizes).astype(np.int32)
-  chunks = []
-  for start in range(0, n, chunk):
-    ids = order[start:start + chunk]
-    ids = np.concatenate([ids, np.full(chunk - len(ids), ids[0], np.int32)])
-    lengths = {name: arrays.padded_length(ids, 8) for name, arrays in every.items()}
-    chunks.append((ids, min(chunk, n - start), lengths))
+  chunks = [(ids, real, {name: arrays.padded_length(ids, 8) for name, arrays in every.items()})
+            for ids, real in parallel.padded_chunks(order, chunk)]
 
   def gather(ids, lengths):
     """A chunk's ids, train data and evaluation splits (NumPy), each padded to its length."""

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from fedmerge_jax import evaluation
+from fedmerge_jax import parallel
 from fedmerge_jax.client import ClientData
 
 TRAINED_KEYS = ("gap_trained_correct", "gap_trained_loss_sum")  # Per-client, from `probe`.
@@ -99,14 +100,12 @@ def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=No
     c = len(ids)
     chunk = c if chunk_size <= 0 else min(chunk_size, c)
     correct, loss_sum = np.zeros(c), np.zeros(c)
-    for start in range(0, c, chunk):
-      part = ids[start:start + chunk]
-      padded = np.concatenate([part, np.full(chunk - len(part), part[0])])  # One shape.
+    for start, (padded, real) in zip(range(0, c, chunk), parallel.padded_chunks(ids, chunk)):
       got = jax.device_get(evaluate_chunk(
           state, padded, data.train.gather(padded, data.train.padded_length(padded, 8)),
           data.test.gather(padded, data.test.padded_length(padded, 8))))
-      correct[start:start + len(part)] = got[0][:len(part)]
-      loss_sum[start:start + len(part)] = got[1][:len(part)]
+      correct[start:start + real] = got[0][:real]
+      loss_sum[start:start + real] = got[1][:real]
     trained = tuple(np.asarray(round_metrics[f"clients/{k}"])[:c] for k in TRAINED_KEYS)
     scalars, per_client = summarize(trained, (correct, loss_sum), data.test.counts[ids])
     full = {}

@@ -187,6 +187,14 @@ def jit_round(round_fn, mesh: Mesh, shardings, compiler_options=None):
                  out_shardings=(shardings, copies), compiler_options=compiler_options)
 
 
+def padded_chunks(client_ids, chunk: int):
+  """`client_ids` in consecutive chunks of `chunk`, the last filled with repeats of its first
+  id so that every chunk has one shape: [(chunk's ids, how many of them are real)]."""
+  ids = np.asarray(client_ids, np.int32)
+  return [(np.concatenate([part, np.full(chunk - len(part), part[0], np.int32)]), len(part))
+          for part in (ids[start:start + chunk] for start in range(0, len(ids), chunk))]
+
+
 def largest_first(client_ids, counts) -> np.ndarray:
   """`client_ids` reordered by their example counts, largest first (ties keep their order).
 

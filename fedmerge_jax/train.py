@@ -217,12 +217,10 @@ def all_merging_weights(algorithm, data: data_lib.FederatedData, chunk_size: int
 
   def weights(state) -> np.ndarray:
     rows = []
-    for start in range(0, n, chunk):
-      ids = np.arange(start, start + chunk, dtype=np.int32)
-      ids = np.where(ids < n, ids, start)  # Pad the last chunk with a real client.
+    for ids, real in parallel.padded_chunks(np.arange(n), chunk):
       train = data.train.gather(ids, data.train.padded_length(ids, 8))  # Bucketed: few shapes.
-      rows.append(np.asarray(weights_fn(state, ids, train))[:n - start])
-    return np.concatenate(rows)[:n]
+      rows.append(np.asarray(weights_fn(state, ids, train))[:real])
+    return np.concatenate(rows)
 
   return weights
 
