@@ -1,6 +1,25 @@
 """Shared fixtures: tiny federations and configs that run in seconds on CPU."""
 
-import flax.linen as nn
+import os
+import shutil
+import tempfile
+
+# Compile each computation once per test run: tests (and the runs they start in subprocesses,
+# which inherit the environment) build the same rounds again and again, and XLA's persistent
+# cache serves an identical program from disk in milliseconds. A cache of one's own
+# (JAX_COMPILATION_CACHE_DIR) is kept; otherwise each run gets a fresh one, removed at the end,
+# so a run times what a fresh machine does. Set before JAX is imported: it reads these then.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedmerge_jax_tests_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# Tests run tiny programs many times over: LLVM's optimisations cost more compile time than
+# they save. Numerics are IEEE either way (XLA's CPU backend does no fast-math by default).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,3 +89,10 @@ def tiny_base_config():
 @pytest.fixture
 def tiny_config():
   return tiny_base_config()
+
+
+def pytest_sessionfinish(session):
+  """Remove this run's compilation cache (the process that made it: not an xdist worker)."""
+  del session
+  if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_federation
+from conftest import TEST_XLA_FLAGS, make_federation
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import parallel
 
@@ -94,7 +94,7 @@ RUNS = textwrap.dedent("""
 
 def _env(num_devices: int):
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}",
               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 
