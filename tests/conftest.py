@@ -14,10 +14,12 @@ if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedmerge_jax_tests_xla_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-# Tests run tiny programs many times over: LLVM's optimisations cost more compile time than
-# they save. Numerics are IEEE either way (XLA's CPU backend does no fast-math by default).
+# Tests run tiny programs a few times each: LLVM's optimisations cost more compile time than
+# they save (XLA's own graph optimisations still run; no fast-math either way). A level of
+# one's own in XLA_FLAGS is kept; xdist workers inherit the controller's.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
