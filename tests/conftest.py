@@ -94,7 +94,8 @@ def tiny_config():
 
 
 def pytest_sessionfinish(session):
-  """Remove this run's compilation cache (the process that made it: not an xdist worker)."""
+  """Remove this run's compilation cache, in the process that made it (xdist workers inherit
+  the folder, so for them it is not their own)."""
   del session
-  if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+  if _OWN_CACHE:
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
