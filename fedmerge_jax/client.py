@@ -4,8 +4,9 @@ Written for a single client; `parallel.map_clients` runs it for many clients at 
 A client holding n real examples runs exactly its own steps (`num_local_steps`) in a
 `lax.while_loop` that stops at its count: one client at a time does no padded step at all,
 and under `vmap` a chunk loops to its own largest count, the finished members' carries left
-untouched. Padded rows are masked out of the loss and, for models whose `__call__` takes a
-`mask`, out of BatchNorm's batch statistics.
+untouched. Padded rows are masked out of the loss and, for a model that local training is
+told takes a `mask` (`takes_mask=True`), out of BatchNorm's batch statistics; a model with
+BatchNorm statistics that takes no mask is refused (`check_takes_mask`).
 
 Two batchings (`LocalConfig.batching`):
 - 'epoch': every epoch a fresh permutation of the n examples in ceil(n/B) batches, the last
@@ -14,8 +15,6 @@ Two batchings (`LocalConfig.batching`):
   run across epoch boundaries (FedJAX's shuffle-repeat-batch).
 """
 
-import functools
-import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -96,30 +95,30 @@ def cross_entropy_loss(outputs, labels, idx):
   return optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
 
 
-@functools.lru_cache(maxsize=None)
-def _call_takes_mask(module_type) -> bool:
-  return "mask" in inspect.signature(module_type.__call__).parameters
-
-
-def takes_mask(apply_fn) -> bool:
-  """Whether `apply_fn` (a flax `module.apply`, or a function marked `takes_mask = True`)
-  accepts `mask=` (the batch's real rows, for BatchNorm's statistics)."""
-  module = getattr(apply_fn, "__self__", None)
-  if isinstance(module, flax.linen.Module):
-    return _call_takes_mask(type(module))
-  return bool(getattr(apply_fn, "takes_mask", False))
+def check_takes_mask(variables, takes_mask: bool) -> None:
+  """Refuses BatchNorm statistics ('batch_stats') without a mask: padded rows would enter them."""
+  if "batch_stats" in variables and not takes_mask:
+    raise ValueError(
+        "local_train: the model keeps BatchNorm statistics ('batch_stats') but takes no mask, "
+        "so the padded rows of partial batches would enter them; give its __call__ a "
+        "`mask=None` argument passed on to every BatchNorm (models.layers.BatchNorm(...)(x, mask)"
+        " or nn.BatchNorm(...)(x, mask=...)) and pass local_train(..., takes_mask=True).")
 
 
 def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
-                anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss):
+                anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss,
+                takes_mask: bool = False):
   """Trains one client's copy of `variables`; returns (delta = received - trained, metrics).
 
   `variables` is a flax variable dict: 'params' are trained by SGD on the mean over the
   batch's real rows of `example_loss(outputs, labels, example_indices)` + prox_mu *
   ||params - anchor||^2, the anchor being the received params unless given (Ditto anchors
   to the global model); other collections (BatchNorm's 'batch_stats') follow the model's
-  own updates in train mode. Delta covers both.
+  own updates in train mode. Delta covers both. `takes_mask`: whether `apply_fn` accepts
+  `mask=` (the batch's real rows [B], for BatchNorm's statistics), as `models.takes_mask`
+  says of a module; required for variables with 'batch_stats'.
   """
+  check_takes_mask(variables, takes_mask)
   data = ClientData(*map(jnp.asarray, data))
   max_n = data.x.shape[0]
   count = data.count
@@ -131,10 +130,9 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   anchor = params0 if anchor is None else anchor
   tx = optax.sgd(local.client_lr)
   mutable = [name for name in variables if name != "params"]
-  mask_kwarg = takes_mask(apply_fn)
 
   def loss_fn(params, other, idx, mask, rng):
-    kwargs = {"mask": mask} if mask_kwarg else {}
+    kwargs = {"mask": mask} if takes_mask else {}
     out = apply_fn({"params": params, **other}, data.x[idx], train=True,
                    rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
     outputs, new_other = out if mutable else (out, {})

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedmerge_jax import client
+from fedmerge_jax import client, models
 from fedmerge_jax.models.layers import BatchNorm
 from fedmerge_jax.models.mlp import MLP
 from conftest import TinyBN
@@ -74,7 +74,8 @@ def test_local_train_equals_a_loop_over_the_clients_own_batches(batching, n, siz
   local = LOCAL._replace(batching=batching)
   model, variables, data = _setup(n=n, max_n=12, model=model)
   key = jax.random.key(3)
-  delta, _ = jax.jit(lambda v, d: client.local_train(model.apply, v, d, key, local))(variables, data)
+  delta, _ = jax.jit(lambda v, d: client.local_train(
+      model.apply, v, d, key, local, takes_mask=models.takes_mask(model)))(variables, data)
   batch_sizes, expected = _reference_train(model, variables, data, key, local)
   assert batch_sizes == sizes
   assert int(client.num_local_steps(data.count, local)) == len(sizes)
@@ -84,12 +85,13 @@ def test_local_train_equals_a_loop_over_the_clients_own_batches(batching, n, siz
 def test_padding_does_not_change_the_update():
   model, variables, data = _setup(n=5, max_n=5, model=TinyBN())
   key = jax.random.key(1)
-  delta, metrics = client.local_train(model.apply, variables, data, key, LOCAL)
+  delta, metrics = client.local_train(model.apply, variables, data, key, LOCAL, takes_mask=True)
   # Same five real examples, 11 padding rows full of garbage.
   pad_x = jnp.concatenate([data.x, 100.0 * jnp.ones((11, 6))])
   pad_y = jnp.concatenate([data.y, 2 * jnp.ones((11,), jnp.int32)])
   padded = client.ClientData(pad_x, pad_y, data.count)
-  delta_padded, metrics_padded = client.local_train(model.apply, variables, padded, key, LOCAL)
+  delta_padded, metrics_padded = client.local_train(model.apply, variables, padded, key, LOCAL,
+                                                    takes_mask=True)
   # The example order only depends on the real slots: it is unchanged by padding.
   np.testing.assert_array_equal(
       client.epoch_orders(key, 5, 5, 2), client.epoch_orders(key, 5, 16, 2)[:, :5])
@@ -103,15 +105,16 @@ def test_steps_past_a_clients_count_do_not_run_under_vmap():
   _, _, large = _setup(n=16, max_n=16, seed=1, model=TinyBN())
   both = jax.tree.map(lambda a, b: jnp.stack([a, b]), small, large)
   keys = jax.random.split(jax.random.key(0), 2)
-  together, _ = jax.vmap(lambda d, k: client.local_train(model.apply, variables, d, k, LOCAL))(
-      both, keys)
-  alone, _ = client.local_train(model.apply, variables, small, keys[0], LOCAL)
+  together, _ = jax.vmap(lambda d, k: client.local_train(
+      model.apply, variables, d, k, LOCAL, takes_mask=True))(both, keys)
+  alone, _ = client.local_train(model.apply, variables, small, keys[0], LOCAL, takes_mask=True)
   _close(jax.tree.map(lambda a: a[0], together), alone)
 
 
 def test_client_without_examples_returns_zero_delta():
   model, variables, data = _setup(n=0, max_n=6, model=TinyBN())
-  delta, _ = client.local_train(model.apply, variables, data, jax.random.key(0), LOCAL)
+  delta, _ = client.local_train(model.apply, variables, data, jax.random.key(0), LOCAL,
+                                takes_mask=True)
   assert all(float(jnp.abs(d).max()) == 0.0 for d in jax.tree.leaves(delta))
 
 
@@ -149,3 +152,23 @@ def test_batchnorm_matches_pytorchs_formulas_on_real_rows():
   np.testing.assert_allclose(new["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
   np.testing.assert_allclose(new["batch_stats"]["var"], 0.9 + 0.1 * real.var(0, ddof=1),
                              rtol=1e-5)
+
+
+def test_models_say_whether_they_take_a_mask():
+  assert models.takes_mask(TinyBN()) and models.takes_mask(models.ResNet9(num_classes=3))
+  assert not models.takes_mask(MLP(num_classes=3, hidden_sizes=(5,)))
+
+
+def test_batch_stats_without_a_mask_are_refused_in_one_line():
+  """Told nothing, a BatchNorm model (or any wrapper of its apply) would put padded rows into
+  its statistics: local training refuses it, naming the fix."""
+  model, variables, data = _setup(n=5, max_n=8, model=TinyBN())
+  wrapped = lambda v, x, **kwargs: model.apply(v, x, **kwargs)  # The capability is not in here.
+  with pytest.raises(ValueError, match=r"'batch_stats'.*takes_mask=True") as error:
+    client.local_train(wrapped, variables, data, jax.random.key(0), LOCAL)
+  assert "\n" not in str(error.value)
+  # Told, the same wrapper trains as the module itself does.
+  told, _ = client.local_train(wrapped, variables, data, jax.random.key(0), LOCAL, takes_mask=True)
+  direct, _ = client.local_train(model.apply, variables, data, jax.random.key(0), LOCAL,
+                                 takes_mask=True)
+  _close(told, direct, rtol=0, atol=0)

@@ -55,9 +55,10 @@ def test_unsampled_clients_keep_logits_and_adam_state_exactly(tiny_config, tiny_
 
 class _BatchNormNet(nn.Module):
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, train=False, mask=None):
     x = nn.Dense(8)(x.reshape((x.shape[0], -1)))
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5)(x))
+    mask = None if mask is None else mask[:, None] > 0  # flax's BatchNorm: broadcastable to x.
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5)(x, mask=mask))
     return nn.Dense(3, name="head")(x)
 
 

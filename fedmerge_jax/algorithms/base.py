@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from fedmerge_jax import client as client_lib
 from fedmerge_jax import gap
+from fedmerge_jax import models as models_lib
 from fedmerge_jax import parallel
 
 
@@ -98,18 +99,21 @@ def training_metrics(data: client_lib.ClientData, client_metrics) -> dict:
           **gap.forward(client_metrics)}  # The gap metric's per-client (a) on evaluation rounds.
 
 
-def trained_models(apply_fn, models, data, rng, client_ids, local, chunk_size, anchors=None,
+def trained_models(model, models, data, rng, client_ids, local, chunk_size, anchors=None,
                    parallelism="auto"):
-  """Each client trains its own model (leading axis C); returns (trained models, metrics).
+  """Each client trains its own copy of `model`'s variables `models` (leading axis C);
+  returns (trained models, metrics).
 
   `anchors` (leading axis C), if given, are the params each client's prox term pulls to;
   `chunk_size` and `parallelism` say how clients run (`parallel.map_clients`).
   """
+  takes_mask = models_lib.takes_mask(model)
+
   def one(variables, d, key, anchor=None):
-    delta, metrics = client_lib.local_train(apply_fn, variables, gap.train_part(d), key, local,
-                                            anchor=anchor)
+    delta, metrics = client_lib.local_train(model.apply, variables, gap.train_part(d), key, local,
+                                            anchor=anchor, takes_mask=takes_mask)
     trained = jax.tree.map(jnp.subtract, variables, delta)
-    return trained, gap.probe(metrics, lambda v, x: apply_fn(v, x, train=False), trained, d)
+    return trained, gap.probe(metrics, model_predict(model), trained, d)
   args = (models, data, client_keys(rng, client_ids))
   return parallel.map_clients(one, args if anchors is None else args + (anchors,), chunk_size,
                               parallelism)

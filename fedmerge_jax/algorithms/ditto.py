@@ -35,7 +35,7 @@ def make(model, config, num_clients, example_input):
     received = global_algorithm.personalized(state.server, client_ids, data)
     mine = jax.tree.map(lambda x: x[client_ids], state.personal)
     trained, personal_metrics = base.trained_models(
-        model.apply, mine, data, jax.random.fold_in(rng, PERSONAL_STREAM), client_ids, local,
+        model, mine, data, jax.random.fold_in(rng, PERSONAL_STREAM), client_ids, local,
         config.client_chunk_size, anchors=received["params"],
         parallelism=config.client_parallelism)
     server, metrics = global_algorithm.round(state.server, client_ids, data, rng)

@@ -23,6 +23,7 @@ import optax
 
 from fedmerge_jax import client as client_lib
 from fedmerge_jax import gap
+from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
 from fedmerge_jax.algorithms.fedavg import averaging_server
@@ -56,7 +57,8 @@ def component_apply(model, num_components: int):
   """All K components on one batch: outputs [K, B, classes] (and their new state).
 
   Each component draws its own randomness (dropout masks): every key in `rngs` is split
-  into K, one per component.
+  into K, one per component. Other arguments (`train`, `mutable`, BatchNorm's `mask`) reach
+  every component alike; the caller tells local training whether `model` takes a mask.
   """
   def stacked_apply(variables, x, rngs=None, **kwargs):
     if not rngs:
@@ -96,7 +98,8 @@ def make(model, config, num_clients, example_input, total_train_examples=None):
       return jnp.sum(q[idx].T * ce, axis=0)
 
     delta, metrics = client_lib.local_train(stacked_apply, components, gap.train_part(data), key,
-                                            local, example_loss=weighted_loss)
+                                            local, example_loss=weighted_loss,
+                                            takes_mask=models.takes_mask(model))
     trained = (jax.tree.map(jnp.subtract, components, delta), pi)  # Gap metric (gap.py) only.
     return delta, pi, gap.probe(metrics, predict, trained, data)
 

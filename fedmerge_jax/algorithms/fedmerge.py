@@ -70,6 +70,7 @@ def make(model, config, num_clients: int, example_input, *,
   local = base.local_config(config, prox_mu=prox_mu)
   one_model = jax.eval_shape(lambda: model.init(jax.random.key(0), example_input[None]))
   size = base.num_floats(one_model)
+  takes_mask = models.takes_mask(model)
 
   def init(rng) -> State:
     stacked = init_stacked(model, rng, k_models, example_input)
@@ -86,7 +87,8 @@ def make(model, config, num_clients: int, example_input, *,
 
   def train_one(stacked, weights_row, data, key):
     received = jax.tree.map(lambda leaf: leaf[0], merge(stacked, weights_row[None]))
-    delta, metrics = client_lib.local_train(model.apply, received, gap.train_part(data), key, local)
+    delta, metrics = client_lib.local_train(model.apply, received, gap.train_part(data), key, local,
+                                            takes_mask=takes_mask)
     trained = jax.tree.map(jnp.subtract, received, delta)  # For the gap metric (gap.py) only.
     return delta, gap.probe(metrics, base.model_predict(model), trained, data)
 

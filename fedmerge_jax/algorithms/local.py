@@ -36,7 +36,7 @@ def make(model, config, num_clients, example_input):
 
   def round_fn(state: State, client_ids, data, rng):
     mine = jax.tree.map(lambda x: x[client_ids], state.personal)
-    trained, metrics = base.trained_models(model.apply, mine, data, rng, client_ids, local,
+    trained, metrics = base.trained_models(model, mine, data, rng, client_ids, local,
                                            config.client_chunk_size,
                                            parallelism=config.client_parallelism)
     return State(scatter(state.personal, client_ids, trained)), base.training_metrics(data, metrics)

@@ -4,6 +4,7 @@ Every model is called as `model.apply(variables, x, train=...)` and names its la
 'head': the `official` FedMerge update computes the logit gradient from the head alone.
 """
 
+import inspect
 from typing import Callable, Dict, Tuple
 
 import flax.linen as nn
@@ -32,7 +33,8 @@ def register_model(name: str, builder: Builder) -> None:
   """Makes `config.model.name=name` build `builder(config.model, num_classes)`.
 
   The module is called as `apply(variables, x, train=...)` (and with `mask=` where its
-  __call__ takes it); its last layer named 'head' feeds the `official` logit gradient.
+  __call__ takes it: `takes_mask`); its last layer named 'head' feeds the `official` logit
+  gradient.
   Registering a name again replaces its builder; built-in names cannot be replaced.
   """
   registry.add(_BUILDERS, MODEL_NAMES, name, builder, "model",
@@ -55,6 +57,15 @@ def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.M
 def compiler_options(model_config: ml_collections.ConfigDict):
   """XLA options for jitting this model's training and evaluation on this backend (or None)."""
   return layers.compiler_options(model_config.get("conv_impl", "auto"))
+
+
+def takes_mask(model: nn.Module) -> bool:
+  """Whether the module's `__call__` takes `mask=` (a batch's real rows, for BatchNorm).
+
+  Algorithms ask this of the module they build and tell local training
+  (`client.local_train(..., takes_mask=...)`), so wrappers around `apply` keep it.
+  """
+  return "mask" in inspect.signature(type(model).__call__).parameters
 
 
 def head_mask(variables) -> dict:
