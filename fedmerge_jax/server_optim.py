@@ -1,6 +1,6 @@
 """The server's update rules as optax transformations.
 
-Both update modes differentiate the same surrogate (`merge.server_gradients`); they
+Both update modes take the same surrogate's gradients (`merge.server_gradients`); they
 differ only in which chain of optax transformations turns those gradients into steps,
 in which parameters feed the logit gradient (a mask), and in the order of the two steps.
 """

@@ -1,12 +1,12 @@
-"""merge and server_gradients against the closed form and finite differences."""
+"""merge and server_gradients against the closed form, finite differences and float64."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmerge_jax.merge import merge, merging_weights, server_gradients, surrogate_loss
-
+from fedmerge_jax.merge import (logit_gradients, merge, merging_weights, server_gradients,
+                                surrogate_loss)
 
 
 def _problem(c=4, k=3, seed=0):
@@ -71,3 +71,42 @@ def test_server_gradients_match_finite_differences():
     np.testing.assert_allclose(g_params["a"][1, 2, 0], fd, rtol=1e-6, atol=1e-9)
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+def test_logit_gradient_keeps_its_precision_when_the_globals_are_close():
+  """Globals 0.1% apart (late in training): the float32 logit gradient against float64 NumPy.
+  jax.grad of the surrogate, the oracle elsewhere, loses ~1e-3 here to cancellation."""
+  rng = np.random.default_rng(0)
+  k, c, size = 5, 10, 20_000
+  base = rng.normal(size=size)
+  theta = (base + 1e-3 * rng.normal(size=(k, size))).astype(np.float32)
+  delta = (0.01 * rng.normal(size=(c, size))).astype(np.float32)
+  logits = rng.normal(size=(c, k)).astype(np.float32)
+  p = rng.random(c).astype(np.float32)
+  p /= p.sum()
+  split = lambda a: {"kernel": a[:, :size // 2].reshape(a.shape[0], 100, -1), "bias": a[:, size // 2:]}
+  t64, d64, a64 = (x.astype(np.float64) for x in (theta, delta, logits))
+  w = np.exp(a64 - a64.max(1, keepdims=True))
+  w /= w.sum(1, keepdims=True)
+  merged = w @ t64
+  want = p[:, None] * w * np.stack([[d64[i] @ (t64[j] - merged[i]) for j in range(k)]
+                                    for i in range(c)])
+  error = lambda g: np.linalg.norm(np.asarray(g, np.float64) - want) / np.linalg.norm(want)
+  stable = error(jax.jit(logit_gradients)(split(theta), logits, split(delta), p))
+  autodiff = error(jax.jit(jax.grad(surrogate_loss, argnums=1))(split(theta), logits,
+                                                                split(delta), p))
+  print(f"logit gradient, relative error against float64: autodiff {autodiff:.1e}, "
+        f"differences first {stable:.1e}")  # README's numbers: pytest -s -k precision.
+  assert stable < 2e-6, stable
+  assert autodiff > 100 * stable, (autodiff, stable)  # The case is one where precision matters.
+
+
+def test_server_contractions_run_at_full_float32_precision():
+  """On NVIDIA GPUs float32 matmuls default to TF32 (10-bit mantissa): every contraction of
+  the merge and the server gradients asks for HIGHEST precision, as the lowered program shows."""
+  stacked, logits, deltas, p = _problem()
+  text = jax.jit(server_gradients).lower(stacked, logits, deltas, p).as_text()
+  text += jax.jit(merge).lower(stacked, merging_weights(logits)).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) >= 5
+  assert all("precision = [HIGHEST, HIGHEST]" in line for line in dots), dots

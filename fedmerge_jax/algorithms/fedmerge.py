@@ -25,7 +25,7 @@ from fedmerge_jax import gap
 from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
-from fedmerge_jax.merge import merge, merging_weights, server_gradients
+from fedmerge_jax.merge import globals_gradients, logit_gradients, merge, merging_weights
 from fedmerge_jax.server_optim import (ServerUpdate, init_logits_state, make_server_update,
                                        sparse_logits_step)
 
@@ -103,10 +103,10 @@ def make(model, config, num_clients: int, example_input, *,
 
   def chunk_gradients(stacked, rows, p, deltas):
     """A chunk of clients' share of the server's gradients: (dL/dTheta summed or None, dL/dA rows)."""
-    mask = mask_fn(stacked)
-    masked = jax.tree.map(lambda d, m: d if m else jnp.zeros_like(d), deltas, mask)
-    grad_rows = server_gradients(stacked, rows, masked, p)[1]
-    return (server_gradients(stacked, rows, deltas, p)[0] if streaming else None), grad_rows
+    mask = jax.tree.leaves(mask_fn(stacked))
+    picked = lambda tree: [leaf for leaf, m in zip(jax.tree.leaves(tree), mask) if m]
+    grad_rows = logit_gradients(picked(stacked), rows, picked(deltas), p)
+    return (globals_gradients(stacked, rows, deltas, p) if streaming else None), grad_rows
 
   def server_step(state: State, client_ids, p, grad, grad_rows, deltas=None) -> State:
     """The logit step, then the globals step (dL/dTheta from `deltas` unless streamed)."""
@@ -117,7 +117,7 @@ def make(model, config, num_clients: int, example_input, *,
       grad, _ = parallel.map_clients(
           lambda *_: None, (weight_rows, deltas, p), config.client_chunk_size,
           config.client_parallelism,
-          reduce=lambda chunk, _: (server_gradients(state.globals, *chunk)[0], None))
+          reduce=lambda chunk, _: (globals_gradients(state.globals, *chunk), None))
     return globals_step(state, grad, jnp.einsum("c,ck->k", p, merging_weights(weight_rows)))
 
   def assigned(state: State, client_ids, data) -> State:
