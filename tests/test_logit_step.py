@@ -24,13 +24,17 @@ def update_w_loop(w, grad, p, learning_rate_w):
   return w, n
 
 
-def authors_step(w, grad, p, learning_rate_w):
-  """Ours: the transformation receives p_i G_ij (the surrogate's gradient) and p."""
+def authors_move(w, grad, p, learning_rate_w):
+  """Ours: the transformation receives p_i G_ij (the surrogate's gradient) and p; its step."""
   tx = server_optim.authors_logit_step(learning_rate_w)
   surrogate_grad = jnp.asarray(p[:, None] * grad, jnp.float32)
   updates, _ = tx.update(surrogate_grad, tx.init(w), jnp.asarray(w, jnp.float32),
                          row_weights=jnp.asarray(p, jnp.float32))
-  return np.asarray(w, np.float32) + np.asarray(updates)
+  return np.asarray(updates, np.float64)
+
+
+def authors_step(w, grad, p, learning_rate_w):
+  return np.asarray(w, np.float32) + authors_move(w, grad, p, learning_rate_w)
 
 
 @pytest.mark.parametrize("case", ["skewed", "cap_binds", "large_lr", "rows_not_trained"])
@@ -55,6 +59,13 @@ def test_authors_step_matches_a_literal_loop(case):
   else:
     assert n < 10001 and np.abs(want - w).max() > lr
   np.testing.assert_allclose(authors_step(w, grad, p, lr), want, rtol=1e-5, atol=1e-6)
+  # The moves themselves, and so the number of inner steps (a cap of 10,000 instead of
+  # 10,001 moves each entry 1e-4 less: below the tolerance on the logits' values above).
+  move = authors_move(w, grad, p, lr)
+  np.testing.assert_allclose(move, want - w, rtol=1e-5, atol=1e-9)
+  inner_step = 0.01 * p[:, None] * grad / np.sum(np.abs(grad))
+  moved = inner_step != 0
+  np.testing.assert_array_equal(np.round(move[moved] / -inner_step[moved]), n)
 
 
 def test_zero_gradient_leaves_the_logits():
