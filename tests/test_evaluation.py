@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedmerge_jax import evaluation
 from fedmerge_jax.algorithms.base import Algorithm
@@ -56,3 +57,17 @@ def test_metrics_match_numpy_on_unequal_clients():
   # and padded rows (zeros, label 0) would be "correct" if they were counted.
   assert abs(metrics["test/acc_mean"] - metrics["test/acc_weighted"]) > 0.01
   assert min(TEST_SIZES) < max(TEST_SIZES) and (data.test.gather([0], 9).y[0, 2:] == 0).all()
+
+
+def test_p10_is_the_tenth_percentile_of_client_accuracies():
+  """Twelve clients with distinct accuracies k/11, so p0, p10 and p25 differ and p10 falls
+  between two of them; one client without examples is left out. numpy's default
+  percentile: linear between order statistics (position 0.1 (n - 1) = 1.1)."""
+  counts = np.array([11] * 12 + [0])
+  correct = np.array([9, 0, 5, 2, 7, 1, 11, 4, 8, 3, 6, 10, 0])
+  metrics = evaluation.summarize(correct.astype(float), np.ones(13), counts, "test")
+  acc = np.sort(correct[:12] / 11)
+  expected = acc[1] + 0.1 * (acc[2] - acc[1])
+  assert expected == pytest.approx(0.1)
+  assert metrics["test/acc_p10"] == pytest.approx(expected, abs=1e-12)
+  assert len({acc[0], acc[1], expected, np.percentile(acc, 25)}) == 4  # All differ.
