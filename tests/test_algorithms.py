@@ -207,6 +207,34 @@ def test_ifca_assigns_argmin_loss_model_and_averages_per_cluster(tiny_config, ti
   assert alg.communication[0] == 3 * alg.communication[1]
 
 
+def test_ifca_assigns_clusters_from_real_examples_only(tiny_config):
+  """Cluster 1 predicts class 0 at any input: right on the padded rows (zeros, label 0), wrong
+  on the client's real rows (labels 1, 2). Counting padding, cluster 1 would win."""
+  rng = np.random.default_rng(0)
+  split = lambda labels: (rng.normal(size=(len(labels), 4, 4, 1)).astype(np.float32),
+                          np.asarray(labels, np.int32))
+  data = FederatedData.from_arrays({"small": split([1, 2, 1]), "other": split([0, 1, 2, 0])},
+                                   {"small": split([1]), "other": split([0])}, num_classes=3)
+  tiny_config.num_global_models = 2
+  _, model, alg = _build(tiny_config, data, "ifca")
+  state = alg.init(jax.random.key(0))
+  one = jax.tree.map(lambda x: x[0], state.globals)
+  biased = jax.tree.map(lambda x: x, one)
+  biased["params"]["head"]["bias"] = one["params"]["head"]["bias"] + jnp.array([8.0, 0.0, 0.0])
+  state = state.replace(globals=jax.tree.map(lambda a, b: jnp.stack([a, b]), one, biased))
+  ids = np.array([0])
+  padded = data.train.gather(ids, 32)  # 3 real rows, 29 padded ones.
+  losses = np.asarray(jax.jit(lambda s, d: ifca.training_losses(model, s.globals, d))(state, padded))
+  x, y = data.train.client(0)
+  expected = [float(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(_one(state.globals, k), x), y).mean()) for k in range(2)]
+  np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+  padded_rows_mean = [float(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(_one(state.globals, k), padded.x[0]), padded.y[0]).mean()) for k in range(2)]
+  assert np.argmin(expected) == 0 and np.argmin(padded_rows_mean) == 1, "the case needs both"
+  np.testing.assert_array_equal(np.asarray(alg.merging_weights(state, ids, padded)), [[1, 0]])
+
+
 def test_fedem_e_step_follows_the_likelihoods_of_real_examples_only(tiny_config, tiny_data):
   tiny_config.num_global_models = 3
   config, model, alg = _build(tiny_config, tiny_data, "fedem")
