@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedmerge_jax import client, train
+from fedmerge_jax import client, parallel, train
 from fedmerge_jax.algorithms import fedem, fedmerge, ifca
 from fedmerge_jax.config import resolve
 from tests.conftest import make_federation
@@ -166,3 +166,31 @@ def test_fedem_streamed_server_update_equals_the_stacked_sum(tiny_config):
     state = alg.init(jax.random.key(0))
     results.append(jax.jit(alg.round)(state, ids, data.train.gather(ids), jax.random.key(7))[0])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *results)
+
+
+# FedMerge's machinery (FedAvg, FedProx, IFCA, Ditto's global model) weights clients by
+# base.sample_weights; FedEM by n_i / n_total.
+@pytest.mark.parametrize("algorithm,overrides", [("fedmerge", {"update_mode": "official"}),
+                                                 ("fedem", {})], ids=["fedmerge", "fedem"])
+def test_phantom_clients_carry_no_weight(tiny_config, tiny_data, algorithm, overrides):
+  """A round padded with phantom clients (ids past the last client, no examples), as a run on
+  4 devices pads it, gives the plain round's result; on one device, in seconds."""
+  tiny_config.client_parallelism = "vmap"  # Phantoms share a vmap with real clients.
+  config, _, plain = _build(tiny_config, tiny_data, algorithm, **overrides)
+  layout = parallel.client_layout(4, tiny_data.num_clients, 3, 0)
+  _, padded = train.build(config, tiny_data, layout)
+  sampled = np.array([4, 0, 2])
+  ids = layout.pad_ids(sampled)
+  assert layout.population > tiny_data.num_clients and len(ids) > len(sampled)
+  logits = jax.random.normal(jax.random.key(5), (layout.population, config.num_global_models))
+  states = []
+  for alg, round_ids, rows in ((plain, sampled, tiny_data.num_clients), (padded, ids, None)):
+    state = alg.init(jax.random.key(0))
+    if hasattr(state, "logits"):  # Non-uniform merging weights, the same for both.
+      state = state.replace(logits=logits[:rows])
+    states.append(jax.jit(alg.round)(state, round_ids, tiny_data.train.gather(round_ids),
+                                     jax.random.key(1)))
+  (want, want_metrics), (got, got_metrics) = states
+  cut = lambda leaf: leaf[:tiny_data.num_clients] if leaf.shape[:1] == (layout.population,) else leaf
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(cut(b), a, rtol=1e-5, atol=1e-6), want, got)
+  np.testing.assert_allclose(got_metrics["train/loss"], want_metrics["train/loss"], rtol=1e-6)
