@@ -4,6 +4,7 @@ from the model it received, both models scored in NumPy on its own test split.""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +138,67 @@ def test_received_is_the_global_model_where_clients_predict_with_another(tiny_co
                got, jax.tree.map(lambda x: x[0], server.globals))
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "ifca", "fedem", "ditto", "fedavg_ft"])
+def fixed(seed):
+  """An initializer that ignores its key: every run, and every global, starts the same."""
+  return lambda key, shape, dtype=jnp.float32: jnp.asarray(
+      np.random.default_rng(seed).normal(0, 0.5, shape), dtype)
+
+
+class FixedInitMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Dense(8, kernel_init=fixed(0))(x.reshape(x.shape[0], -1)))
+    return nn.Dense(3, kernel_init=fixed(1), name="head")(x)
+
+
+def one_example_federation():
+  """Each client's training examples are copies of one (x, y), so its local training gives
+  the same model whatever the shuffling key; unequal sizes (largest-first order 2, 1, 4, 0, 3)
+  and unequal test splits."""
+  rng = np.random.default_rng(4)
+  copies = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
+                      np.full(n, rng.integers(0, 3), np.int32))
+  split = lambda n: (rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
+                     rng.integers(0, 3, n).astype(np.int32))
+  return FederatedData.from_arrays({f"c{i}": copies(n) for i, n in enumerate([4, 8, 12, 3, 6])},
+                                   {f"c{i}": split(n) for i, n in enumerate([7, 5, 9, 6, 8])},
+                                   num_classes=3)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "ditto", "fedavg_ft"])
+def test_per_client_gaps_through_a_run_score_the_model_the_server_sends(tmp_path, tiny_config,
+                                                                        algorithm):
+  """One round of all clients through train_and_evaluate (its clients in largest-first order):
+  clients.npz's gap of client c is c's own trained model against the new global model, which
+  is what the server sends, also for Ditto and FedAvg-FT (whose clients predict with others)."""
+  tiny_config.algorithm, tiny_config.num_rounds = algorithm, 1
+  tiny_config.checkpoint_every, tiny_config.tensorboard = 0, False
+  data, model = one_example_federation(), FixedInitMLP()
+  train.train_and_evaluate(tiny_config, str(tmp_path), data=data, model=model)
+  clients = np.load(os.path.join(tmp_path, "clients.npz"))
+  # Reference: FedAvg's round by hand from the fixed initial model.
+  start = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  local = client.LocalConfig(tiny_config.local_epochs, tiny_config.batch_size,
+                             tiny_config.client_lr, 0.0)
+  trained = []
+  for cid in range(5):
+    own = client.ClientData(*data.train.client(cid), data.train.counts[cid])
+    delta, _ = client.local_train(model.apply, start, own, jax.random.key(cid), local)
+    trained.append(jax.tree.map(lambda r, d: np.asarray(r) - np.asarray(d), start, delta))
+  p = data.train.counts / data.train.counts.sum()
+  sent = jax.tree.map(lambda *ws: sum(pc * w for pc, w in zip(p, ws)), *trained)
+  acc_gap, loss_gap = [], []
+  for cid in range(5):
+    x, y = data.test.client(cid)
+    (acc_a, loss_a), (acc_b, loss_b) = (numpy_scores(model, v, x, y) for v in (trained[cid], sent))
+    acc_gap.append(acc_a - acc_b)
+    loss_gap.append(loss_b - loss_a)
+  np.testing.assert_allclose(clients["gap_loss"], loss_gap, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(clients["gap_acc"], acc_gap, atol=1e-6)
+  assert len(set(np.round(loss_gap, 3))) == 5  # Distinct per client: a mix-up would show.
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "ifca", "fedem"])
 def test_every_algorithm_reports_a_gap(tmp_path, tiny_config, algorithm):
   tiny_config.algorithm, tiny_config.num_rounds = algorithm, 1
   tiny_config.checkpoint_every, tiny_config.tensorboard = 0, False
