@@ -75,15 +75,25 @@ def validation_split(data: client_lib.ClientData, key, fraction: float):
   return client_lib.ClientData(x, y, train_n), client_lib.ClientData(roll(x), roll(y), held)
 
 
+def per_client_uniform(key, num_clients: int):
+  """[N] uniforms, client j's from fold_in(key, j): the same whatever N pads to."""
+  return jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j)))(jnp.arange(num_clients))
+
+
 def choose_candidates(key, affinity_row, available, num: int, epsilon):
-  """(indices [num], valid [num]): e-greedy picks among `available` clients."""
+  """(indices [num], valid [num]): e-greedy picks among `available` clients.
+
+  Each of the `num` slots explores with chance `epsilon`: the explored slots take random
+  available clients, the others the best by affinity (random tie-breaks), none twice.
+  """
   explore_key, tie_key, random_key = jax.random.split(key, 3)
+  n = affinity_row.shape[0]
   explored = jnp.sum(jax.random.uniform(explore_key, (num,)) < epsilon)
-  ranked = jnp.lexsort((jax.random.uniform(tie_key, affinity_row.shape),
+  ranked = jnp.lexsort((per_client_uniform(tie_key, n),
                         -jnp.where(available, affinity_row, -jnp.inf)))
-  rank = jnp.zeros_like(ranked).at[ranked].set(jnp.arange(ranked.shape[0]))
+  rank = jnp.zeros_like(ranked).at[ranked].set(jnp.arange(n))
   top = available & (rank < num - explored)
-  score = jnp.where(top, 2.0, jnp.where(available, jax.random.uniform(random_key, rank.shape), -1.0))
+  score = jnp.where(top, 2.0, jnp.where(available, per_client_uniform(random_key, n), -1.0))
   best, chosen = jax.lax.top_k(score, num)
   return chosen, best >= 0
 
