@@ -288,3 +288,105 @@ def test_complete_linkage_bipartition_matches_scipy():
     expected = np.zeros(8, bool)
     expected[idx] = labels == labels[0]
     np.testing.assert_array_equal(got, expected, err_msg=f"trial {trial}")
+
+
+# FedFomo --------------------------------------------------------------------------------------
+
+def _val_loss(model, data, c, params):
+  x, y = (a[:1] for a in data.train.client(c))
+  return float(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": params}, x), y).mean())
+
+
+def _l1(a, b):
+  return float(np.sum(np.abs(_flat(a) - _flat(b))))
+
+
+def test_fedfomo_round_follows_the_reference(one_example):
+  """NVlabs/FedFomo: client i picks the M best-affinity models uploaded last round, weighs
+  them w_n = (L_i(theta_i) - L_i(theta_n)) / ||theta_n - theta_i||_1 on its held-out
+  examples, adds w_n / |sum w| to its affinities, moves to theta_i + sum over positive w of
+  w_n / sum(w+) (theta_n - theta_i), then trains on the rest of its examples."""
+  config, model, alg = _build(one_example, "fedfomo", fedfomo_downloads=2, fedfomo_epsilon=0.0,
+                              fedfomo_val_fraction=0.25)
+  state = alg.init(jax.random.key(0))
+  affinity = np.random.default_rng(1).random((5, 5)).astype(np.float32)
+  uploaded = np.array([1, 1, 0, 1, 1], np.float32)
+  state = state.replace(personal=_distinct(state.personal, 0.3), affinity=jnp.asarray(affinity),
+                        uploaded=jnp.asarray(uploaded), rounds_done=jnp.int32(3))
+  new, _ = jax.jit(alg.round)(state, IDS, one_example.train.gather(IDS), RNG)
+  expected_affinity = affinity.copy()
+  moved = 0
+  for c in IDS:
+    own = _one(state.personal, c)["params"]
+    others = [j for j in range(5) if uploaded[j] and j != c]
+    candidates = sorted(others, key=lambda j: -affinity[c, j])[:2]
+    models = [_one(state.personal, j)["params"] for j in candidates]
+    w = np.array([(_val_loss(model, one_example, c, own) - _val_loss(model, one_example, c, m))
+                  / _l1(m, own) for m in models])
+    expected_affinity[c, candidates] += w / abs(w.sum())
+    start = own
+    if (w > 0).any():
+      moved += 1
+      share = np.maximum(w, 0) / np.maximum(w, 0).sum()
+      start = jax.tree.map(lambda o, *ms: o + sum(s * (m - o) for s, m in zip(share, ms)),
+                           own, *models)
+    n = SIZES[c]
+    train_n = n - max(int(0.25 * n), 1)
+    expected = _sgd(_grad_fn(model, one_example, c), start, _steps(train_n, config),
+                    config.client_lr)
+    _close(_one(new.personal, c)["params"], expected)
+  assert moved >= 2  # The combination step really ran.
+  np.testing.assert_allclose(new.affinity, expected_affinity, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(new.uploaded, [1.0, 0.0, 1.0, 1.0, 0.0])
+  for c in (1, 4):
+    _close(_one(new.personal, c), _one(state.personal, c), rtol=0, atol=0)
+  assert alg.communication[0] == 2 * alg.communication[1]  # Two models down, one up.
+
+
+def test_fedfomo_with_one_candidate_takes_it_if_better_else_keeps_its_own(one_example):
+  """M = 1: the single positive weight normalises to 1, so the client starts from the
+  candidate itself; a candidate no better than its own model leaves it unchanged."""
+  _, model, alg = _build(one_example, "fedfomo", fedfomo_downloads=1)
+  state = alg.init(jax.random.key(0))
+  own = _one(state.personal, 0)["params"]
+  candidate = jax.tree.map(lambda p, g: p - 2.0 * g, own, _grad_fn(model, one_example, 0)(own))
+  personal = jax.tree.map(lambda x, c: x.at[1].set(c), state.personal["params"], candidate)
+  state = state.replace(personal={"params": personal}, uploaded=jnp.array([0.0, 1, 0, 0, 0]))
+  ids = np.array([0, 2, 3, 4])
+  start = alg.received(state, ids, one_example.train.gather(ids))
+  branches = set()
+  for row, c in enumerate(ids):
+    better = _val_loss(model, one_example, c, candidate) < _val_loss(model, one_example, c, own)
+    branches.add(better)
+    _close(_one(start, row)["params"], candidate if better else own, rtol=1e-6, atol=1e-6)
+  assert branches == {True, False}
+
+
+def test_fedfomo_validation_split_is_fixed_disjoint_and_padding_free():
+  x = np.arange(10, dtype=np.float32)[:, None]
+  key = jax.random.key(5)
+  splits = [jax.jit(fedfomo.validation_split, static_argnums=2)(
+      ClientData(np.pad(x, ((0, pad), (0, 0))), np.arange(10 + pad), np.int32(10)), key, 0.2)
+      for pad in (0, 6)]
+  for train_part, val in splits:
+    assert int(train_part.count) == 8 and int(val.count) == 2
+    rows = sorted(np.asarray(train_part.y[:8]).tolist() + np.asarray(val.y[:2]).tolist())
+    assert rows == list(range(10))  # Disjoint, and every real example is in one of them.
+  np.testing.assert_array_equal(splits[0][1].y[:2], splits[1][1].y[:2])
+
+
+def test_fedfomo_candidates_are_epsilon_greedy_among_last_uploaders():
+  choose = jax.jit(fedfomo.choose_candidates, static_argnums=3)
+  affinity = jnp.array([0.0, 5.0, 1.0, 4.0, 3.0, 2.0])
+  available = jnp.array([False, True, False, True, True, True])
+  chosen, valid = choose(jax.random.key(0), affinity, available, 2, 0.0)
+  assert set(np.asarray(chosen).tolist()) == {1, 3} and bool(valid.all())
+  seen = set()
+  for seed in range(20):
+    chosen, valid = choose(jax.random.key(seed), affinity, available, 2, 1.0)
+    assert bool(valid.all()) and set(np.asarray(chosen).tolist()) <= {1, 3, 4, 5}
+    seen |= set(np.asarray(chosen).tolist())
+  assert seen == {1, 3, 4, 5}  # Exploration reaches clients outside the top 2.
+  chosen, valid = choose(jax.random.key(0), affinity, jnp.arange(6) == 4, 2, 0.0)
+  assert np.asarray(chosen)[np.asarray(valid)].tolist() == [4] and int(valid.sum()) == 1
