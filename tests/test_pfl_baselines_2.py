@@ -19,11 +19,11 @@ import pytest
 from scipy.cluster import hierarchy
 
 from conftest import TinyBN, TinyDropout, tiny_base_config
+from test_algorithms import _one_example_federation
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import train
 from fedmerge_jax.algorithms import cfl, fedfomo
 from fedmerge_jax.client import ClientData
-from fedmerge_jax.data import FederatedData
 
 SIZES = (5, 7, 12, 3, 9)
 IDS = np.array([0, 2, 3])
@@ -32,12 +32,7 @@ RNG = jax.random.key(11)
 
 @pytest.fixture(scope="module")
 def one_example():
-  rng = np.random.default_rng(3)
-  one = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
-                   np.full(n, rng.integers(0, 3), np.int32))
-  train_ = {f"c{i}": one(n) for i, n in enumerate(SIZES)}
-  test = {f"c{i}": one(2) for i in range(len(SIZES))}
-  return FederatedData.from_arrays(train_, test, num_classes=3)
+  return _one_example_federation(SIZES)
 
 
 def _build(data, algorithm, **overrides):
