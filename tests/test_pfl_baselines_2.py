@@ -399,7 +399,8 @@ E2E = {"pfedme": (TinyBN, {}), "fedamp": (TinyDropout, {}), "fedfomo": (TinyDrop
 @pytest.mark.parametrize("algorithm", list(E2E))
 def test_runs_chunked_under_partial_participation_and_resumes_exactly(tiny_data, tmp_path, algorithm):
   """BatchNorm or dropout, 3 of 5 clients a round, vmapped chunks of 2: round 2 redone from
-  round 1's checkpoint gives the same metrics (CFL splits in round 2)."""
+  round 1's checkpoint gives the same metrics (CFL splits in round 2; FedFomo's and FedAMP's
+  round 2 draws on round 1's uploads)."""
   model_type, overrides = E2E[algorithm]
   config = tiny_base_config()
   config.update(algorithm=algorithm, clients_per_round=3, client_chunk_size=2,

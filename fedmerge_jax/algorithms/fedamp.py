@@ -9,6 +9,10 @@ F_i(w) + lambda / (2 alpha) ||w - u_i||^2, then uploads it. It predicts with w_i
 `config.fedamp_alpha`, `fedamp_lambda`, `fedamp_sigma` are alpha, lambda, sigma (PFLlib's
 defaults 1, 1, 1).
 
+With PFLlib's defaults xi_ii < 0 whenever the models are close (sum of the others' xi up to
+alpha (M - 1) / sigma for M uploaders): u_i then extrapolates away from w_i. The paper's
+convex mix needs alpha <= sigma / (M - 1); both are kept as given.
+
 Partial participation, as PFLlib: the attention runs over the clients that uploaded in the
 previous round (`State.uploaded`); in the first round nobody has, so u_i = w_i. An
 unsampled client keeps its model.
