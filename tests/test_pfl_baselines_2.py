@@ -198,6 +198,11 @@ def test_cfl_before_any_split_is_fedavg(one_example):
   for k in (1, 2):  # Unused slots stay as they were.
     _close(_one(new.clusters.globals, k), _one(state.clusters.globals, k), rtol=0, atol=0)
   assert int(new.num_clusters) == 1 and float(metrics["train/num_clusters"]) == 1
+  updates = np.stack([_flat(start) - _flat(t) for t in trained])
+  np.testing.assert_allclose(metrics["train/max_update_norm"],
+                             np.linalg.norm(updates, axis=1).max(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["train/mean_update_norm"],
+                             np.linalg.norm(n @ updates / n.sum()), rtol=1e-4)
   np.testing.assert_array_equal(np.argmax(new.clusters.logits, 1), 0)
 
 

@@ -118,16 +118,20 @@ def make(model, config, num_clients, example_input):
   def round_fn(state: State, client_ids, data, rng):
     deltas, metrics = inner.stages.train(state.clusters, client_ids, data, rng)
     p = data.count.astype(jnp.float32)
+    gram = update_gram(deltas)
     cluster = jnp.argmax(state.clusters.logits[client_ids], axis=1)
     cluster, parent, used = split_clusters(
-        cluster, update_gram(deltas), p, state.num_clusters, max_clusters,
+        cluster, gram, p, state.num_clusters, max_clusters,
         state.rounds_done + 1 > config.cfl_warmup_rounds, config)
     clusters = state.clusters.replace(
         globals=jax.tree.map(lambda g: g[parent], state.clusters.globals),  # Splits copy the parent.
         logits=state.clusters.logits.at[client_ids].set(one_hot_logits(cluster, max_clusters)))
     clusters = inner.stages.server(clusters, client_ids, data, deltas)
+    share = p / jnp.maximum(jnp.sum(p), 1.0)  # The norms eps1, eps2 are compared with (to tune them).
     metrics = dict(base.training_metrics(data, metrics),
-                   **{"train/num_clusters": used.astype(jnp.float32)})
+                   **{"train/num_clusters": used.astype(jnp.float32),
+                      "train/max_update_norm": jnp.sqrt(jnp.max(jnp.diagonal(gram))),
+                      "train/mean_update_norm": jnp.sqrt(jnp.maximum(share @ gram @ share, 0.0))})
     return State(clusters, used, state.rounds_done + 1), metrics
 
   return inner._replace(
