@@ -257,7 +257,7 @@ def _split(cluster, gram, p, in_use, allowed, eps1, eps2):
     ({}, SPLIT),  # Cluster 0 splits into slot 2; cluster 1 (one member) does not.
     ({"eps1": 0.0}, KEPT),  # The mean update is not small enough.
     ({"eps2": 2.0}, KEPT),  # No update is large enough.
-    ({"p": [1, 1, 0, 0, 1]}, KEPT),  # Only two sampled members.
+    ({"p": [1, 0, 1, 0, 1]}, KEPT),  # Only two sampled members (opposite updates: it would split).
     ({"allowed": False}, KEPT),  # Still in the warm-up.
     ({"in_use": 3}, KEPT),  # Every slot is in use.
 ])
