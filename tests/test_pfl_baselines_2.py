@@ -185,8 +185,10 @@ def test_fedamp_with_uniform_attention_sends_everyone_the_plain_average(one_exam
 # CFL ------------------------------------------------------------------------------------------
 
 def test_cfl_before_any_split_is_fedavg(one_example):
-  """Within the warm-up no cluster splits: cluster 0 takes FedAvg's n-weighted average."""
-  config, model, alg = _build(one_example, "cfl", cfl_max_clusters=3)
+  """Within the warm-up no cluster splits (though the thresholds would split it): cluster 0
+  takes FedAvg's n-weighted average."""
+  config, model, alg = _build(one_example, "cfl", cfl_max_clusters=3, cfl_warmup_rounds=1,
+                              cfl_eps1=1e3, cfl_eps2=0.0)
   state = alg.init(jax.random.key(0))
   new, metrics = jax.jit(alg.round)(state, IDS, one_example.train.gather(IDS), RNG)
   start = _one(state.clusters.globals, 0)["params"]
