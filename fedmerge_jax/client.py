@@ -105,6 +105,23 @@ def check_takes_mask(variables, takes_mask: bool) -> None:
         " or nn.BatchNorm(...)(x, mask=...)) and pass local_train(..., takes_mask=True).")
 
 
+def batch_loss(apply_fn, params, other, data: ClientData, idx, mask, rng,
+               example_loss: Callable[..., Any] = cross_entropy_loss, takes_mask: bool = False):
+  """(mean over the batch's real rows of `example_loss`, the model's new non-param collections).
+
+  The batch is rows `idx` of `data`, `mask` marking the real ones; the model runs in train
+  mode with dropout key `rng` and, where it takes `mask` (`takes_mask`), BatchNorm
+  statistics of real rows.
+  """
+  mutable = list(other)
+  kwargs = {"mask": mask} if takes_mask else {}
+  out = apply_fn({"params": params, **other}, data.x[idx], train=True,
+                 rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
+  outputs, new_other = out if mutable else (out, {})
+  losses = example_loss(outputs, data.y[idx], idx)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_other
+
+
 def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
                 anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss,
                 takes_mask: bool = False):
@@ -129,15 +146,10 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   params0 = variables["params"]
   anchor = params0 if anchor is None else anchor
   tx = optax.sgd(local.client_lr)
-  mutable = [name for name in variables if name != "params"]
 
   def loss_fn(params, other, idx, mask, rng):
-    kwargs = {"mask": mask} if takes_mask else {}
-    out = apply_fn({"params": params, **other}, data.x[idx], train=True,
-                   rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
-    outputs, new_other = out if mutable else (out, {})
-    losses = example_loss(outputs, data.y[idx], idx)
-    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    loss, new_other = batch_loss(apply_fn, params, other, data, idx, mask, rng, example_loss,
+                                 takes_mask)
     return loss + local.prox_mu * squared_distance(params, anchor), (loss, new_other)
 
   def step(carry):

@@ -37,6 +37,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_optimizer_logits = "sgd"  # Any optax optimizer name ('gradient' mode).
   c.finetune_epochs = 1  # fedavg_ft: local epochs of fine-tuning before evaluation.
   c.ditto_lambda = 0.1  # ditto: personal loss F_i(v) + lambda/2 ||v - w||^2.
+  # pfedme, fedfomo, fedamp, cfl: defaults of each one's reference code (module docstrings).
+  c.pfedme_lambda = 15.0  # pfedme: lambda of the Moreau envelope, lambda/2 ||theta - w_i||^2.
+  c.pfedme_inner_steps = 5  # pfedme: K steps on theta per batch.
+  c.pfedme_personal_lr = 0.09  # pfedme: theta's learning rate (client_lr is w_i's, eta).
+  c.pfedme_beta = 1.0  # pfedme: server w <- (1 - beta) w + beta * average of the w_i.
+  c.pfedme_l2 = 0.001  # pfedme: the reference optimizer's l2 term (mu) on theta.
+  c.fedfomo_downloads = 4  # fedfomo: other clients' models a client downloads (M).
+  c.fedfomo_epsilon = 0.3  # fedfomo: chance of exploring (a random model instead of a top one)...
+  c.fedfomo_epsilon_decay = 0.05  # fedfomo: ...less this much per round.
+  c.fedfomo_val_fraction = 0.2  # fedfomo: share of each client's training data held out to weigh models.
+  c.fedamp_alpha = 1.0  # fedamp: alpha_k, step of the attention (xi_ij = alpha e^{-d/sigma}/sigma).
+  c.fedamp_lambda = 1.0  # fedamp: local loss F_i(w) + lambda/(2 alpha) ||w - u_i||^2.
+  c.fedamp_sigma = 1.0  # fedamp: scale of the squared model distance d in the attention.
+  c.cfl_eps1 = 0.4  # cfl: split a cluster when ||mean update|| < eps1 ...
+  c.cfl_eps2 = 1.6  # cfl: ... and max ||update|| > eps2 ...
+  c.cfl_warmup_rounds = 20  # cfl: ... and more than this many rounds are done.
+  c.cfl_max_clusters = 8  # cfl: most clusters (static shapes); a full set splits no more.
   c.eval_every = 10
   c.client_chunk_size = 0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
   c.client_parallelism = "auto"  # 'auto' | 'vmap' | 'sequential': how clients run (parallel.py).
@@ -142,12 +159,17 @@ def _choices() -> dict:
       "local_batching": ("epoch", "stream"),
   }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
-             "checkpoint_keep")
+             "checkpoint_keep",
+             "pfedme_inner_steps", "fedfomo_downloads", "fedamp_alpha", "fedamp_sigma",
+             "cfl_max_clusters")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
                  "checkpoint_every",
                  "finetune_epochs", "ditto_lambda",
+                 "pfedme_lambda", "pfedme_personal_lr", "pfedme_beta", "pfedme_l2",
+                 "fedfomo_epsilon", "fedfomo_epsilon_decay", "fedamp_lambda",
+                 "cfl_eps1", "cfl_eps2", "cfl_warmup_rounds",
                  "server_lr_globals", "server_lr_logits")
-_FRACTIONS = ("data.test_fraction", "data.val_fraction")
+_FRACTIONS = ("data.test_fraction", "data.val_fraction", "fedfomo_val_fraction")
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,8 @@ Users add theirs with `register_algorithm(name, factory)`; README "Your own algo
 from typing import Callable, Tuple
 
 from fedmerge_jax import registry
-from fedmerge_jax.algorithms import ditto, fedavg, fedavg_ft, fedem, fedmerge, ifca, local
+from fedmerge_jax.algorithms import (cfl, ditto, fedamp, fedavg, fedavg_ft, fedem, fedfomo,
+                                     fedmerge, ifca, local, pfedme)
 from fedmerge_jax.algorithms.base import Algorithm
 
 _FACTORIES = {
@@ -19,6 +20,10 @@ _FACTORIES = {
     "ditto": ditto.make,
     "ifca": ifca.make,
     "fedem": fedem.make,
+    "pfedme": pfedme.make,
+    "fedfomo": fedfomo.make,
+    "fedamp": fedamp.make,
+    "cfl": cfl.make,
 }
 ALGORITHM_NAMES = tuple(_FACTORIES)  # The built-ins; registered_names() adds the users'.
 Factory = Callable[..., Algorithm]

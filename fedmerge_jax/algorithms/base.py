@@ -80,6 +80,11 @@ def num_floats(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+def model_floats(model, example_input) -> int:
+  """Number of floats in one model's variables (one model on the wire), without initialising it."""
+  return num_floats(jax.eval_shape(lambda: model.init(jax.random.key(0), example_input[None])))
+
+
 def sample_weights(data: client_lib.ClientData):
   """p_i = n_i / sum n over the sampled clients."""
   counts = data.count.astype(jnp.float32)

@@ -28,18 +28,27 @@ def training_losses(model, stacked, data, chunk_size=0, parallelism="auto"):
   return parallel.map_clients(one_client, (data,), chunk_size, parallelism)
 
 
-def make(model, config, num_clients, example_input):
-  def assign(state, client_ids, data):
-    losses = training_losses(model, state.globals, data, config.client_chunk_size,
-                             config.client_parallelism)
-    best = jnp.argmin(losses, axis=1)
-    return jnp.where(jax.nn.one_hot(best, config.num_global_models) > 0, 0.0, EXCLUDED_LOGIT)
+def one_hot_logits(cluster_ids, num_clusters: int):
+  """Logit rows whose softmax is exactly one-hot on each client's cluster: [C, K]."""
+  return jnp.where(jax.nn.one_hot(cluster_ids, num_clusters) > 0, 0.0, EXCLUDED_LOGIT)
 
-  server = ServerUpdate(
+
+def per_cluster_server(config) -> ServerUpdate:
+  """Each model k steps by the n-weighted average of its members' updates; logits frozen."""
+  return ServerUpdate(
       globals_tx=optax.chain(scale_by_inverse_model_mass(), optax.sgd(config.server_lr_globals)),
       logits_tx=optax.set_to_zero(),
       logit_gradient_params="all",
       logits_first=False)
+
+
+def make(model, config, num_clients, example_input):
+  def assign(state, client_ids, data):
+    losses = training_losses(model, state.globals, data, config.client_chunk_size,
+                             config.client_parallelism)
+    return one_hot_logits(jnp.argmin(losses, axis=1), config.num_global_models)
+
+  server = per_cluster_server(config)
   return fedmerge.make(model, config, num_clients, example_input, server_update=server,
                        prox_mu=0.0, assign_logits=assign,
                        models_down=config.num_global_models)
