@@ -110,8 +110,14 @@ def takes_mask(apply_fn) -> bool:
   return bool(getattr(apply_fn, "takes_mask", False))
 
 
+def plain_objective(batch_loss, params, other, idx, mask, rng):
+  """The default step objective: the batch loss itself, (mean loss, new other collections)."""
+  return batch_loss(params, other, idx, mask, rng)
+
+
 def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
-                anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss):
+                anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss,
+                trainable=None, optimizer=None, objective: Callable[..., Any] = plain_objective):
   """Trains one client's copy of `variables`; returns (delta = received - trained, metrics).
 
   `variables` is a flax variable dict: 'params' are trained by SGD on the mean over the
@@ -119,6 +125,11 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   ||params - anchor||^2, the anchor being the received params unless given (Ditto anchors
   to the global model); other collections (BatchNorm's 'batch_stats') follow the model's
   own updates in train mode. Delta covers both.
+  `trainable` (bools over 'params'): the others get no gradient and stay as received
+  (FedRep's phases). `optimizer`: an optax transformation instead of SGD at `client_lr`.
+  `objective(batch_loss, params, other, idx, mask, rng) -> (loss, new other)` builds a
+  step's loss from `batch_loss` (same arguments, the masked mean above): Per-FedAvg's
+  inner-then-outer step.
   """
   data = ClientData(*map(jnp.asarray, data))
   max_n = data.x.shape[0]
@@ -129,17 +140,20 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   received = variables
   params0 = variables["params"]
   anchor = params0 if anchor is None else anchor
-  tx = optax.sgd(local.client_lr)
+  tx = optax.sgd(local.client_lr) if optimizer is None else optimizer
   mutable = [name for name in variables if name != "params"]
   mask_kwarg = takes_mask(apply_fn)
 
-  def loss_fn(params, other, idx, mask, rng):
+  def batch_loss(params, other, idx, mask, rng):
     kwargs = {"mask": mask} if mask_kwarg else {}
     out = apply_fn({"params": params, **other}, data.x[idx], train=True,
                    rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
     outputs, new_other = out if mutable else (out, {})
     losses = example_loss(outputs, data.y[idx], idx)
-    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), dict(new_other)
+
+  def loss_fn(params, other, idx, mask, rng):
+    loss, new_other = objective(batch_loss, params, other, idx, mask, rng)
     return loss + local.prox_mu * squared_distance(params, anchor), (loss, new_other)
 
   def step(carry):
@@ -147,6 +161,8 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
     epoch, slot, mask = batch_slots(t, count, local)
     grads, (loss, new_other) = jax.grad(loss_fn, has_aux=True)(
         params, other, order[epoch, slot], mask, jax.random.fold_in(dropout_key, t))
+    if trainable is not None:  # Frozen parameters: no gradient (their backward pass is dead code).
+      grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads, trainable)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (t + 1, optax.apply_updates(params, updates), dict(new_other), opt_state,
             loss_sum + loss)

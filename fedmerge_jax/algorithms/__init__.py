@@ -7,7 +7,8 @@ Users add theirs with `register_algorithm(name, factory)`; README "Your own algo
 from typing import Callable, Tuple
 
 from fedmerge_jax import registry
-from fedmerge_jax.algorithms import ditto, fedavg, fedavg_ft, fedem, fedmerge, ifca, local
+from fedmerge_jax.algorithms import (apfl, ditto, fedavg, fedavg_ft, fedbn, fedem, fedmerge, fedper,
+                                     fedrep, ifca, local, perfedavg)
 from fedmerge_jax.algorithms.base import Algorithm
 
 _FACTORIES = {
@@ -19,6 +20,11 @@ _FACTORIES = {
     "ditto": ditto.make,
     "ifca": ifca.make,
     "fedem": fedem.make,
+    "fedbn": fedbn.make,
+    "fedper": fedper.make,
+    "fedrep": fedrep.make,
+    "apfl": apfl.make,
+    "perfedavg": perfedavg.make,
 }
 ALGORITHM_NAMES = tuple(_FACTORIES)  # The built-ins; registered_names() adds the users'.
 Factory = Callable[..., Algorithm]
