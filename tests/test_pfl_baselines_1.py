@@ -22,8 +22,8 @@ from fedmerge_jax import client, train
 from fedmerge_jax.config import ConfigError, resolve
 from fedmerge_jax.data import FederatedData
 
-IDS = np.array([0, 2, 3])  # Clients 1 and 4 are not sampled.
-UNSAMPLED = (1, 4)
+IDS = np.array([0, 1, 3])  # Clients 2 and 4 are not sampled.
+UNSAMPLED = (2, 4)
 RNG = jax.random.key(11)
 SIZES = (6, 10, 7, 5, 9)  # Batch 4: last batches of 2, 2, 3, 1, 1.
 
@@ -211,10 +211,10 @@ def test_fedrep_trains_the_head_then_the_body(copies, head_epochs):
 def test_apfl_follows_algorithm_1(copies):
   """Deng et al. 2020, Alg. 1: per step w -= eta grad f(w); v -= eta alpha grad f(vbar);
   alpha -= eta <v - w, grad f(vbar)>, projected on [0, 1]; the server averages w."""
-  eta, alpha0 = 0.5, 0.5
+  eta, alpha0 = 0.5, 0.1  # alpha leaves [0, 1] for clients 1 and 3: the projection binds.
   _, model, alg = _build(copies, "apfl", client_lr=eta, apfl_alpha=alpha0)
   init = _fedavg_init(copies)["params"]
-  trained = {}
+  trained, projected = {}, False
   gradient = _gradient(model)
   for c in IDS:
     example = _example(copies, c)
@@ -224,12 +224,16 @@ def test_apfl_follows_algorithm_1(copies):
       g_w, g_bar = gradient(w, *example), gradient(vbar, *example)
       dot = sum(jnp.vdot(a - b, g) for a, b, g in
                 zip(jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_bar)))
+      projected |= not 0 <= alpha - eta * dot <= 1
       w, v, alpha = (jax.tree.map(lambda a, g: a - eta * g, w, g_w),
                      jax.tree.map(lambda a, g: a - eta * alpha * g, v, g_bar),
                      float(np.clip(alpha - eta * dot, 0.0, 1.0)))
     trained[c] = (w, v, alpha)
-  assert max(abs(trained[c][2] - alpha0) for c in IDS) > 1e-3, "alpha must move in this test"
+  assert min(abs(trained[c][2] - alpha0) for c in IDS) > 1e-4 and projected
   _, new = _round(alg, copies)
+  alphas = np.asarray(new.personal["params"]["alpha"])
+  np.testing.assert_allclose(alphas, [trained[i][2] if i in IDS else alpha0 for i in range(5)],
+                             atol=1e-6)
   p = _p(copies)
   w = jax.tree.map(lambda *ws: sum(pc * wc for pc, wc in zip(p, ws)), *[trained[c][0] for c in IDS])
   x = jnp.asarray(copies.test.client(0)[0])
