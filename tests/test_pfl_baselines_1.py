@@ -17,10 +17,9 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from conftest import TinyBN, make_federation, tiny_base_config
+from conftest import TinyBN, make_federation, one_example_federation, tiny_base_config
 from fedmerge_jax import client, train
 from fedmerge_jax.config import ConfigError, resolve
-from fedmerge_jax.data import FederatedData
 
 IDS = np.array([0, 1, 3])  # Clients 2 and 4 are not sampled.
 UNSAMPLED = (2, 4)
@@ -28,19 +27,10 @@ RNG = jax.random.key(11)
 SIZES = (6, 10, 7, 5, 9)  # Batch 4: last batches of 2, 2, 3, 1, 1.
 
 
-def _one_example_federation(sizes=SIZES):
-  """Clients whose examples are copies of one (x, y) each (module docstring)."""
-  rng = np.random.default_rng(3)
-  one = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
-                   np.full(n, rng.integers(0, 3), np.int32))
-  train_ = {f"c{i}": one(n) for i, n in enumerate(sizes)}
-  test = {f"c{i}": one(2) for i in range(len(sizes))}
-  return FederatedData.from_arrays(train_, test, num_classes=3)
-
-
 @pytest.fixture(scope="module")
 def copies():
-  return _one_example_federation()
+  """Clients whose examples are copies of one (x, y) each (module docstring)."""
+  return one_example_federation(SIZES)
 
 
 @pytest.fixture(scope="module")
