@@ -39,10 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ditto_lambda = 0.1  # ditto: personal loss F_i(v) + lambda/2 ||v - w||^2.
   # Personalised baselines fedbn, fedper, fedrep, apfl, perfedavg (their modules' docstrings):
   c.personal_layers = ("head",)  # fedper, fedrep: top-level layers each client keeps (classifier).
-  c.fedrep_head_epochs = 10  # fedrep: head epochs (body frozen) before local_epochs on the body.
+  # fedrep: head epochs (body frozen) before local_epochs on the body (lgcollins/FedRep: 10).
+  c.fedrep_head_epochs = 10
   c.apfl_alpha = 0.5  # apfl: initial mixing weight alpha in [0, 1] (FedTorch's default).
   c.apfl_adaptive_alpha = True  # apfl: learn each client's alpha (the paper's adaptive APFL).
-  c.perfedavg_alpha = 0.01  # perfedavg: inner and test-time step size alpha (beta is client_lr).
+  c.perfedavg_alpha = 0.01  # perfedavg: inner and test-time step (beta: client_lr); ours: tune.
   c.perfedavg_variant = "fo"  # perfedavg: 'fo' (first order) or 'hf' (Hessian-vector product).
   c.eval_every = 10
   c.client_chunk_size = 0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.

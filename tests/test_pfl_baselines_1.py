@@ -132,7 +132,8 @@ def test_fedper_keeps_the_head_local_and_averages_the_body(random_data):
   assert alg.communication == (body, body)
 
 
-@pytest.mark.parametrize("algorithm,overrides", [("fedbn", {}), ("fedper", {"personal_layers": ()})])
+@pytest.mark.parametrize("algorithm,overrides",
+                         [("fedbn", {}), ("fedper", {"personal_layers": ()})])
 def test_without_personal_layers_fedbn_and_fedper_are_fedavg(random_data, algorithm, overrides):
   """FedBN on a model without BatchNorm, FedPer with no local layer: FedAvg, two rounds."""
   _, _, avg = _build(random_data, "fedavg")

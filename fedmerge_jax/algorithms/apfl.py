@@ -19,6 +19,8 @@ Where this differs from the authors' FedTorch (`comms/trainings/federated/apfl.p
   averages alpha over the online clients; the paper, and this module, update each
   client's own alpha at every step, with no regulariser.
 - Both train only the round's online (sampled) clients, as here.
+- Weights: the paper's Algorithm 1 writes a plain mean of the sampled w_i; here n_i / sum n,
+  FedAvg's rule (the same on equal clients), so that w is exactly FedAvg's model.
 - BatchNorm (not in the paper): vbar's statistics are its own, personal (v's
   'batch_stats' are vbar's running statistics); w keeps its own, shared ones.
 Training metrics: train/loss is f_i(w_i) + f_i(vbar_i), the sum both steps descend.
@@ -32,7 +34,7 @@ from fedmerge_jax import client as client_lib
 from fedmerge_jax.algorithms import partial_sharing
 from fedmerge_jax.algorithms.fedmerge import init_stacked
 
-GLOBAL, PERSONAL, ALPHA = "global", "personal", "alpha"  # Keys in every collection ('params': + alpha).
+GLOBAL, PERSONAL, ALPHA = "global", "personal", "alpha"  # Keys in each collection (alpha: params).
 
 
 def part(variables, name):

@@ -49,7 +49,7 @@ class Phase(NamedTuple):
 
 
 def personal_layers_mask(variables, names: Sequence[str]):
-  """`models.layers_mask` for `config.personal_layers`, naming a layer the model lacks in one line."""
+  """`models.layers_mask` for `config.personal_layers`; a layer the model lacks fails in one line."""
   top = sorted(dict(variables).get("params", {}))
   missing = [name for name in names if name not in top]
   if missing:

@@ -6,13 +6,15 @@ step of a sampled client draws a batch D and a batch D' and takes
   w <- w - beta grad f_i(w_tmp; D')                                 ('fo', first order)
   w <- w - beta (I - alpha Hess f_i(w; D)) grad f_i(w_tmp; D')     ('hf')
 with alpha = `config.perfedavg_alpha`, beta = `client_lr`; the server averages the sampled
-clients' models (n_i-weighted, FedAvg's rule; the paper's Algorithm 1 samples a fraction
-of users and averages theirs, as here). A client predicts with its model after one
-gradient step of size alpha on its own training data.
+clients' models (FedAvg's rule; the paper's Algorithm 1 samples a fraction of users each
+round and averages theirs, as here; unsampled users hold no state). A client predicts
+with its model after one gradient step of size alpha on its own training data.
 As in PFLlib's Per-FedAvg, a step's batch holds 2 x `batch_size` examples: D its first
 half, D' its second (a partial last batch leaves D' short, or empty: then no step).
 
 Where this differs from the paper, and why:
+- Weights: the paper's Algorithm 1 writes a plain mean over the sampled users; here
+  n_i / sum n, the engine's one averaging rule (the same on equal clients).
 - 'hf' computes the Hessian-vector product exactly, by automatic differentiation, on D;
   the paper estimates it by finite differences on a third, independent batch D''. Exact
   and with no extra batch, it is MAML's own second-order gradient.
