@@ -122,9 +122,15 @@ def batch_loss(apply_fn, params, other, data: ClientData, idx, mask, rng,
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_other
 
 
+def plain_objective(batch_loss, params, other, idx, mask, rng):
+  """The default step objective: the batch loss itself, (mean loss, new other collections)."""
+  return batch_loss(params, other, idx, mask, rng)
+
+
 def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
                 anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss,
-                takes_mask: bool = False):
+                takes_mask: bool = False, trainable=None, optimizer=None,
+                objective: Callable[..., Any] = plain_objective):
   """Trains one client's copy of `variables`; returns (delta = received - trained, metrics).
 
   `variables` is a flax variable dict: 'params' are trained by SGD on the mean over the
@@ -134,6 +140,11 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   own updates in train mode. Delta covers both. `takes_mask`: whether `apply_fn` accepts
   `mask=` (the batch's real rows [B], for BatchNorm's statistics), as `models.takes_mask`
   says of a module; required for variables with 'batch_stats'.
+  `trainable` (bools over 'params'): the others get no gradient and stay as received
+  (FedRep's phases). `optimizer`: an optax transformation instead of SGD at `client_lr`.
+  `objective(batch_loss, params, other, idx, mask, rng) -> (loss, new other)` builds a
+  step's loss from `batch_loss` (same arguments, the masked mean above): Per-FedAvg's
+  inner-then-outer step.
   """
   check_takes_mask(variables, takes_mask)
   data = ClientData(*map(jnp.asarray, data))
@@ -145,11 +156,13 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   received = variables
   params0 = variables["params"]
   anchor = params0 if anchor is None else anchor
-  tx = optax.sgd(local.client_lr)
+  tx = optax.sgd(local.client_lr) if optimizer is None else optimizer
+
+  def step_loss(params, other, idx, mask, rng):
+    return batch_loss(apply_fn, params, other, data, idx, mask, rng, example_loss, takes_mask)
 
   def loss_fn(params, other, idx, mask, rng):
-    loss, new_other = batch_loss(apply_fn, params, other, data, idx, mask, rng, example_loss,
-                                 takes_mask)
+    loss, new_other = objective(step_loss, params, other, idx, mask, rng)
     return loss + local.prox_mu * squared_distance(params, anchor), (loss, new_other)
 
   def step(carry):
@@ -157,6 +170,8 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
     epoch, slot, mask = batch_slots(t, count, local)
     grads, (loss, new_other) = jax.grad(loss_fn, has_aux=True)(
         params, other, order[epoch, slot], mask, jax.random.fold_in(dropout_key, t))
+    if trainable is not None:  # Frozen parameters: no gradient (their backward pass is dead code).
+      grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads, trainable)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (t + 1, optax.apply_updates(params, updates), dict(new_other), opt_state,
             loss_sum + loss)

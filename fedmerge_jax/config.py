@@ -37,6 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_optimizer_logits = "sgd"  # Any optax optimizer name ('gradient' mode).
   c.finetune_epochs = 1  # fedavg_ft: local epochs of fine-tuning before evaluation.
   c.ditto_lambda = 0.1  # ditto: personal loss F_i(v) + lambda/2 ||v - w||^2.
+  # Personalised baselines fedbn, fedper, fedrep, apfl, perfedavg (their modules' docstrings):
+  c.personal_layers = ("head",)  # fedper, fedrep: top-level layers each client keeps (classifier).
+  # fedrep: head epochs (body frozen) before local_epochs on the body (lgcollins/FedRep: 10).
+  c.fedrep_head_epochs = 10
+  c.apfl_alpha = 0.5  # apfl: initial mixing weight alpha in [0, 1] (FedTorch's default).
+  c.apfl_adaptive_alpha = True  # apfl: learn each client's alpha (the paper's adaptive APFL).
+  c.perfedavg_alpha = 0.01  # perfedavg: inner and test-time step (beta: client_lr); ours: tune.
+  c.perfedavg_variant = "fo"  # perfedavg: 'fo' (first order) or 'hf' (Hessian-vector product).
   # pfedme, fedfomo, fedamp, cfl: defaults of each one's reference code (module docstrings).
   c.pfedme_lambda = 15.0  # pfedme: lambda of the Moreau envelope, lambda/2 ||theta - w_i||^2.
   c.pfedme_inner_steps = 5  # pfedme: K steps on theta per batch.
@@ -146,6 +154,7 @@ def _choices() -> dict:
   # pylint: disable=import-outside-toplevel
   from fedmerge_jax import algorithms
   from fedmerge_jax import models
+  from fedmerge_jax.algorithms.perfedavg import VARIANTS as PERFEDAVG_VARIANTS
   from fedmerge_jax.models.layers import CONV_IMPLS
   from fedmerge_jax.parallel import CLIENT_PARALLELISMS
   from fedmerge_jax.server_optim import LOGIT_STEPS, UPDATE_MODES
@@ -157,6 +166,7 @@ def _choices() -> dict:
       "model.conv_impl": CONV_IMPLS,
       "client_parallelism": CLIENT_PARALLELISMS,
       "local_batching": ("epoch", "stream"),
+      "perfedavg_variant": PERFEDAVG_VARIANTS,
   }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep",
@@ -164,12 +174,13 @@ _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "e
              "cfl_max_clusters")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
                  "checkpoint_every",
-                 "finetune_epochs", "ditto_lambda",
+                 "finetune_epochs", "ditto_lambda", "fedrep_head_epochs", "perfedavg_alpha",
                  "pfedme_lambda", "pfedme_personal_lr", "pfedme_beta", "pfedme_l2",
                  "fedfomo_epsilon", "fedfomo_epsilon_decay", "fedamp_lambda",
                  "cfl_eps1", "cfl_eps2", "cfl_warmup_rounds",
                  "server_lr_globals", "server_lr_logits")
 _FRACTIONS = ("data.test_fraction", "data.val_fraction", "fedfomo_val_fraction")
+_UNIT_INTERVAL = ("apfl_alpha",)
 
 
 class ConfigError(ValueError):
@@ -228,6 +239,9 @@ def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> No
   for path in _FRACTIONS:
     if not 0 <= flat[path] < 1:
       raise ConfigError(f"Config {path}={flat[path]!r} must be in [0, 1).")
+  for path in _UNIT_INTERVAL:
+    if not 0 <= flat[path] <= 1:
+      raise ConfigError(f"Config {path}={flat[path]!r} must be in [0, 1].")
   for path, choices in _choices().items():  # Last: the only check that imports JAX.
     if flat[path] not in choices:
       raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")

@@ -67,6 +67,17 @@ def make_federation(num_clients=5, sizes=None, example_shape=(4, 4, 1), num_clas
   return FederatedData.from_arrays(train, test, val, num_classes=num_classes)
 
 
+def one_example_federation(sizes):
+  """Clients whose examples are copies of one (x, y) each: any batching gives the same
+  batch gradient, so the papers' plain gradient loops are exact references."""
+  rng = np.random.default_rng(3)
+  one = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
+                   np.full(n, rng.integers(0, 3), np.int32))
+  train = {f"c{i}": one(n) for i, n in enumerate(sizes)}
+  test = {f"c{i}": one(2) for i in range(len(sizes))}
+  return FederatedData.from_arrays(train, test, num_classes=3)
+
+
 @pytest.fixture
 def tiny_data():
   return make_federation()

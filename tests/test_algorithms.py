@@ -11,7 +11,7 @@ from fedmerge_jax import client, train
 from fedmerge_jax.algorithms import fedavg_ft, fedem, ifca
 from fedmerge_jax.algorithms.ditto import PERSONAL_STREAM
 from fedmerge_jax.config import resolve
-from fedmerge_jax.data import FederatedData
+from tests.conftest import one_example_federation
 
 
 def _build(config, data, algorithm):
@@ -49,15 +49,9 @@ RNG = jax.random.key(11)
 
 
 def _one_example_federation(sizes=(4, 8, 12, 4, 8)):
-  """Clients whose examples are copies of one (x, y) each: any batching gives the same
-  batch gradient, so the papers' plain gradient loops are exact references. Sizes are
-  unequal multiples of the batch size (4), so clients take unequal numbers of steps."""
-  rng = np.random.default_rng(3)
-  one = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
-                   np.full(n, rng.integers(0, 3), np.int32))
-  train_ = {f"c{i}": one(n) for i, n in enumerate(sizes)}
-  test = {f"c{i}": one(2) for i in range(len(sizes))}
-  return FederatedData.from_arrays(train_, test, num_classes=3)
+  """conftest.one_example_federation with sizes that are unequal multiples of the batch
+  size (4), so clients take unequal numbers of steps."""
+  return one_example_federation(sizes)
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])

@@ -34,6 +34,8 @@ def test_unknown_nested_key_is_rejected():
     ("algorithm", "fedsgd", "algorithm='fedsgd' is not one of"),
     ("num_rounds", 0, "num_rounds=0 must be > 0"),
     ("client_lr", -1.0, "client_lr=-1.0 must be >= 0"),
+    ("apfl_alpha", 1.5, r"apfl_alpha=1.5 must be in \[0, 1\]"),
+    ("perfedavg_variant", "so", "perfedavg_variant='so' is not one of"),
 ])
 def test_bad_values_are_rejected(key, value, match):
   config = base_config()

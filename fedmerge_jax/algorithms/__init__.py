@@ -7,8 +7,9 @@ Users add theirs with `register_algorithm(name, factory)`; README "Your own algo
 from typing import Callable, Tuple
 
 from fedmerge_jax import registry
-from fedmerge_jax.algorithms import (cfl, ditto, fedamp, fedavg, fedavg_ft, fedem, fedfomo,
-                                     fedmerge, ifca, local, pfedme)
+from fedmerge_jax.algorithms import (apfl, cfl, ditto, fedamp, fedavg, fedavg_ft, fedbn, fedem,
+                                     fedfomo, fedmerge, fedper, fedrep, ifca, local, perfedavg,
+                                     pfedme)
 from fedmerge_jax.algorithms.base import Algorithm
 
 _FACTORIES = {
@@ -20,6 +21,11 @@ _FACTORIES = {
     "ditto": ditto.make,
     "ifca": ifca.make,
     "fedem": fedem.make,
+    "fedbn": fedbn.make,
+    "fedper": fedper.make,
+    "fedrep": fedrep.make,
+    "apfl": apfl.make,
+    "perfedavg": perfedavg.make,
     "pfedme": pfedme.make,
     "fedfomo": fedfomo.make,
     "fedamp": fedamp.make,

@@ -75,10 +75,7 @@ def head_mask(variables) -> dict:
   silently compute a zero logit gradient and never personalise.
   """
   from fedmerge_jax import config as config_lib  # pylint: disable=g-import-not-at-top (cycle)
-  def is_head(path, _):
-    keys = [getattr(k, "key", None) for k in path]
-    return len(keys) >= 2 and keys[0] == "params" and keys[1] == HEAD
-  mask = jax.tree_util.tree_map_with_path(is_head, variables)
+  mask = layers_mask(variables, (HEAD,), collections=("params",))
   if not any(jax.tree.leaves(mask)):
     top = sorted(variables.get("params", {})) if hasattr(variables, "get") else []
     raise config_lib.ConfigError(
@@ -91,3 +88,28 @@ def head_mask(variables) -> dict:
 
 def count_params(variables) -> int:
   return sum(x.size for x in jax.tree.leaves(variables.get("params", variables)))
+
+
+def _keys(path) -> tuple:
+  return tuple(getattr(k, "key", None) for k in path)
+
+
+def layers_mask(variables, names, collections=None) -> dict:
+  """Bools over `variables`: True on the leaves of the top-level layers named in `names`
+  (e.g. ('head',)), in every collection or only those in `collections`."""
+  def inside(path, _):
+    keys = _keys(path)
+    return (len(keys) >= 2 and keys[1] in names
+            and (collections is None or keys[0] in collections))
+  return jax.tree_util.tree_map_with_path(inside, variables)
+
+
+def batch_norm_mask(variables) -> dict:
+  """Bools over `variables`: True on BatchNorm layers, i.e. every module that keeps
+  'batch_stats': its statistics and its 'params' (scale, bias). All False without any."""
+  stats = {_keys(path)[:-1] for path, _ in
+           jax.tree_util.tree_flatten_with_path(dict(variables).get("batch_stats", {}))[0]}
+  def in_batch_norm(path, _):
+    keys = _keys(path)
+    return keys[0] == "batch_stats" or (keys[0] == "params" and keys[1:-1] in stats)
+  return jax.tree_util.tree_map_with_path(in_batch_norm, variables)
