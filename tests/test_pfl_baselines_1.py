@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from conftest import TinyBN, make_federation, one_example_federation, tiny_base_config
 from fedmerge_jax import client, train
+from fedmerge_jax import models as models_lib
 from fedmerge_jax.config import ConfigError, resolve
 
 IDS = np.array([0, 1, 3])  # Clients 2 and 4 are not sampled.
@@ -77,7 +78,7 @@ def _fedavg_init(data, model=None):
   return _one(jax.jit(avg.init)(jax.random.key(0)).globals, 0)
 
 
-_local_train = jax.jit(client.local_train, static_argnums=(0, 4))
+_local_train = jax.jit(client.local_train, static_argnums=(0, 4), static_argnames=("takes_mask",))
 
 
 def _p(data, ids=IDS):
@@ -101,7 +102,8 @@ def _shared_part_rule(data, alg, model, init, is_personal):
   for c in IDS:
     d = jax.tree.map(lambda a: jnp.asarray(a[0]), data.train.gather([c]))
     start = init  # Round 1: every client starts from the initial model.
-    delta, _ = _local_train(model.apply, start, d, jax.random.fold_in(RNG, c), local)
+    delta, _ = _local_train(model.apply, start, d, jax.random.fold_in(RNG, c), local,
+                            takes_mask=models_lib.takes_mask(model))
     trained[c] = _split_by(jax.tree.map(jnp.subtract, start, delta), is_personal)
   _, new = _round(alg, data)
   models = _models(alg, new, data)
