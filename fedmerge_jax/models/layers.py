@@ -115,23 +115,35 @@ def _fold_clients_into_batch(conv, axis_size, x, kernel):
   return y.reshape(axis_size, -1, *y.shape[1:])
 
 
+def per_client_kernel_op(unbatched, batched_kernel):
+  """A `custom_vmap` op of (x, kernel): `unbatched(x, kernel)` for one client; under vmap a
+  shared kernel folds the clients into the batch, and a batched one (per-client models)
+  gives `batched_kernel(op, axis_size, x_batched, x, kernel)`."""
+  @custom_batching.custom_vmap
+  def op(x, kernel):
+    return unbatched(x, kernel)
+
+  @op.def_vmap
+  def rule(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if not kernel_batched:
+      return _fold_clients_into_batch(op, axis_size, x, kernel), True
+    return batched_kernel(op, axis_size, x_batched, x, kernel), True
+
+  return op
+
+
 @functools.lru_cache(maxsize=None)
 def _unbatched_conv(strides: int, padding, lhs_dilation: int, rhs_dilation: int):
   """`_conv` whose vmap keeps every convolution canonical: a batch of inputs joins the
   conv's own batch; a batch of kernels (per-client models) becomes one conv per kernel,
   independent ops XLA:CPU runs side by side, instead of one slow grouped convolution."""
-  @custom_batching.custom_vmap
-  def conv(x, kernel):
-    return _conv(x, kernel, strides, padding, lhs_dilation, rhs_dilation)
+  def one_conv_per_kernel(conv, axis_size, x_batched, x, kernel):
+    return jnp.stack([conv(x[i] if x_batched else x, kernel[i]) for i in range(axis_size)])
 
-  @conv.def_vmap
-  def rule(axis_size, in_batched, x, kernel):
-    x_batched, kernel_batched = in_batched
-    if not kernel_batched:
-      return _fold_clients_into_batch(conv, axis_size, x, kernel), True
-    return jnp.stack([conv(x[i] if x_batched else x, kernel[i]) for i in range(axis_size)]), True
-
-  return conv
+  return per_client_kernel_op(
+      lambda x, kernel: _conv(x, kernel, strides, padding, lhs_dilation, rhs_dilation),
+      one_conv_per_kernel)
 
 
 def _canonical(x, kernel, strides, padding, lhs_dilation=1, rhs_dilation=1):
@@ -248,29 +260,14 @@ def _clients(axis_size, batched, x):
 def _client_batched_ops(form: str, strides: int, padding, kernel_hw, in_hw):
   """(forward, input_grad, kernel_grad): XLA's convolutions for one client; under vmap with
   a batched kernel (or, for the kernel gradient, any batched operand) client-batched matmuls."""
-  @custom_batching.custom_vmap
-  def forward(x, kernel):
-    return _conv(x, kernel, strides, padding)
-
-  @forward.def_vmap
-  def forward_rule(axis_size, in_batched, x, kernel):
-    x_batched, kernel_batched = in_batched
-    if not kernel_batched:
-      return _fold_clients_into_batch(forward, axis_size, x, kernel), True
-    x = _clients(axis_size, x_batched, x)
-    return client_conv_forward(form, x, kernel, strides, padding), True
-
-  @custom_batching.custom_vmap
-  def input_grad(grad, kernel):
-    return input_grad_as_conv(_conv, grad, kernel, in_hw, strides, padding)
-
-  @input_grad.def_vmap
-  def input_grad_rule(axis_size, in_batched, grad, kernel):
-    grad_batched, kernel_batched = in_batched
-    if not kernel_batched:
-      return _fold_clients_into_batch(input_grad, axis_size, grad, kernel), True
-    grad = _clients(axis_size, grad_batched, grad)
-    return client_conv_input_grad(form, grad, kernel, in_hw, strides, padding), True
+  forward = per_client_kernel_op(
+      lambda x, kernel: _conv(x, kernel, strides, padding),
+      lambda _, n, x_batched, x, kernel: client_conv_forward(
+          form, _clients(n, x_batched, x), kernel, strides, padding))
+  input_grad = per_client_kernel_op(
+      lambda grad, kernel: input_grad_as_conv(_conv, grad, kernel, in_hw, strides, padding),
+      lambda _, n, grad_batched, grad, kernel: client_conv_input_grad(
+          form, _clients(n, grad_batched, grad), kernel, in_hw, strides, padding))
 
   @custom_batching.custom_vmap
   def kernel_grad(x, grad):
