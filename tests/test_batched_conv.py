@@ -79,6 +79,10 @@ def test_per_client_kernels_equal_xla_conv_client_by_client(kernel_size, strides
     assert all(o.dtype == dtype for o in outs)
     for actual, reference in zip(outs, expected):
       _assert_close(actual, reference if batching == "vmap" else reference[1], dtype)
+  # Every batched matmul (forward and both gradients) accumulates in f32, whatever the inputs.
+  products = re.findall(r"stablehlo.dot_general.*-> tensor<[^>]*x(\w+)>",
+                        jax.jit(both_forms).lower(x, kernels, cotangents).as_text())
+  assert products and set(products) == {"f32"}, set(products)
 
 
 def test_shared_kernel_with_batched_inputs_keeps_per_client_kernel_gradients():
