@@ -93,6 +93,10 @@ flags.DEFINE_integer("scaling_rounds", 1, "Timed rounds per scale (after compili
                      lower_bound=1)
 flags.DEFINE_integer("scaling_worker", 0, "Internal: run one scale in this process.")
 flags.DEFINE_bool("targets", False, "Print a line checking the measurements against targets.")
+flags.DEFINE_list("image_shape", [], "Synthetic examples' shape H,W,C instead of the model's "
+                  "default (MODELS), e.g. 32,32,3 for the CIFAR-10 shape.")
+flags.DEFINE_integer("num_classes", 0, "Synthetic labels' classes instead of the model's "
+                     "default (0).", lower_bound=0)
 flags.DEFINE_integer("peak_size", 2048, "Matrix size of the matmul that measures peak FLOP/s.")
 
 # Per model: (example shape, classes). 'mlp' is sized for the 8x8 digits data.
@@ -202,10 +206,14 @@ def _ragged_split(rng, sizes, example_shape, num_classes, dtype) -> data_lib.Cli
 
 
 def synthetic_data(model_name: str, sizes, seed: int, dtype=np.float32,
-                   name: str = "synthetic") -> data_lib.FederatedData:
+                   name: str = "synthetic", example_shape=None,
+                   num_classes: int = 0) -> data_lib.FederatedData:
   """Clients with `sizes` random training examples (and 10 test ones each), shaped for
-  `model_name`, kept ragged, so host memory is the real examples' size."""
-  example_shape, num_classes = MODELS[model_name]
+  `model_name` (or `example_shape`, `num_classes`), kept ragged, so host memory is the real
+  examples' size."""
+  default_shape, default_classes = MODELS[model_name]
+  example_shape = tuple(int(d) for d in example_shape) if example_shape else default_shape
+  num_classes = num_classes or default_classes
   sizes = np.asarray(sizes, np.int64)
   rng = np.random.default_rng(seed)
   split = lambda s: _ragged_split(rng, s, example_shape, num_classes, dtype)
@@ -463,7 +471,8 @@ def loop_reference(config, data: data_lib.FederatedData, rounds: Sequence[np.nda
 def _setting(config, data) -> Dict[str, Any]:
   counts = data.train.counts
   equal = bool(counts.min() == counts.max())
-  return {"model": config.model.name, "workload": data.name, "clients": data.num_clients,
+  return {"model": config.model.name, "example_shape": list(data.example_shape),
+          "num_classes": data.num_classes, "workload": data.name, "clients": data.num_clients,
           "clients_per_round": config.clients_per_round or data.num_clients,
           "examples_per_client": int(counts.max()) if equal else None,
           "sizes": size_summary(counts), "total_examples": int(counts.sum()),
@@ -565,7 +574,8 @@ def scaling_row(config, num_clients: int, num_rounds: int) -> Dict[str, Any]:
   config = config.copy_and_resolve_references()
   config.clients_per_round = 0
   data = synthetic_data(config.model.name, np.full(num_clients, FLAGS.examples_per_client),
-                        config.seed, np.float16, name="equal")
+                        config.seed, np.float16, name="equal", example_shape=FLAGS.image_shape,
+                        num_classes=FLAGS.num_classes)
   timed = time_rounds(config, data, num_rounds, warmup_rounds=0)
   return {"kind": "scaling", "algorithm": config.algorithm,
           "num_global_models": config.num_global_models, **_setting(config, data),
@@ -728,7 +738,8 @@ def main(argv):
   for model in FLAGS.model:
     for workload in workloads:
       name = workload if workload in WORKLOADS else "list"
-      data = synthetic_data(model, sizes[workload], FLAGS.seed, dtype, name=name)
+      data = synthetic_data(model, sizes[workload], FLAGS.seed, dtype, name=name,
+                            example_shape=FLAGS.image_shape, num_classes=FLAGS.num_classes)
       reference = None
       if FLAGS.reference:
         reference_config = make_config("fedavg", model, 1)

@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp"
   c.model.hidden_sizes = (128,)  # mlp only.
-  c.model.conv_impl = "auto"  # 'auto' | 'xla' | 'canonical' | 'patches' (models/layers.py).
+  c.model.conv_impl = "auto"  # layers.CONV_IMPLS: 'auto', 'xla', 'canonical', 'patches',
+  # 'batched_matmul', 'batched_shifted' (models/layers.py).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits_groups"

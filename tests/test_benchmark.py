@@ -107,6 +107,11 @@ def test_synthetic_data_is_ragged_and_its_bytes_are_the_real_examples():
   assert measured["memory_ratio"] == pytest.approx((real + 32) / real)
   resnet = benchmark.synthetic_data("resnet9", [2, 1], seed=0)
   assert resnet.train.x.shape == (3, 32, 32, 3) and resnet.train.y.max() < 100
+  # --image_shape / --num_classes: the EMNIST CNN on the CIFAR-10 shape.
+  cifar10 = benchmark.synthetic_data("emnist_cnn", [40, 1], seed=0, example_shape=["32", "32", "3"],
+                                     num_classes=10)
+  assert cifar10.train.x.shape == (41, 32, 32, 3) and cifar10.num_classes == 10
+  assert 5 < cifar10.train.y.max() < 10
 
 
 def _round(algorithm, workload, useful, speedup=3.0, k=1, memory=1.0, clients=100):
