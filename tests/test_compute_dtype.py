@@ -72,6 +72,8 @@ def test_bf16_round_keeps_parameters_optimizer_state_and_statistics_float32(tiny
   for a, b in zip(jax.tree.leaves(f32_delta), jax.tree.leaves(bf16_delta)):
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.1, atol=0.02)  # bf16: 8 bits of mantissa.
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(f32_delta),
+                                                      jax.tree.leaves(bf16_delta)))
 
 
 def test_batchnorm_statistics_of_bf16_inputs_are_computed_in_float32():

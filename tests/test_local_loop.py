@@ -140,12 +140,13 @@ def test_chosen_chunk_on_an_accelerator_and_not_on_cpu(tiny_config, femnist_like
   mesh = parallel.make_mesh(1)
   assert train.chosen_chunk_size(config, femnist_like, mesh) == 0  # CPU: as given.
   plenty = train.chosen_chunk_size(config, femnist_like, mesh, backend="gpu", free_bytes=10**12)
-  tight = train.chosen_chunk_size(config, femnist_like, mesh, backend="gpu", free_bytes=10**7)
+  no_room = train.chosen_chunk_size(config, femnist_like, mesh, backend="gpu", free_bytes=10**4)
   assert 1 < plenty < femnist_like.num_clients  # The step counts jump: split there.
-  assert 1 <= tight <= plenty
-  config.client_chunk_size = 4
+  assert no_room == 1  # Less than one client's training fits: one at a time.
+  assert plenty == 4  # Steps 20 20 18 16 | 6 6 6 4 | 2 2: 100 real of 108 computed.
+  config.client_chunk_size = 3
   assert train.chosen_chunk_size(config, femnist_like, mesh, backend="gpu",
-                                 free_bytes=10**12) == 4  # An explicit number wins.
+                                 free_bytes=10**12) == 3  # An explicit number wins.
   equal = make_federation(num_clients=6, sizes=[9] * 6)
   config.client_chunk_size = 0
   assert train.chosen_chunk_size(config, equal, mesh, backend="gpu", free_bytes=10**12) == 0
