@@ -7,7 +7,7 @@
   digits, scaled 3x and padded to 28x28, drawn with replacement per writer plus pixel noise:
   learnable, unlike the benchmark's random data.
 
-  python benchmarks/bf16_accuracy.py --rounds_default=200 --rounds_femnist=40
+  python benchmarks/bf16_accuracy.py --rounds_default=200 --rounds_femnist=20 --writers=30
 
 Prints one JSON line per (run, dtype): the final test accuracy, the first and last
 training loss and the wall time.
@@ -33,8 +33,8 @@ from fedmerge_jax import train
 from fedmerge_jax.data import FederatedData
 
 flags.DEFINE_integer("rounds_default", 200, "Rounds of the offline default (0: skip it).")
-flags.DEFINE_integer("rounds_femnist", 40, "Rounds of the FEMNIST-shaped run (0: skip it).")
-flags.DEFINE_integer("writers", 50, "Writers of the FEMNIST-shaped run.")
+flags.DEFINE_integer("rounds_femnist", 20, "Rounds of the FEMNIST-shaped run (0: skip it).")
+flags.DEFINE_integer("writers", 30, "Writers of the FEMNIST-shaped run.")
 FLAGS = flags.FLAGS
 
 
