@@ -31,6 +31,7 @@ Prints JSON lines, each with a `kind`:
 """
 
 import functools
+import glob
 import importlib.util
 import json
 import os
@@ -38,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -98,6 +100,17 @@ flags.DEFINE_list("image_shape", [], "Synthetic examples' shape H,W,C instead of
 flags.DEFINE_integer("num_classes", 0, "Synthetic labels' classes instead of the model's "
                      "default (0).", lower_bound=0)
 flags.DEFINE_integer("peak_size", 2048, "Matrix size of the matmul that measures peak FLOP/s.")
+flags.DEFINE_enum("compute_dtype", "float32", client_lib.COMPUTE_DTYPES,
+                  "config.compute_dtype: local training's and evaluation's activations and matmuls.")
+flags.DEFINE_enum("local_loop", "auto", parallel.LOCAL_LOOP_CHOICES,
+                  "config.local_loop: 'while' | 'static' (fixed trip count) | 'auto'.")
+flags.DEFINE_integer("local_unroll", 1, "config.local_unroll: steps per 'static' loop iteration.",
+                     lower_bound=1)
+flags.DEFINE_enum("command_buffers", "default", tuple(parallel.COMMAND_BUFFERS),
+                  "config.command_buffers: XLA:GPU command buffers (CUDA graphs); GPU only.")
+flags.DEFINE_integer("profile_kernels", 0, "After timing, trace one more round with the "
+                     "profiler and report its top this many kernels by device time (0: off).",
+                     lower_bound=0)
 
 # Per model: (example shape, classes). 'mlp' is sized for the 8x8 digits data.
 MODELS = {"mlp": ((8, 8, 1), 10), "emnist_cnn": ((28, 28, 1), 62),
@@ -119,11 +132,12 @@ CIFAR100_CLUSTER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.a
                                        "configs", "cifar100_cluster.py")
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-  """Best-of-`repeats` GFLOP/s of a jitted f32 `a @ b` of two n x n matrices."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+  """Best-of-`repeats` GFLOP/s of a jitted `a @ b` of two n x n `dtype` matrices (float32 at
+  JAX's default precision: TF32 on NVIDIA GPUs, as the models' f32 matmuls run)."""
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
   best = float("inf")
@@ -237,6 +251,10 @@ def make_config(algorithm: str, model: str, num_global_models: int):
   config.client_parallelism = FLAGS.client_parallelism
   config.clients_per_round = FLAGS.clients_per_round
   config.seed = FLAGS.seed
+  config.compute_dtype = FLAGS.compute_dtype
+  config.local_loop = FLAGS.local_loop
+  config.local_unroll = FLAGS.local_unroll
+  config.command_buffers = FLAGS.command_buffers
   return config_lib.resolve(config)
 
 
@@ -246,18 +264,18 @@ def local_config(config) -> client_lib.LocalConfig:
 
 
 def computed_examples(counts, local: client_lib.LocalConfig, parallelism: str,
-                      chunk_size: int) -> int:
+                      chunk_size: int, static_steps: int = 0) -> int:
   """Example rows one round computes for clients with `counts` in the round's order
   (phantoms: 0). Each step computes a full batch of B rows. One at a time ('sequential')
   each client runs its own steps; under 'vmap' each chunk of `chunk_size` consecutive
   clients (all if 0; the remainder a chunk of its own) runs its largest member's steps
-  for every member."""
+  for every member, or, with the static loop, every member runs `static_steps` (> 0)."""
   steps = np.array([client_lib.num_local_steps(int(n), local) for n in counts], np.int64)
   if parallelism == "sequential":
     return int(steps.sum()) * local.batch_size
-  chunk = len(steps) if chunk_size <= 0 else chunk_size
-  return sum(len(steps[i:i + chunk]) * int(steps[i:i + chunk].max()) * local.batch_size
-             for i in range(0, len(steps), chunk))
+  if static_steps:
+    return len(steps) * static_steps * local.batch_size
+  return parallel.computed_steps(steps, chunk_size) * local.batch_size
 
 
 def useful_examples(counts, local_epochs: int) -> int:
@@ -289,16 +307,20 @@ def round_schedule(config, num_clients: int, num_rounds: int) -> List[np.ndarray
 
 
 def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
-                warmup_rounds: int = 1) -> Dict[str, Any]:
+                warmup_rounds: int = 1, profile_kernels: int = 0) -> Dict[str, Any]:
   """Rounds run as train.py runs them: sampled clients largest first, padded to the round's
   bucket (`parallel.RoundGatherer`), the jitted, donated round of `train.compile_round`.
 
   `warmup_rounds` rounds run, then every bucket the timed rounds use is compiled, before
   timing. Returns compile_s, round_s (median), useful_examples_per_s and
   examples_per_s (medians of per-round rates), real_fraction (over the timed rounds), the
-  algorithm and the timed rounds' client ids in their order.
+  chunk size and local loop used (`client_chunk_size=0` may be chosen: train.py's rule), the
+  algorithm, the timed rounds' client ids in their order and, with `profile_kernels`, the top
+  kernels of one more round's profiler trace (`top_kernels`).
   """
   mesh = parallel.make_mesh(config.num_devices)
+  config = config.copy_and_resolve_references()
+  config.client_chunk_size = train.chosen_chunk_size(config, data, mesh)  # As train.py does.
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
   _, alg = train.build(config, data, layout)
@@ -335,6 +357,7 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
   compile_s = time.perf_counter() - start
   local = local_config(config)
   parallelism = parallel.resolve_parallelism(alg_parallelism(config, layout))
+  loop = parallel.resolve_local_loop(config.local_loop, parallelism, layout.chunk_size)
   seconds, useful, computed, orders = [], [], [], []
   for ids in timed:
     start = time.perf_counter()
@@ -343,14 +366,45 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
     padded = layout.pad_ids(ordered)
     counts = np.where(padded < data.num_clients,
                       data.train.counts[np.minimum(padded, data.num_clients - 1)], 0)
+    static_steps = (client_lib.num_local_steps(data.train.padded_length(ordered, config.batch_size),
+                                               local) if loop == "static" else 0)
     useful.append(useful_examples(counts, config.local_epochs))
-    computed.append(computed_examples(counts, local, parallelism, layout.chunk_size))
+    computed.append(computed_examples(counts, local, parallelism, layout.chunk_size,
+                                      static_steps))
     orders.append(ordered)
+  kernels = None
+  if profile_kernels:
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir):
+        one_round(timed[-1])
+      kernels = top_kernels(trace_dir, profile_kernels)
   return {"compile_s": compile_s, "round_s": statistics.median(seconds),
           "useful_examples_per_s": statistics.median(u / s for u, s in zip(useful, seconds)),
           "examples_per_s": statistics.median(c / s for c, s in zip(computed, seconds)),
           "real_fraction": sum(useful) / sum(computed), "compiled_buckets": len(compiled),
+          "client_chunk_size": layout.chunk_size, "local_loop": loop, "top_kernels": kernels,
           "algorithm": alg, "rounds": orders}
+
+
+def top_kernels(trace_dir: str, top: int) -> List[List[Any]]:
+  """[name, total ms, share of the device's time] of the `top` longest kernels of the
+  profiler trace in `trace_dir`: the events of the device planes (GPU/TPU), or, on a
+  backend without them (CPU), of the host's XLA threads."""
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not paths:
+    return []
+  planes = list(jax.profiler.ProfileData.from_file(paths[0]).planes)
+  devices = [p for p in planes if p.name.startswith("/device:")]
+  lines = ([line for p in devices for line in p.lines] if devices else
+           [line for p in planes if p.name == "/host:CPU" for line in p.lines
+            if line.name.startswith("tf_XLA")])
+  totals: Dict[str, float] = {}
+  for line in lines:
+    for event in line.events:
+      totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+  whole = sum(totals.values()) or 1.0
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return [[name, ns / 1e6, ns / whole] for name, ns in ranked]
 
 
 def alg_parallelism(config, layout: parallel.ClientLayout) -> str:
@@ -488,10 +542,12 @@ def data_bytes(arrays: data_lib.ClientArrays) -> Dict[str, Any]:
           "memory_ratio": arrays.nbytes / max(total * per_example, 1)}
 
 
-def round_row(config, data, peak_gflops: float, num_rounds: int,
+def round_row(config, data, peaks: Dict[str, float], num_rounds: int,
               reference: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-  """One `round` result row for the resolved `config` on `data`."""
-  timed = time_rounds(config, data, num_rounds)
+  """One `round` result row for the resolved `config` on `data`; `peaks`: the measured
+  matmul GFLOP/s per dtype, the row's fraction of peak against its compute dtype's."""
+  timed = time_rounds(config, data, num_rounds, profile_kernels=FLAGS.profile_kernels)
+  peak_gflops = peaks[config.compute_dtype]
   step_flops = train_step_flops(config, data.example_shape, data.num_classes, config.batch_size)
   flops_per_example = None if step_flops is None else step_flops / config.batch_size
   examples_per_s = timed["examples_per_s"]
@@ -502,15 +558,19 @@ def round_row(config, data, peak_gflops: float, num_rounds: int,
       "num_global_models": config.num_global_models, **_setting(config, data),
       "conv_impl": resolve_conv_impl(config.model.conv_impl),
       "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
-      "client_chunk_size": config.client_chunk_size,
+      "client_chunk_size": timed["client_chunk_size"],
+      "requested_chunk_size": config.client_chunk_size, "local_loop": timed["local_loop"],
+      "local_unroll": config.local_unroll, "command_buffers": config.command_buffers,
+      "compute_dtype": config.compute_dtype,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "round_s": timed["round_s"], "compile_s": timed["compile_s"],
       "compiled_buckets": timed["compiled_buckets"],
       "useful_examples_per_s": useful_per_s, "examples_per_s": examples_per_s,
       "real_fraction": timed["real_fraction"], **data_bytes(data.train),
       "flops_per_example": flops_per_example, "achieved_gflops": achieved,
-      "matmul_peak_gflops": peak_gflops,
+      "matmul_peak_gflops": peak_gflops, "matmul_peaks_gflops": peaks,
       "fraction_of_peak": None if achieved is None else achieved / peak_gflops,
+      "top_kernels": timed["top_kernels"],
       "speedup_vs_loop": (None if reference is None
                           else useful_per_s / reference["useful_examples_per_s"]),
   }
@@ -526,7 +586,7 @@ def breakdown_row(config, data, num_rounds: int) -> Dict[str, Any]:
   ids = parallel.largest_first(np.arange(data.num_clients), data.train.counts)
   batch = jax.device_put(data.train.gather(ids, data.train.padded_length(ids, config.batch_size)))
   rng = jax.random.key(config.seed + 1)
-  options = models.compiler_options(config.model)
+  options = train.compiler_options(config)
   jit = functools.partial(jax.jit, compiler_options=options)
   merge, train_stage, server = jit(alg.personalized), jit(alg.stages.train), jit(alg.stages.server)
   round_fn = jit(alg.round)
@@ -597,7 +657,8 @@ def run_scaling(algorithm: str, model: str, num_global_models: int) -> List[Dict
             f"--num_global_models={num_global_models}"]
     argv += [f"--{name}={FLAGS[name].value}" for name in (
         "examples_per_client", "batch_size", "local_epochs", "local_batching", "conv_impl",
-        "client_chunk_size", "client_parallelism", "scaling_rounds", "seed")]
+        "client_chunk_size", "client_parallelism", "scaling_rounds", "seed", "compute_dtype",
+        "local_loop", "local_unroll", "command_buffers")]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
     if result.returncode or not lines:
@@ -727,7 +788,8 @@ def main(argv):
   runs = [(m, a, k) for m in FLAGS.model for a in FLAGS.algorithm
           for k in (ks[:1] if a == "fedavg" else ks)]
   configs = [make_config(a, m, k) for m, a, k in runs]  # Fail fast.
-  peak = matmul_peak_gflops(FLAGS.peak_size)
+  peaks = {dtype: matmul_peak_gflops(FLAGS.peak_size, dtype=dtype)  # TF32 (GPU) and bf16.
+           for dtype in client_lib.COMPUTE_DTYPES}
   rows: List[Dict[str, Any]] = []
   dtype = np.float16 if FLAGS.data_dtype == "float16" else np.float32
 
@@ -748,7 +810,7 @@ def main(argv):
         reference = loop_reference(reference_config, data, schedule[1:])
         emit(reference)
       for config in (c for c in configs if c.model.name == model):
-        emit(round_row(config, data, peak, FLAGS.rounds, reference))
+        emit(round_row(config, data, peaks, FLAGS.rounds, reference))
         if FLAGS.breakdown:
           emit(breakdown_row(config, data, FLAGS.rounds))
   if FLAGS.scaling:

@@ -1,12 +1,18 @@
 """What one client does in a round: E epochs of SGD on its own padded, masked data.
 
 Written for a single client; `parallel.map_clients` runs it for many clients at once.
-A client holding n real examples runs exactly its own steps (`num_local_steps`) in a
-`lax.while_loop` that stops at its count: one client at a time does no padded step at all,
-and under `vmap` a chunk loops to its own largest count, the finished members' carries left
-untouched. Padded rows are masked out of the loss and, for a model that local training is
-told takes a `mask` (`takes_mask=True`), out of BatchNorm's batch statistics; a model with
-BatchNorm statistics that takes no mask is refused (`check_takes_mask`).
+A client holding n real examples runs exactly its own steps (`num_local_steps`). Two loops
+(`LocalConfig.loop`): 'while', a `lax.while_loop` that stops at the client's count (one
+client at a time does no padded step at all; under `vmap` a chunk loops to its own largest
+count), and 'static', a `lax.fori_loop` of the padded length's step count, known from the
+shapes (so no host round-trip per step on GPUs, and no compile beyond the round's bucket).
+In both, a member past its own count leaves its carry untouched. Padded rows are masked out
+of the loss and, for a model that local training is told takes a `mask` (`takes_mask=True`),
+out of BatchNorm's batch statistics; a model with BatchNorm statistics that takes no mask is
+refused (`check_takes_mask`).
+
+`LocalConfig.compute_dtype` 'bfloat16' runs the forward and backward pass in bf16 (params
+and inputs cast inside the loss); parameters, optimizer state, loss and deltas stay f32.
 
 Two batchings (`LocalConfig.batching`):
 - 'epoch': every epoch a fresh permutation of the n examples in ceil(n/B) batches, the last
@@ -23,6 +29,8 @@ import jax.numpy as jnp
 import optax
 
 BATCHINGS = ("epoch", "stream")
+LOCAL_LOOPS = ("while", "static")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class LocalConfig(NamedTuple):
@@ -32,6 +40,9 @@ class LocalConfig(NamedTuple):
   client_lr: float
   prox_mu: float
   batching: str = "epoch"  # 'epoch' | 'stream' (module docstring).
+  loop: str = "while"  # 'while' | 'static' (module docstring).
+  unroll: int = 1  # Steps per iteration of the 'static' loop (`lax.fori_loop`'s unroll).
+  compute_dtype: str = "float32"  # 'float32' | 'bfloat16' (module docstring).
 
 
 class ClientData(NamedTuple):
@@ -89,6 +100,15 @@ def epoch_orders(key, count, max_n, num_epochs):
   return jax.vmap(one)(jax.random.split(key, num_epochs))
 
 
+def to_compute_dtype(tree, compute_dtype: str):
+  """`tree`'s floating leaves in `compute_dtype` ('float32': `tree` itself, untouched)."""
+  if compute_dtype == "float32":
+    return tree
+  dtype = jnp.dtype(compute_dtype)
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def cross_entropy_loss(outputs, labels, idx):
   """The default per-example loss: softmax cross-entropy of the model's logits."""
   del idx
@@ -106,19 +126,22 @@ def check_takes_mask(variables, takes_mask: bool) -> None:
 
 
 def batch_loss(apply_fn, params, other, data: ClientData, idx, mask, rng,
-               example_loss: Callable[..., Any] = cross_entropy_loss, takes_mask: bool = False):
+               example_loss: Callable[..., Any] = cross_entropy_loss, takes_mask: bool = False,
+               compute_dtype: str = "float32"):
   """(mean over the batch's real rows of `example_loss`, the model's new non-param collections).
 
   The batch is rows `idx` of `data`, `mask` marking the real ones; the model runs in train
   mode with dropout key `rng` and, where it takes `mask` (`takes_mask`), BatchNorm
-  statistics of real rows.
+  statistics of real rows. `compute_dtype`: params and inputs are cast to it for the
+  forward and backward pass; the outputs come back as float32 for the loss.
   """
   mutable = list(other)
   kwargs = {"mask": mask} if takes_mask else {}
-  out = apply_fn({"params": params, **other}, data.x[idx], train=True,
+  compute = lambda tree: to_compute_dtype(tree, compute_dtype)
+  out = apply_fn({"params": compute(params), **other}, compute(data.x[idx]), train=True,
                  rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
   outputs, new_other = out if mutable else (out, {})
-  losses = example_loss(outputs, data.y[idx], idx)
+  losses = example_loss(outputs.astype(jnp.float32), data.y[idx], idx)
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_other
 
 
@@ -159,7 +182,8 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   tx = optax.sgd(local.client_lr) if optimizer is None else optimizer
 
   def step_loss(params, other, idx, mask, rng):
-    return batch_loss(apply_fn, params, other, data, idx, mask, rng, example_loss, takes_mask)
+    return batch_loss(apply_fn, params, other, data, idx, mask, rng, example_loss, takes_mask,
+                      local.compute_dtype)
 
   def loss_fn(params, other, idx, mask, rng):
     loss, new_other = objective(step_loss, params, other, idx, mask, rng)
@@ -178,7 +202,16 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
 
   other0 = {k: v for k, v in variables.items() if k != "params"}
   init = (jnp.zeros((), jnp.int32), params0, other0, tx.init(params0), jnp.zeros((), jnp.float32))
-  _, params, other, _, loss_sum = jax.lax.while_loop(lambda c: c[0] < steps, step, init)
+  if local.loop == "while":
+    final = jax.lax.while_loop(lambda c: c[0] < steps, step, init)
+  elif local.loop == "static":
+    def masked_step(t, carry):  # Past its own count a client's carry stays as it is.
+      return jax.tree.map(lambda new, old: jnp.where(t < steps, new, old), step(carry), carry)
+    final = jax.lax.fori_loop(0, num_local_steps(max_n, local), masked_step, init,
+                              unroll=local.unroll)
+  else:
+    raise ValueError(f"local_loop={local.loop!r}; expected one of {LOCAL_LOOPS}.")
+  _, params, other, _, loss_sum = final
   trained = {"params": params, **other}
   delta = jax.tree.map(lambda r, t: r - t, flax.core.unfreeze(received), trained)
   metrics = {"train_loss": loss_sum / jnp.maximum(steps, 1)}

@@ -65,6 +65,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 10
   c.client_chunk_size = 0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
   c.client_parallelism = "auto"  # 'auto' | 'vmap' | 'sequential': how clients run (parallel.py).
+  # Local training's loop: 'while' (stops at each client's own step count), 'static' (a fixed
+  # trip count from the round's padded length: no host round-trip per step on GPUs), 'auto'
+  # ('static' when a GPU/TPU vmaps the whole round as one chunk, else 'while'). client.py.
+  c.local_loop = "auto"
+  c.local_unroll = 1  # Steps per iteration of the 'static' loop (lax.fori_loop's unroll).
+  # 'float32', or 'bfloat16': activations and matmuls in bf16 (params and inputs cast in the
+  # forward/backward of local training and evaluation); params, optimizer state, loss,
+  # BatchNorm statistics, deltas and the server update stay float32.
+  c.compute_dtype = "float32"
+  # XLA:GPU command buffers (CUDA graphs): 'default' (XLA's choice), 'off', or 'loops' (also
+  # WHILE and CONDITIONAL, so a whole local loop can run as one graph). GPU only; ignored elsewhere.
+  c.command_buffers = "default"
   c.num_devices = 0  # Devices the client axis is sharded over; 0: all (every host's).
   c.seed = 0
   c.checkpoint_every = 50  # Checkpoint every this many rounds (and at the end); 0: never.
@@ -154,10 +166,11 @@ def _choices() -> dict:
   """The valid names of each choice field; imported lazily (they pull in JAX and Flax)."""
   # pylint: disable=import-outside-toplevel
   from fedmerge_jax import algorithms
+  from fedmerge_jax import client
   from fedmerge_jax import models
   from fedmerge_jax.algorithms.perfedavg import VARIANTS as PERFEDAVG_VARIANTS
   from fedmerge_jax.models.layers import CONV_IMPLS
-  from fedmerge_jax.parallel import CLIENT_PARALLELISMS
+  from fedmerge_jax.parallel import CLIENT_PARALLELISMS, COMMAND_BUFFERS, LOCAL_LOOP_CHOICES
   from fedmerge_jax.server_optim import LOGIT_STEPS, UPDATE_MODES
   return {
       "algorithm": _registered(algorithms),
@@ -168,9 +181,12 @@ def _choices() -> dict:
       "client_parallelism": CLIENT_PARALLELISMS,
       "local_batching": ("epoch", "stream"),
       "perfedavg_variant": PERFEDAVG_VARIANTS,
+      "local_loop": LOCAL_LOOP_CHOICES,
+      "compute_dtype": client.COMPUTE_DTYPES,
+      "command_buffers": tuple(COMMAND_BUFFERS),
   }
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
-             "checkpoint_keep",
+             "checkpoint_keep", "local_unroll",
              "pfedme_inner_steps", "fedfomo_downloads", "fedamp_alpha", "fedamp_sigma",
              "cfl_max_clusters")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",

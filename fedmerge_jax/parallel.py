@@ -33,6 +33,63 @@ def resolve_parallelism(parallelism: str) -> str:
   return parallelism
 
 
+LOCAL_LOOP_CHOICES = ("auto", "while", "static")
+# config.command_buffers -> XLA:GPU's `xla_gpu_enable_command_buffer` (None: XLA's default).
+# '+' entries add to XLA's default set: 'loops' lets a whole while loop or conditional run as
+# one CUDA graph, with no host round-trip per iteration.
+COMMAND_BUFFERS = {"default": None, "off": "", "loops": "+WHILE,+CONDITIONAL"}
+MIN_REAL_FRACTION = 0.85  # The chosen chunk keeps real / computed steps at least this.
+
+
+def resolve_local_loop(loop: str, parallelism: str, chunk_size: int,
+                       backend: str = "") -> str:
+  """'auto' -> 'static' where a GPU/TPU vmaps each round as one chunk (`chunk_size` 0), else
+  'while': one client at a time runs no padded step then, and with several chunks each
+  stops at its own largest member's count, while 'static' runs the round's for every chunk."""
+  if loop != "auto":
+    return loop
+  backend = backend or jax.default_backend()
+  one_chunk_vmapped = resolve_parallelism(parallelism) == "vmap" and chunk_size <= 0
+  return "static" if backend != "cpu" and one_chunk_vmapped else "while"
+
+
+def command_buffer_options(choice: str, backend: str = "") -> dict:
+  """XLA compiler options for `config.command_buffers` on this backend ({} off GPUs)."""
+  if choice not in COMMAND_BUFFERS:
+    raise ValueError(f"command_buffers={choice!r}; expected one of {tuple(COMMAND_BUFFERS)}.")
+  value = COMMAND_BUFFERS[choice]
+  if (backend or jax.default_backend()) != "gpu" or value is None:
+    return {}
+  return {"xla_gpu_enable_command_buffer": value}
+
+
+def computed_steps(steps, chunk: int) -> int:
+  """Steps a vmapped round computes for clients with `steps` in the round's order: each chunk
+  of `chunk` consecutive clients (all if <= 0; the remainder a chunk of its own) runs its
+  largest member's count for every member."""
+  steps = np.asarray(steps, np.int64)
+  if not len(steps):
+    return 0
+  chunk = len(steps) if chunk <= 0 else chunk
+  starts = np.arange(0, len(steps), chunk)
+  sizes = np.diff(np.append(starts, len(steps)))
+  return int(np.sum(np.maximum.reduceat(steps, starts) * sizes))
+
+
+def choose_chunk_size(sorted_steps, bytes_per_member: float, free_bytes: float,
+                      min_real_fraction: float = MIN_REAL_FRACTION) -> int:
+  """The largest chunk that fits `free_bytes` at `bytes_per_member` each and keeps the real
+  fraction (real / computed steps, `computed_steps`) of clients with `sorted_steps` (largest
+  first) at least `min_real_fraction`; 1 where nothing larger does."""
+  steps = np.asarray(sorted_steps, np.int64)
+  fits = int(free_bytes // max(bytes_per_member, 1))
+  real = int(steps.sum())
+  for chunk in range(min(fits, len(steps)), 1, -1):
+    if real >= min_real_fraction * computed_steps(steps, chunk):
+      return chunk
+  return 1
+
+
 def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 

@@ -11,11 +11,13 @@ import time
 from typing import Dict, Optional
 
 from absl import logging
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedmerge_jax import algorithms
+from fedmerge_jax import client as client_lib
 from fedmerge_jax import checkpoint as checkpoint_lib
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
@@ -157,10 +159,72 @@ def alive(tree) -> bool:
   return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
 
+def compiler_options(config, backend: str = ""):
+  """XLA options for a run's jitted rounds and evaluations on this backend (or None): the
+  model's (CPU convolutions, models.compiler_options) and the GPU's command buffers."""
+  options = dict(models.compiler_options(config.model) or {})
+  options.update(parallel.command_buffer_options(config.command_buffers, backend))
+  return options or None
+
+
+CHUNK_PROBE_MEMBERS = 8  # Clients in the program whose memory analysis sizes a chunk.
+CHUNK_MEMORY_SHARE = 0.8  # Of the free device memory, what chunks may take.
+
+
+def chosen_chunk_size(config, data: data_lib.FederatedData, mesh, backend: str = "",
+                      free_bytes: Optional[int] = None) -> int:
+  """`config.client_chunk_size`; where it is 0 and a GPU/TPU vmaps clients, the chosen chunk
+  (0 where that is the whole round), logged: `parallel.choose_chunk_size` over a round's
+  step counts (the population's, largest first, at the round's size), bytes per client from
+  the memory analysis of the compiled local training of `CHUNK_PROBE_MEMBERS` clients padded
+  to the largest client, and the devices' free memory (`free_bytes` where given) less the
+  round's data. One client at a time (CPU) keeps 0."""
+  backend = backend or jax.default_backend()
+  parallelism = config.client_parallelism
+  if parallelism == "auto":  # As parallel.resolve_parallelism and build() decide it.
+    parallelism = "vmap" if mesh.size > 1 or backend != "cpu" else "sequential"
+  if config.client_chunk_size or backend == "cpu" or parallelism != "vmap":
+    return config.client_chunk_size
+  n = data.num_clients
+  sampled = config.clients_per_round if 0 < config.clients_per_round < n else n
+  local = client_lib.LocalConfig(config.local_epochs, config.batch_size, config.client_lr,
+                                 config.prox_mu, config.local_batching,
+                                 compute_dtype=config.compute_dtype)
+  by_size = np.sort(data.train.counts)[::-1]
+  picked = by_size[np.linspace(0, n - 1, sampled).round().astype(np.int64)]
+  steps = [client_lib.num_local_steps(int(c), local) for c in picked]
+  length = data.train.padded_length(np.arange(n), config.batch_size)
+  model = models.get_model(config.model, data.num_classes)
+  m = CHUNK_PROBE_MEMBERS
+  example = jnp.zeros((1, *data.example_shape), jnp.float32)
+  one = jax.eval_shape(lambda: flax.core.unfreeze(model.init(jax.random.key(0), example)))
+  stack = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct((m, *s.shape), s.dtype), tree)
+  batch = client_lib.ClientData(
+      jax.ShapeDtypeStruct((m, length, *data.example_shape), data.train.x.dtype),
+      jax.ShapeDtypeStruct((m, length), data.train.y.dtype), jax.ShapeDtypeStruct((m,), jnp.int32))
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), m))
+  train_chunk = jax.vmap(lambda v, d, k: client_lib.local_train(model.apply, v, d, k, local))
+  compiled = jax.jit(train_chunk, compiler_options=compiler_options(config, backend)).lower(
+      stack(one), batch, keys).compile()
+  memory = compiled.memory_analysis()
+  per_member = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                + memory.output_size_in_bytes) / m
+  if free_bytes is None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    free_bytes = (stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)) * mesh.size
+  example_bytes = data.train.x.itemsize * int(np.prod(data.example_shape)) + data.train.y.itemsize
+  budget = CHUNK_MEMORY_SHARE * free_bytes - sampled * length * example_bytes
+  chunk = parallel.choose_chunk_size(steps, per_member, budget)
+  real = sum(steps) / parallel.computed_steps(steps, chunk)
+  logging.info("client_chunk_size=0: chose %d of %d clients a chunk (%.1f MB each, %.1f GB free;"
+               " real fraction %.2f).", chunk, sampled, per_member / 1e6, free_bytes / 1e9, real)
+  return 0 if chunk >= sampled else chunk
+
+
 def compile_round(algorithm, config, mesh=None, shardings=None):
   """The jitted round every run uses: NaN-guarded, its state donated (and laid out as
   `shardings` over `mesh`), compiled with this backend's XLA options for the model."""
-  options = models.compiler_options(config.model)
+  options = compiler_options(config)
   if mesh is None:
     return jax.jit(keep_finite(algorithm.round), donate_argnums=0, compiler_options=options)
   return parallel.jit_round(keep_finite(algorithm.round), mesh, shardings, options)
@@ -255,6 +319,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   for warning in config_lib.data_warnings(config, data.num_clients, data.name):
     logging.warning(warning)
   mesh = parallel.make_mesh(config.num_devices)
+  config.client_chunk_size = chosen_chunk_size(config, data, mesh)  # 0 on CPU: as given.
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
   model, algorithm = build(config, data, layout, model)
@@ -296,9 +361,9 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
   # Evaluation rounds also measure the local-global gap (gap.py): the round gets the test split.
   measure_gap = gap.make_gap_evaluator(algorithm, data, config.client_chunk_size,
-                                       models.compiler_options(config.model))
+                                       compiler_options(config))
   evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
-                                       models.compiler_options(config.model))
+                                       compiler_options(config))
   if algorithm.merging_weights is not None:
     merging_weights = all_merging_weights(algorithm, data, config.client_chunk_size, mesh)
   down, up = algorithm.communication

@@ -42,6 +42,30 @@ def test_a_remainder_chunk_computes_for_its_own_members_only():
   assert benchmark.computed_examples([45, 30, 10], local, "vmap", 2) == (2 * 6 + 2) * 20
 
 
+def test_the_static_loop_computes_the_padded_lengths_steps_for_every_member():
+  local = LocalConfig(2, 20, 0.1, 0.0, "epoch")  # Padded to 64: 2 x ceil(64/20) = 8 steps.
+  assert benchmark.computed_examples([45, 30, 10], local, "vmap", 2, static_steps=8) == 3 * 8 * 20
+
+
+def test_benchmark_flags_for_the_gpu_script_on_a_tiny_cpu_run():
+  """bf16, the static loop, unroll, command buffers (ignored on CPU), the kernel profile and
+  both dtypes' matmul peaks, as benchmarks/gpu_vmap.sh passes them."""
+  argv = [sys.executable, "-m", "fedmerge_jax.benchmark", "--model=mlp", "--algorithm=fedavg",
+          "--client_sizes=9,3,5", "--batch_size=4", "--rounds=1", "--reference=false",
+          "--peak_size=64", "--client_parallelism=vmap", "--client_chunk_size=2",
+          "--compute_dtype=bfloat16", "--local_loop=static", "--local_unroll=2",
+          "--command_buffers=loops", "--profile_kernels=3"]
+  result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
+  (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert (row["compute_dtype"], row["local_loop"], row["local_unroll"], row["command_buffers"]) == (
+      "bfloat16", "static", 2, "loops")
+  assert set(row["matmul_peaks_gflops"]) == {"float32", "bfloat16"}
+  assert row["matmul_peak_gflops"] == row["matmul_peaks_gflops"]["bfloat16"]
+  # Padded to 12 rows: 3 steps of 4 rows for every client under the static loop; 17 real.
+  assert row["real_fraction"] == pytest.approx(17 / 36)
+  assert 0 < len(row["top_kernels"]) <= 3 and all(ms >= 0 for _, ms, _ in row["top_kernels"])
+
+
 def test_timed_rounds_report_the_real_fraction_of_largest_first_vmap_chunks():
   # Sizes 9, 3, 5, batch 4, 2 epochs 'stream': 34 real examples; ceil(2n/4) = 5, 2, 3 steps.
   # Largest first [9, 5, 3] in chunks of 2: [9, 5] run 5 steps each, [3] 2 steps -> 12 steps

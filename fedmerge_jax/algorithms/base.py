@@ -67,12 +67,20 @@ def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalCon
   return client_lib.LocalConfig(
       local_epochs=config.local_epochs if local_epochs is None else local_epochs,
       batch_size=config.batch_size, client_lr=config.client_lr,
-      prox_mu=config.prox_mu if prox_mu is None else prox_mu, batching=config.local_batching)
+      prox_mu=config.prox_mu if prox_mu is None else prox_mu, batching=config.local_batching,
+      loop=parallel.resolve_local_loop(config.local_loop, config.client_parallelism,
+                                       config.client_chunk_size),
+      unroll=config.local_unroll, compute_dtype=config.compute_dtype)
 
 
-def model_predict(model):
-  """Prediction with a plain flax variable dict: the model in eval mode."""
-  return lambda variables, x: model.apply(variables, x, train=False)
+def model_predict(model, compute_dtype: str = "float32"):
+  """Prediction with a plain flax variable dict: the model in eval mode, computing in
+  `compute_dtype` (params and inputs cast), returning float32 logits."""
+  def predict(variables, x):
+    cast = lambda tree: client_lib.to_compute_dtype(tree, compute_dtype)
+    variables = {**variables, "params": cast(variables["params"])}
+    return model.apply(variables, cast(x), train=False).astype(jnp.float32)
+  return predict
 
 
 def num_floats(tree) -> int:

@@ -47,7 +47,7 @@ def make(model, config, num_clients, example_input):
     return jax.tree.map(lambda x: x[client_ids], state.personal)
 
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model),
+                        predict=base.model_predict(model, config.compute_dtype),
                         communication=global_algorithm.communication,
                         received=lambda state, ids, data: global_algorithm.personalized(
                             state.server, ids, data))  # The server sends w (gap metric).

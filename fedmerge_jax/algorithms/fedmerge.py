@@ -90,7 +90,7 @@ def make(model, config, num_clients: int, example_input, *,
     delta, metrics = client_lib.local_train(model.apply, received, gap.train_part(data), key, local,
                                             takes_mask=takes_mask)
     trained = jax.tree.map(jnp.subtract, received, delta)  # For the gap metric (gap.py) only.
-    return delta, gap.probe(metrics, base.model_predict(model), trained, data)
+    return delta, gap.probe(metrics, base.model_predict(model, config.compute_dtype), trained, data)
 
   if server.logit_gradient_params == "head":
     mask_fn = models.head_mask
@@ -172,7 +172,7 @@ def make(model, config, num_clients: int, example_input, *,
       server=server_from_deltas)
   down = size * (models_down or 1)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model), communication=(down, size),
+                        predict=base.model_predict(model, config.compute_dtype), communication=(down, size),
                         merging_weights=(lambda state, ids, train: merging_weights(
                             client_logits(state, ids, train))) if k_models > 1 else None,
                         stages=stages)

@@ -1,9 +1,8 @@
 """The two standard (F)EMNIST CNNs of the FL literature."""
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from fedmerge_jax.models.layers import Conv, max_pool
+from fedmerge_jax.models.layers import Conv, compute_input, max_pool
 
 
 class EmnistCNN(nn.Module):
@@ -16,7 +15,7 @@ class EmnistCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
+    x = compute_input(x)  # float16 storage -> float32; bf16 compute stays bf16.
     x = nn.relu(Conv(32, (3, 3), "VALID", self.conv_impl, name="conv_0")(x))
     x = nn.relu(Conv(64, (3, 3), "VALID", self.conv_impl, name="conv_1")(x))
     x = max_pool(x, 2)
@@ -38,7 +37,7 @@ class LeafFemnistCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # No dropout or batch norm.
-    x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
+    x = compute_input(x)  # float16 storage -> float32; bf16 compute stays bf16.
     x = nn.relu(Conv(32, (5, 5), "SAME", self.conv_impl, name="conv_0")(x))
     x = max_pool(x, 2)
     x = nn.relu(Conv(64, (5, 5), "SAME", self.conv_impl, name="conv_1")(x))

@@ -304,6 +304,12 @@ def _batched_matmul_conv_bwd(strides, padding, form, residuals, grad):
 batched_matmul_conv.defvjp(_batched_matmul_conv_fwd, _batched_matmul_conv_bwd)
 
 
+def compute_input(x: jax.Array) -> jax.Array:
+  """A model's input as it computes on it: bfloat16 (`config.compute_dtype`) stays bfloat16;
+  anything else (float16 storage, integers) becomes float32."""
+  return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+
+
 def max_pool(x: jax.Array, window: int) -> jax.Array:
   """Non-overlapping `window` x `window` max pooling ('VALID'), as reshape + max.
 
@@ -363,6 +369,8 @@ class BatchNorm(nn.Module):
   batch, and the running averages move by `1 - momentum` towards them.
   `unbiased_running_var=True` is PyTorch's rule: the running variance is fed the unbiased
   batch variance (times n / (n - 1)), while normalisation uses the biased one.
+  Statistics are computed in float32 whatever the input's dtype (bf16 compute); the output
+  has the input's dtype.
   """
   use_running_average: bool
   momentum: float = 0.9
@@ -376,6 +384,7 @@ class BatchNorm(nn.Module):
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    dtype, x = x.dtype, x.astype(jnp.float32)
     if self.use_running_average:
       mean, var = running_mean.value, running_var.value
     else:
@@ -389,4 +398,4 @@ class BatchNorm(nn.Module):
         fed = var * n / jnp.maximum(n - 1.0, 1.0) if self.unbiased_running_var else var
         running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
         running_var.value = self.momentum * running_var.value + (1 - self.momentum) * fed
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(dtype)

@@ -3,7 +3,8 @@
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
+
+from fedmerge_jax.models.layers import compute_input
 
 
 class MLP(nn.Module):
@@ -13,7 +14,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # No dropout or batch norm.
-    x = x.reshape(x.shape[0], -1).astype(jnp.float32)  # Inputs may be stored as float16.
+    x = compute_input(x.reshape(x.shape[0], -1))  # float16 storage -> f32; bf16 stays.
     for i, width in enumerate(self.hidden_sizes):
       x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
     return nn.Dense(self.num_classes, name="head")(x)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedmerge_jax.models.layers import BatchNorm, Conv
+from fedmerge_jax.models.layers import BatchNorm, Conv, compute_input
 
 WIDTHS = (8, 16, 32, 64)
 torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -79,7 +79,7 @@ class ResNet9(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
     """`mask` [B]: the batch's real rows (padding is left out of BatchNorm's statistics)."""
-    x = x.astype(jnp.float32)  # Datasets may keep images compact (float16) in memory.
+    x = compute_input(x)  # float16 storage -> float32; bf16 compute stays bf16.
     x = conv(self.widths[0], 3, 1, self.conv_impl, name="stem_conv")(x)
     x = nn.relu(torch_batch_norm(train, "stem_bn")(x, mask))
     for stage, width in enumerate(self.widths):
