@@ -36,6 +36,7 @@ from fedmerge_jax import algorithms as algorithms_lib
 from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
+from fedmerge_jax import metric_writers
 from fedmerge_jax import train
 
 MISSING = "—"
@@ -195,8 +196,7 @@ def finished_summary(run_dir: str, config) -> Optional[Dict[str, Any]]:
 
 def read_history(workdir: str) -> List[Dict[str, Any]]:
   """The per-evaluation metrics a run wrote to <workdir>/metrics.jsonl."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def _count(value) -> str:

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0  # Devices the client axis is sharded over; 0: all (every host's).
   c.seed = 0
   c.checkpoint_every = 50  # Checkpoint every this many rounds (and at the end); 0: never.
+  # Also checkpoint when this many minutes passed since the last save (whichever of the two
+  # comes first); 0: by rounds only. Either alone turns checkpoints on.
+  c.checkpoint_every_minutes = 0.0
   c.checkpoint_keep = 2  # How many recent checkpoints to keep in <workdir>/checkpoints.
   c.tensorboard = True  # TensorBoard event files in the workdir.
 
@@ -144,7 +147,7 @@ def _choices() -> dict:
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
-                 "checkpoint_every",
+                 "checkpoint_every", "checkpoint_every_minutes",
                  "finetune_epochs", "ditto_lambda",
                  "server_lr_globals", "server_lr_logits")
 _FRACTIONS = ("data.test_fraction", "data.val_fraction")

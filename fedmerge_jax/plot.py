@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from fedmerge_jax import cli
+from fedmerge_jax import metric_writers
 
 
 def dominant_model_ari(merging_weights, groups) -> float:
@@ -39,8 +40,7 @@ def read_metrics(workdir: str):
     raise FileNotFoundError(
         f"{path} not found: run `python launch.py --config=configs/default.py "
         f"--workdir={workdir}` first (or point --workdir at a run's workdir).")
-  with open(path) as f:
-    metrics = [json.loads(line) for line in f if line.strip()]
+  metrics = metric_writers.read_jsonl(path)  # A torn last line (a killed run) is left out.
   summary_path = os.path.join(workdir, "summary.json")
   if not os.path.exists(summary_path):
     return metrics, {}
