@@ -286,13 +286,16 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
           "resuming cannot help: start over with a new --workdir.")
     logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
   sample_rng, round_rng = jax.random.wrap_key_data(rng_data)
-  start_round = done
+  start_round = state_round = done  # done: rounds whose outputs are written; state_round: `state`'s.
 
   def save(round_index: int) -> str:
-    """Checkpoints `state` as the state after `round_index`; says where, for messages."""
+    """Checkpoints `state` as the state after `round_index`; says where, for messages.
+
+    Only a state whose round's outputs are all written is saved (interrupted in an
+    evaluation, the round is redone on resume, its metrics line written once)."""
     if checkpoints is None:
       return "Checkpoints are off (config.checkpoint_every=0)."
-    if round_index > start_round and alive(state):
+    if start_round < round_index == state_round and alive(state):
       checkpoints.save(round_index, {"algorithm": without_phantoms(state, layout), "rngs": rng_data},
                        {"round": round_index, "best": best, "metrics": metrics})
       schedule.saved()
@@ -338,7 +341,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
           where += (f" Resuming cannot help: the saved round {start_round} itself leads to a "
                     "non-finite loss; start over with a new --workdir.")
         raise FloatingPointError(non_finite_message(round_metrics, r, ids, where))
-      done = r
+      state_round = r
       bar.advance()
       if evaluating:
         now = time.perf_counter()
@@ -368,6 +371,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
         bar.show(metrics)
         bar.print(format_metrics(metrics))
         last_time, last_round = time.perf_counter(), r
+      done = r
       if checkpoints and schedule.due(r):
         save(r)
   except BaseException as e:
