@@ -8,7 +8,6 @@ and draws on matplotlib's Agg canvas, so no display is needed (servers, Colab, t
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -226,10 +225,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
+  cli.check_workdir(workdir)
   try:
     paths = write_plots(workdir)
   except FileNotFoundError as e:
-    sys.exit(f"FATAL {e}")
+    cli.fatal(str(e))
+  except KeyboardInterrupt:
+    cli.fatal(f"interrupted; {workdir} is unchanged but for the plots already written.")
   print("\n".join(paths.values()))
   clients = read_clients(workdir)
   if clients is not None and {"merging_weights", "groups"} <= clients.keys():

@@ -140,6 +140,14 @@ def _final_state(workdir: str):
   return step, jax.tree_util.tree_flatten_with_path(restored["state"])[0]
 
 
+def same(a, b) -> bool:
+  """Equal arrays, shapes and dtypes; NaN equals NaN (a client without a split's examples)."""
+  a, b = np.asarray(a), np.asarray(b)
+  if a.dtype != b.dtype or a.shape != b.shape:
+    return False
+  return bool(np.array_equal(a, b, equal_nan=np.issubdtype(a.dtype, np.inexact)))
+
+
 def compare_runs(workdir: str, reference: str) -> List[str]:
   """What differs between a soaked run and the uninterrupted one (empty: nothing)."""
   from fedmerge_jax import metric_writers  # pylint: disable=import-outside-toplevel
@@ -162,7 +170,7 @@ def compare_runs(workdir: str, reference: str) -> List[str]:
     found.append("summary.json differs")
   if os.path.exists(os.path.join(reference, "clients.npz")):
     got, want = (np.load(os.path.join(d, "clients.npz")) for d in (workdir, reference))
-    if set(got) != set(want) or any(not np.array_equal(got[k], want[k]) for k in want):
+    if set(got) != set(want) or any(not same(got[k], want[k]) for k in want):
       found.append("clients.npz differs")
   try:
     scalars, expected_scalars = (
@@ -174,8 +182,7 @@ def compare_runs(workdir: str, reference: str) -> List[str]:
     found.append(str(e))
   (step, leaves), (want_step, want_leaves) = _final_state(workdir), _final_state(reference)
   if step != want_step or len(leaves) != len(want_leaves) or any(
-      not np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
-      for (_, a), (_, b) in zip(leaves, want_leaves)):
+      not same(a, b) for (_, a), (_, b) in zip(leaves, want_leaves)):
     found.append(f"final state differs (checkpoint {step} vs {want_step})")
   return found
 

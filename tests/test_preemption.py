@@ -5,6 +5,7 @@ kill-and-resume soak."""
 import errno
 import os
 import re
+import runpy
 import signal
 
 import orbax.checkpoint as ocp
@@ -178,22 +179,22 @@ def test_metrics_jsonl_drops_a_torn_line_and_a_failed_write(tmp_path, monkeypatc
   assert path.read_text() == '{"round": 2, "a": 1}\n{"round": 4, "a": 2}\n'
 
 
-SOAK_OVERRIDES = ["--config.num_rounds=12", "--config.eval_every=2", "--config.checkpoint_every=4",
-                  "--config.model.hidden_sizes=(8,)", "--config.data.num_clients=6",
-                  "--config.clients_per_round=3"]
+SOAK_OVERRIDES = {"num_rounds": 12, "eval_every": 2, "checkpoint_every": 4,
+                  "model.hidden_sizes": (8,), "data.num_clients": 6, "clients_per_round": 3}
 
 
 def test_soak_kills_and_resumes_to_the_uninterrupted_run(tmp_path):
   """SIGKILL during a checkpoint write, SIGINT during an evaluation, SIGTERM during a round:
   the resumed run's files and final state equal an uninterrupted run's exactly."""
   reference = str(tmp_path / "uninterrupted")
-  status, stderr = soak.run_child(soak.launch_args("configs/default.py", reference,
-                                                   SOAK_OVERRIDES), None)
-  assert status == 0, stderr[-2000:]
+  config = runpy.run_path(os.path.join(ROOT, "configs/default.py"))["get_config"]()
+  config.update_from_flattened_dict(SOAK_OVERRIDES)
+  train.train_and_evaluate(config, reference)
+  flags = [f"--config.{k}={v}".replace(" ", "") for k, v in SOAK_OVERRIDES.items()]
   kills = [soak.Kill("SIGKILL", "checkpoint", 2), soak.Kill("SIGINT", "evaluate", 1),
            soak.Kill("SIGTERM", "round", 2)]
   workdir = str(tmp_path / "killed")
-  figures = soak.soak(soak.launch_args("configs/default.py", workdir, SOAK_OVERRIDES), kills,
+  figures = soak.soak(soak.launch_args("configs/default.py", workdir, flags), kills,
                       reference, log=lambda line: None)
   (_, killed, _), (_, interrupted, ctrl_c), (_, stopped, line) = figures["statuses"]
   assert killed == -signal.SIGKILL
