@@ -391,9 +391,9 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
       logging.info("Run %d/%d: reusing the finished run in %s", i + 1, len(runs), run_dir)
     else:
       logging.info("Run %d/%d: %s in %s", i + 1, len(runs), name, run_dir)
-      kwargs = {} if model is None else {"model": model}
-      summary = train.train_and_evaluate(run_config, run_dir, data=run_data,
-                                         start_over=start_over, **kwargs)
+      kwargs = dict({} if model is None else {"model": model},
+                    **({"start_over": True} if start_over else {}))
+      summary = train.train_and_evaluate(run_config, run_dir, data=run_data, **kwargs)
     results.append(Result(name, run_dir, summary, read_history(run_dir), setting, seed))
   command = command or (f"run_comparison(config, algorithms={list(algorithms)!r}, "
                         f"workdir={workdir!r})")

@@ -187,9 +187,13 @@ def compare_runs(workdir: str, reference: str) -> List[str]:
   return found
 
 
-def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print) -> Dict:
+def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print,
+         finish=None) -> Dict:
   """Kills the run `args` names once per `kills`, resumes it each time, finishes it and
-  compares with `reference` (a finished uninterrupted run). Returns the figures."""
+  compares with `reference` (a finished uninterrupted run). Returns the figures.
+
+  `finish()`, if given, does the last resume instead of a fresh launch.py (a test's
+  shortcut: the same train_and_evaluate, in this process)."""
   statuses = []
   for i, kill in enumerate(kills):
     status, stderr = run_child(args, kill)
@@ -198,9 +202,12 @@ def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print) 
     log(f"kill {i + 1}/{len(kills)}: {kill}: exit status {status}: {last[:160]}")
     if status == 0:
       log("  (the run had finished before this kill)")
-  status, stderr = run_child(args, None)
-  if status != 0:
-    raise RuntimeError(f"the final resume failed (exit status {status}):\n{stderr[-3000:]}")
+  if finish is not None:
+    finish()
+  else:
+    status, stderr = run_child(args, None)
+    if status != 0:
+      raise RuntimeError(f"the final resume failed (exit status {status}):\n{stderr[-3000:]}")
   differences = compare_runs(_workdir_of(args), reference)
   survived = sum(1 for _, s, _ in statuses if s != 0)
   return {"kills": len(kills), "survived": survived, "statuses": statuses,

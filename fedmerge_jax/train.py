@@ -212,10 +212,12 @@ def claim_workdir(config, workdir: str, start_over: bool, main_process: bool) ->
   fingerprint_lib.check(workdir, {"config": fingerprint_lib.config_fingerprint(config)})
 
 
-def record_experiment(config, workdir: str, data, model, main_process: bool) -> None:
+def record_experiment(config, workdir: str, data, model, start_over: bool,
+                      main_process: bool) -> None:
   """Checks the data and model against what `workdir` holds, then records config and all."""
   current = fingerprint_lib.fingerprint(config, data, model)
-  fingerprint_lib.check(workdir, current)
+  if not start_over:  # (Starting over, other processes may still see the old record.)
+    fingerprint_lib.check(workdir, current)
   if main_process:
     metric_writers.write_atomically(os.path.join(workdir, "config.json"),
                                     lambda f: f.write(config.to_json(indent=2).encode()))
@@ -263,7 +265,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   model, algorithm = build(config, data, layout, model)
   logging.info("%s on %s: %d clients, %d classes, model %s, %d devices used", config.algorithm,
                data.name, data.num_clients, data.num_classes, type(model).__name__, mesh.size)
-  record_experiment(config, workdir, data, model, main_process)
+  record_experiment(config, workdir, data, model, start_over, main_process)
   schedule = checkpoint_lib.Schedule(config.checkpoint_every, config.checkpoint_every_minutes,
                                      config.num_rounds)
   checkpoints = checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep) if schedule.enabled \

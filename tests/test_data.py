@@ -63,7 +63,7 @@ NAN[1, 0] = np.nan
     ({**GOOD, "b": _xy(0)}, GOOD, {},
      "custom: train['b'] has no training examples, and every sampled client trains: drop it "
      "(from test and val too) or give each some examples."),
-    (GOOD, {}, {}, "from_arrays: `test` has no clients, and every evaluation needs them"),
+    (GOOD, {}, {}, "from_arrays: test has no clients, and every evaluation needs them"),
     (GOOD, {"a": _xy(1)}, {},
      "from_arrays: test lacks 1 of the 2 clients (['b']); give each one a test entry (an "
      "empty (x, y) for one without test examples), or drop it from train."),

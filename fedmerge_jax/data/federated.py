@@ -179,10 +179,10 @@ class FederatedData:
     Bad input raises DataError naming the client and the fix.
     """
     if not train:
-      raise DataError("from_arrays: `train` has no clients; give {client_id: (x, y)}.")
+      raise DataError("from_arrays: train has no clients; give {client_id: (x, y)}.")
     ids = [str(k) for k in train]
     if not test:
-      raise DataError("from_arrays: `test` has no clients, and every evaluation needs them; "
+      raise DataError("from_arrays: test has no clients, and every evaluation needs them; "
                       "give {client_id: (x, y)} for each client of train.")
     missing = [cid for cid in ids if cid not in set(map(str, test))]
     if missing:
