@@ -167,11 +167,12 @@ class Checkpoints:
 
   def close(self) -> None:
     """Waits for the write in flight and closes; a write failure already raised is not repeated."""
+    reported = self.failed is not None
     try:
       self.wait()
     except CheckpointWriteError:
-      if self.failed is None:
-        raise
+      if not reported:
+        raise  # The last write failed in the background: the run must not end as if saved.
     finally:
       try:
         self._manager.close()
