@@ -1,6 +1,7 @@
 """A workdir resumes only the experiment it holds: config, data and model are recorded and
 checked before any work; `compare` reuses finished runs under the same check."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,6 +33,11 @@ def snapshot(workdir):
   return files, checkpoint_lib.saved_rounds(workdir)
 
 
+def with_train_x_shifted(data):
+  """The same clients, counts and labels; other training images."""
+  return dataclasses.replace(data, train=dataclasses.replace(data.train, x=data.train.x + 1))
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   """A finished 2-round run: the workdir every refusal below is tried on (and must keep)."""
@@ -47,6 +53,7 @@ def finished(tmp_path_factory):
      "data: train.examples: 35 -> 54; data: train.counts: "),
     ({"data": make_federation(seed=1)}, "data: train.labels: "),
     ({"data": make_federation(num_clients=6)}, "data: clients: 5 -> 6"),
+    ({"data": with_train_x_shifted(make_federation())}, "data: train.x: "),
     ({"model": TinyBN()}, "model: ['params']['head']['kernel']: 'float32[8, 3]' -> "
                           "'float32[5, 3]'"),
 ])
@@ -83,8 +90,11 @@ def test_start_over_replaces_the_workdir_and_a_legacy_workdir_is_checked_too(fin
   os.remove(os.path.join(workdir, "experiment.json"))  # As an older version left it.
   with pytest.raises(fingerprint.ExperimentMismatch, match="client_lr: 0.1 -> 0.3"):
     train.train_and_evaluate(config(num_rounds=1, client_lr=0.3), workdir, data=make_federation())
+  old_events = os.path.join(workdir, "events.out.tfevents.1.old")  # The old run's TensorBoard.
+  open(old_events, "w").close()
   train.train_and_evaluate(config(num_rounds=1, client_lr=0.3), workdir, data=make_federation(),
                            start_over=True)
+  assert not os.path.exists(old_events)
   assert json.load(open(os.path.join(workdir, "config.json")))["client_lr"] == 0.3
   recorded = json.load(open(os.path.join(workdir, "experiment.json")))
   assert recorded["config"]["client_lr"] == 0.3 and recorded["data"]["clients"] == 5
