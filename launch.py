@@ -11,7 +11,6 @@ every expected failure ends in one FATAL line that keeps the finished rounds.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -23,6 +22,8 @@ from fedmerge_jax import config as config_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the config are written.")
+flags.DEFINE_bool("start_over", False, "Delete the results and checkpoints a --workdir holds "
+                  "(of another experiment, or this one) and start there from round 0.")
 flags.DEFINE_bool("multihost", False, "Join a multi-host run (jax.distributed.initialize) "
                   "before touching devices; TPU pods, SLURM and Open MPI are auto-detected.")
 flags.DEFINE_string("coordinator_address", None, "--multihost elsewhere: process 0's host:port.")
@@ -42,25 +43,18 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import jax
   from fedmerge_jax import checkpoint as checkpoint_lib
-  from fedmerge_jax import data as data_lib
   from fedmerge_jax import train
   if FLAGS.multihost:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  try:
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except KeyboardInterrupt:
+
+  def interrupted() -> str:
     saved = checkpoint_lib.saved_rounds(FLAGS.workdir)
-    print(f"FATAL interrupted; rounds up to {saved[-1]} are saved in "
-          f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
-          "FATAL interrupted before any round was saved; rerun to start again.",
-          file=sys.stderr, flush=True)
-    # Everything is on disk (train closed its writers). Exit now: interpreter shutdown while
-    # XLA still compiles on another thread (Ctrl-C in the first round) can crash.
-    sys.stdout.flush()
-    os._exit(130)  # pylint: disable=protected-access
-  except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
-          train.OutOfMemoryError, checkpoint_lib.CheckpointError) as e:
-    cli.fatal(f"{type(e).__name__}: {e}")  # The message names the problem and the fix.
+    return (f"FATAL interrupted; rounds up to {saved[-1]} are saved in "
+            f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
+            "FATAL interrupted before any round was saved; rerun to start again.")
+  summary = cli.reporting_run_failures(
+      lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over),
+      interrupted)
   if jax.process_index() == 0:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 

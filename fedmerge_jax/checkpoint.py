@@ -6,8 +6,11 @@ looks at; `restore_latest` also falls back to an older checkpoint if the newest 
 and refuses (keeping them all) when none is readable, rather than silently starting over.
 """
 
+import contextlib
+import errno
 import os
 import shutil
+import time
 from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
@@ -20,6 +23,48 @@ TEMPORARY_MARK = ".orbax-checkpoint-tmp"
 
 class CheckpointError(RuntimeError):
   """Checkpoints exist but none can be read: the message says what to do, nothing is deleted."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, no permission): names the folder and size."""
+
+
+class Schedule:
+  """When to checkpoint: every `every_rounds` rounds, every `every_minutes` minutes since
+  the last save (whichever comes first; 0 turns either off), and at the last round."""
+
+  def __init__(self, every_rounds: int, every_minutes: float, num_rounds: int,
+               clock=time.monotonic):
+    self.every_rounds, self.every_minutes, self.num_rounds = every_rounds, every_minutes, num_rounds
+    self._clock = clock
+    self._last = clock()
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.every_rounds or self.every_minutes)
+
+  def due(self, round_index: int) -> bool:
+    by_rounds = self.every_rounds and round_index % self.every_rounds == 0
+    by_time = self.every_minutes and self._clock() - self._last >= 60 * self.every_minutes
+    return bool(round_index == self.num_rounds or by_rounds or by_time)
+
+  def saved(self) -> None:
+    self._last = self._clock()
+
+
+def state_bytes(tree) -> int:
+  """The bytes of a pytree's arrays: about what one checkpoint of it takes on disk."""
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
+def is_write_failure(error: BaseException) -> bool:
+  """A full disk, a missing permission or a read-only file system, anywhere in the causes."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
+                                                      errno.EPERM, errno.EROFS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def saved_rounds(workdir: str) -> list:
@@ -54,21 +99,42 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._started = set()
+    self._writing = None  # (round, bytes) of the write in flight, for the failure message.
+    self.failed: Optional[CheckpointWriteError] = None
 
   def save(self, round_index: int, state, progress: Dict[str, Any]) -> None:
     """Starts writing `state` (pytree of arrays) and `progress` (JSON) for `round_index`.
 
-    The device-to-host copy happens before this returns, so `state` may be donated next.
+    Asynchronous: the device-to-host copy happens before this returns (so `state` may be
+    donated next), the files are written in the background; the next save and `wait`
+    wait for them. A failed write raises CheckpointWriteError, here or at the next wait.
     """
-    if round_index in self._started or round_index in self._manager.all_steps():
+    if self.failed or round_index in self._started or round_index in self._manager.all_steps():
       return
     self._started.add(round_index)
-    self._manager.save(round_index, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+    with self._reporting_write_failures():
+      self._manager.wait_until_finished()  # The previous write's failure belongs to it.
+      self._writing = (round_index, state_bytes(state))
+      self._manager.save(round_index, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
   def wait(self) -> None:
     """Blocks until every started write is complete on disk."""
-    self._manager.wait_until_finished()
+    with self._reporting_write_failures():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _reporting_write_failures(self):
+    """A full disk or missing permission becomes CheckpointWriteError, remembered in `failed`."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_write_failure(e):
+        raise
+      round_index, needed = self._writing or (None, 0)
+      self.failed = CheckpointWriteError(write_failure_message(
+          self.directory, round_index, needed, self.latest_round(), e))
+      raise self.failed from e
 
   def latest_round(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -100,5 +166,33 @@ class Checkpoints:
     return None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the write in flight and closes; a write failure already raised is not repeated."""
+    reported = self.failed is not None
+    try:
+      self.wait()
+    except CheckpointWriteError:
+      if not reported:
+        raise  # The last write failed in the background: the run must not end as if saved.
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if self.failed is None:
+          raise
+
+
+def write_failure_message(directory: str, round_index: Optional[int], needed: int,
+                          kept: Optional[int], error: BaseException) -> str:
+  """'Cannot write the checkpoint of round 40 in <dir> (No space left on device) ...'."""
+  while not isinstance(error, OSError) and (error.__cause__ or error.__context__):
+    error = error.__cause__ or error.__context__
+  reason = getattr(error, "strerror", None) or str(error)
+  try:
+    free = f"; {shutil.disk_usage(directory).free:,} bytes are free there"
+  except OSError:
+    free = ""
+  previous = (f"the checkpoint of round {kept}" if kept is not None else "no earlier checkpoint")
+  return (f"Cannot write the checkpoint of round {round_index} in {directory} ({reason}): a "
+          f"checkpoint needs about {needed:,} bytes{free}. Kept intact: {previous}, "
+          "metrics.jsonl and summary.json. Free space there or make it writable (or use "
+          "another --workdir), then rerun the same command to resume.")

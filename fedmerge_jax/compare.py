@@ -11,8 +11,10 @@ data config (`--seeds` change `config.seed`, never `data.seed`). Writes
 over seeds where there are several), <workdir>/comparison.png (test/acc_mean against
 rounds, the mean with a ±std band) and, with --sweep, <workdir>/comparison_sweep.png (a
 metric against the first swept field), and prints the table. A run whose summary.json is
-newer than its config.json, and whose config.json is this run's config, is reused; any
-other run is (re)started, and train_and_evaluate resumes it from its checkpoints.
+newer than its config.json, whose config.json is this run's config and whose
+experiment.json records this data and model, is reused; any other run is (re)started, and
+train_and_evaluate resumes it from its checkpoints, or stops in one line if the folder holds
+another experiment (--start_over deletes those runs' results and starts them over).
 """
 
 import copy
@@ -36,6 +38,8 @@ from fedmerge_jax import algorithms as algorithms_lib
 from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
+from fedmerge_jax import fingerprint as fingerprint_lib
+from fedmerge_jax import metric_writers
 from fedmerge_jax import train
 
 MISSING = "—"
@@ -174,11 +178,13 @@ def run_directory(workdir: str, algorithm: str, setting: Setting, seed: Optional
   return os.path.join(*parts, *([f"seed_{seed}"] if seed is not None else []))
 
 
-def finished_summary(run_dir: str, config) -> Optional[Dict[str, Any]]:
+def finished_summary(run_dir: str, config, experiment: Optional[Dict[str, Any]] = None
+                     ) -> Optional[Dict[str, Any]]:
   """The summary of a finished run of exactly `config` in `run_dir`, else None.
 
   Finished: summary.json is newer than config.json (train_and_evaluate writes config.json
-  when it starts and summary.json when it ends), and config.json is `config`.
+  when it starts and summary.json when it ends), config.json is `config`, and (given
+  `experiment`, a `fingerprint.fingerprint`) experiment.json records the same data and model.
   """
   summary_path, config_path = (os.path.join(run_dir, f) for f in ("summary.json", "config.json"))
   if not (os.path.exists(summary_path) and os.path.exists(config_path)):
@@ -189,14 +195,17 @@ def finished_summary(run_dir: str, config) -> Optional[Dict[str, Any]]:
     old = dict(config_lib.flatten(json.load(f)))
   if old != dict(config_lib.flatten(json.loads(config.to_json()))):
     return None
+  recorded = fingerprint_lib.recorded(run_dir)
+  if experiment is not None and (recorded is None or "data" not in recorded
+                                 or fingerprint_lib.differences(recorded, experiment)):
+    return None
   with open(summary_path) as f:
     return json.load(f)
 
 
 def read_history(workdir: str) -> List[Dict[str, Any]]:
   """The per-evaluation metrics a run wrote to <workdir>/metrics.jsonl."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def _count(value) -> str:
@@ -348,14 +357,16 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
                    data: Optional[data_lib.FederatedData] = None,
                    command: Optional[str] = None, seeds: Optional[Sequence[int]] = None,
                    sweeps: Sequence[Tuple[str, Sequence[Any]]] = (),
-                   sweep_metric: str = "test/acc_mean", model=None) -> List[Result]:
+                   sweep_metric: str = "test/acc_mean", model=None,
+                   start_over: bool = False) -> List[Result]:
   """Runs each setting x algorithm x seed on `config`, writes the table and plots.
 
   `seeds`: None runs `config.seed` in <algorithm>/ (today's layout); a list runs each in
   <algorithm>/seed_<s>/. `sweeps`: [(config path, values)], as `parse_sweeps` returns;
   their grid's settings each get a <path=value,...>/ folder. Data (`data`, or loaded once
   per distinct data config) and `model` (see train_and_evaluate) are shared by every run.
-  Finished runs of the same config are reused (`finished_summary`).
+  Finished runs of the same config, data and model are reused (`finished_summary`);
+  `start_over` reruns every run from round 0, deleting what its folder held.
   """
   check_algorithms(algorithms)
   config = config_lib.resolve(config)
@@ -368,17 +379,20 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
   results = []
   for i, (setting, name, seed, run_config) in enumerate(runs):
     run_dir = run_directory(workdir, name, setting, seed)
-    summary = finished_summary(run_dir, run_config)
+    if data is None:
+      key = run_config.data.to_json()
+      if key not in loaded:
+        loaded[key] = data_lib.load(run_config.data)
+    run_data = data if data is not None else loaded[key]
+    run_model = model if model is not None else train.build(run_config, run_data)[0]
+    experiment = fingerprint_lib.fingerprint(run_config, run_data, run_model)
+    summary = None if start_over else finished_summary(run_dir, run_config, experiment)
     if summary is not None:
       logging.info("Run %d/%d: reusing the finished run in %s", i + 1, len(runs), run_dir)
     else:
       logging.info("Run %d/%d: %s in %s", i + 1, len(runs), name, run_dir)
-      if data is None:
-        key = run_config.data.to_json()
-        if key not in loaded:
-          loaded[key] = data_lib.load(run_config.data)
-      run_data = data if data is not None else loaded[key]
-      kwargs = {} if model is None else {"model": model}
+      kwargs = dict({} if model is None else {"model": model},
+                    **({"start_over": True} if start_over else {}))
       summary = train.train_and_evaluate(run_config, run_dir, data=run_data, **kwargs)
     results.append(Result(name, run_dir, summary, read_history(run_dir), setting, seed))
   command = command or (f"run_comparison(config, algorithms={list(algorithms)!r}, "
@@ -433,17 +447,26 @@ flags.register_validator("algorithms", _valid_algorithms)
 flags.register_validator("seeds", _valid_seeds)
 
 
+flags.DEFINE_bool("start_over", False, "Rerun every run from round 0, deleting the results "
+                  "and checkpoints its folder holds (of another experiment, or this one).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
+  cli.check_workdir(FLAGS.workdir)
   command = shlex.join(["python", "-m", "fedmerge_jax.compare", *sys.argv[1:]])
   try:
     sweeps = parse_sweeps(FLAGS.sweep, config_lib.resolve(FLAGS.config))
-    results = run_comparison(FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command,
-                             seeds=FLAGS.seeds, sweeps=sweeps, sweep_metric=FLAGS.sweep_metric)
   except (config_lib.ConfigError, SweepError) as e:
-    raise app.UsageError(str(e)) from None
+    cli.fatal(f"{type(e).__name__}: {e}")
+  interrupted = lambda: (f"FATAL interrupted; the finished runs in {FLAGS.workdir} are kept and "
+                         "the one in progress keeps its checkpoints; rerun the same command to "
+                         "go on.")
+  results = cli.reporting_run_failures(lambda: run_comparison(
+      FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command, seeds=FLAGS.seeds,
+      sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over), interrupted)
   print(comparison_table(results), end="", flush=True)
 
 

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0  # Devices the client axis is sharded over; 0: all (every host's).
   c.seed = 0
   c.checkpoint_every = 50  # Checkpoint every this many rounds (and at the end); 0: never.
+  # Also checkpoint when this many minutes passed since the last save (whichever of the two
+  # comes first); 0: by rounds only. Either alone turns checkpoints on.
+  c.checkpoint_every_minutes = 0.0
   c.checkpoint_keep = 2  # How many recent checkpoints to keep in <workdir>/checkpoints.
   c.tensorboard = True  # TensorBoard event files in the workdir.
 
@@ -190,7 +193,7 @@ _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "e
              "pfedme_inner_steps", "fedfomo_downloads", "fedamp_alpha", "fedamp_sigma",
              "cfl_max_clusters")
 _NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
-                 "checkpoint_every",
+                 "checkpoint_every", "checkpoint_every_minutes",
                  "finetune_epochs", "ditto_lambda", "fedrep_head_epochs", "perfedavg_alpha",
                  "pfedme_lambda", "pfedme_personal_lr", "pfedme_beta", "pfedme_l2",
                  "fedfomo_epsilon", "fedfomo_epsilon_decay", "fedamp_lambda",

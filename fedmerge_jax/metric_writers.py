@@ -20,20 +20,44 @@ def write_atomically(path: str, write) -> None:
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> list:
+  """The complete lines of a JSON-lines file as dicts; a torn last line (a kill mid-write) is
+  left out."""
+  found = []
+  with open(path) as f:
+    for line in f:
+      if not line.endswith("\n"):
+        break  # Never finished: the line's writer died before its newline.
+      if line.strip():
+        found.append(json.loads(line))
+  return found
+
+
 class JsonlWriter:
-  """Appends one JSON object per evaluation to <workdir>/metrics.jsonl."""
+  """Appends one JSON object per evaluation to <workdir>/metrics.jsonl.
+
+  Resuming keeps the complete lines up to the resumed round (written atomically); a line
+  whose write fails (a full disk) is cut off again, so the file never holds a partial line.
+  """
 
   def __init__(self, workdir: str, resume_round: int = 0):
     self.path = os.path.join(workdir, "metrics.jsonl")
     kept = []
     if resume_round and os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["round"] <= resume_round]
-    write_atomically(self.path, lambda f: f.write("".join(kept).encode()))
+      kept = [m for m in read_jsonl(self.path) if m["round"] <= resume_round]
+    write_atomically(self.path, lambda f: f.write("".join(json.dumps(m) + "\n"
+                                                          for m in kept).encode()))
 
   def write(self, metrics: Dict[str, float]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(metrics) + "\n")
+    line = (json.dumps(metrics) + "\n").encode()
+    with open(self.path, "ab", buffering=0) as f:
+      size = f.tell()
+      try:
+        while line:
+          line = line[f.write(line):]
+      except OSError:
+        f.truncate(size)
+        raise
 
 
 class TensorBoardWriter:

@@ -8,7 +8,6 @@ and draws on matplotlib's Agg canvas, so no display is needed (servers, Colab, t
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -20,6 +19,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from fedmerge_jax import cli
+from fedmerge_jax import metric_writers
 
 
 def dominant_model_ari(merging_weights, groups) -> float:
@@ -39,8 +39,7 @@ def read_metrics(workdir: str):
     raise FileNotFoundError(
         f"{path} not found: run `python launch.py --config=configs/default.py "
         f"--workdir={workdir}` first (or point --workdir at a run's workdir).")
-  with open(path) as f:
-    metrics = [json.loads(line) for line in f if line.strip()]
+  metrics = metric_writers.read_jsonl(path)  # A torn last line (a killed run) is left out.
   summary_path = os.path.join(workdir, "summary.json")
   if not os.path.exists(summary_path):
     return metrics, {}
@@ -226,10 +225,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
+  cli.check_workdir(workdir)
   try:
     paths = write_plots(workdir)
   except FileNotFoundError as e:
-    sys.exit(f"FATAL {e}")
+    cli.fatal(str(e))
+  except KeyboardInterrupt:
+    cli.fatal(f"interrupted; {workdir} is unchanged but for the plots already written.")
   print("\n".join(paths.values()))
   clients = read_clients(workdir)
   if clients is not None and {"merging_weights", "groups"} <= clients.keys():

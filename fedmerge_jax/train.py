@@ -22,11 +22,13 @@ from fedmerge_jax import checkpoint as checkpoint_lib
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
+from fedmerge_jax import fingerprint as fingerprint_lib
 from fedmerge_jax import gap
 from fedmerge_jax import metric_writers
 from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax import plot
+from fedmerge_jax import preemption
 from fedmerge_jax import progress as progress_lib
 
 SUMMARY_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_p10", "loss")
@@ -85,32 +87,6 @@ def best_by_validation(latest, current_best):
 
 class OutOfMemoryError(MemoryError):
   """A round or an evaluation that did not fit in memory, with what to change."""
-
-
-# What a checkpoint is a checkpoint of: resuming with any of these changed would splice
-# two different experiments. Other settings (rounds, learning rates, ...) may change.
-RUN_IDENTITY = ("algorithm", "num_global_models", "update_mode", "seed", "model.", "data.")
-
-
-def check_resumable(config, workdir: str) -> None:
-  """Refuses to resume `workdir`'s checkpoints under a different experiment; logs changed settings."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = dict(config_lib.flatten(json.load(f)))
-  new = dict(config_lib.flatten(json.loads(config.to_json())))
-  changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)}
-  clashes = [k for k in changed if k.startswith(RUN_IDENTITY)]
-  if clashes:
-    what = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in clashes)
-    raise config_lib.ConfigError(
-        f"--workdir={workdir} holds checkpoints of a different run ({what}). Use a new "
-        f"--workdir, or delete {os.path.join(workdir, 'checkpoints')} to start this one over.")
-  if changed:
-    logging.warning("Resuming %s with changed settings: %s", workdir,
-                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def all_finite(tree) -> jax.Array:
@@ -289,32 +265,61 @@ def all_merging_weights(algorithm, data: data_lib.FederatedData, chunk_size: int
   return weights
 
 
+def claim_workdir(config, workdir: str, start_over: bool, main_process: bool) -> None:
+  """Before any work: `start_over` empties `workdir` of a previous run; otherwise a workdir
+  holding another experiment's config stops here (ExperimentMismatch), data not yet loaded."""
+  os.makedirs(workdir, exist_ok=True)
+  if start_over:
+    if main_process:
+      fingerprint_lib.start_over(workdir)
+    return
+  fingerprint_lib.check(workdir, {"config": fingerprint_lib.config_fingerprint(config)})
+
+
+def record_experiment(config, workdir: str, data, model, start_over: bool,
+                      main_process: bool) -> None:
+  """Checks the data and model against what `workdir` holds, then records config and all."""
+  current = fingerprint_lib.fingerprint(config, data, model)
+  if not start_over:  # (Starting over, other processes may still see the old record.)
+    fingerprint_lib.check(workdir, current)
+  if main_process:
+    metric_writers.write_atomically(os.path.join(workdir, "config.json"),
+                                    lambda f: f.write(config.to_json(indent=2).encode()))
+    metric_writers.write_atomically(os.path.join(workdir, fingerprint_lib.FILE),
+                                    lambda f: f.write(json.dumps(current, indent=1).encode()))
+
+
+def stopped_saying(checkpoints) -> str:
+  """The end of the line a stop request prints: which rounds are safe, and what to do."""
+  latest = checkpoints.latest_round() if checkpoints else None
+  if latest is None:
+    return ("no round is saved (checkpoints are off or none finished yet); rerun to start "
+            "again.")
+  return f"rounds up to {latest} are saved in {checkpoints.directory}; rerun to resume."
+
+
 def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None,
-                       model=None):
+                       model=None, start_over: bool = False):
   """Runs `config` and returns the final metrics and the best-by-validation ones.
 
   `model`: any flax.linen module called as `apply(variables, x, train=...)` (and `mask=`
   where its __call__ takes it) instead of the one `config.model` names; its last layer
   named 'head' feeds the `official` logit gradient (ConfigError if it needs one).
 
-  Writes to <workdir>: config.json (the resolved config), metrics.jsonl (one line per
+  Writes to <workdir>: config.json (the resolved config), experiment.json (what identifies
+  the run: result-changing config, data and model fingerprints), metrics.jsonl (one line per
   evaluation), TensorBoard events, clients.npz (the latest per-client accuracies and
-  merging weights), checkpoints/ (every config.checkpoint_every rounds), the plots and
-  summary.json (what this returns). With checkpoints already in `workdir` it resumes
-  from the newest one, and the metrics come out as if the run had never stopped.
+  merging weights), checkpoints/ (every config.checkpoint_every rounds or
+  checkpoint_every_minutes), the plots and summary.json (what this returns). With
+  checkpoints already in `workdir` it resumes from the newest one, and the metrics come
+  out as if the run had never stopped; a workdir holding another experiment raises
+  ExperimentMismatch before any work, unless `start_over` (which deletes its results).
+  SIGTERM or SIGUSR1 stops after the round in progress, checkpointed: preemption.Stopped.
   """
   config = config_lib.resolve(config)
   logging.info("%s", accelerator_line())  # The first line: is the accelerator seen?
   main_process = jax.process_index() == 0  # In a multi-host run only process 0 writes.
-  os.makedirs(workdir, exist_ok=True)
-  checkpoints = None
-  if config.checkpoint_every:
-    checkpoints = checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep)
-    if checkpoints.latest_round() is not None:
-      check_resumable(config, workdir)
-  if main_process:
-    metric_writers.write_atomically(os.path.join(workdir, "config.json"),
-                                    lambda f: f.write(config.to_json(indent=2).encode()))
+  claim_workdir(config, workdir, start_over, main_process)
   data = data if data is not None else data_lib.load(config.data)
   for warning in config_lib.data_warnings(config, data.num_clients, data.name):
     logging.warning(warning)
@@ -325,6 +330,11 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   model, algorithm = build(config, data, layout, model)
   logging.info("%s on %s: %d clients, %d classes, model %s, %d devices used", config.algorithm,
                data.name, data.num_clients, data.num_classes, type(model).__name__, mesh.size)
+  record_experiment(config, workdir, data, model, start_over, main_process)
+  schedule = checkpoint_lib.Schedule(config.checkpoint_every, config.checkpoint_every_minutes,
+                                     config.num_rounds)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep) if schedule.enabled \
+      else None
 
   init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
   rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))  # Host arrays: multi-host safe.
@@ -343,15 +353,19 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
           "resuming cannot help: start over with a new --workdir.")
     logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
   sample_rng, round_rng = jax.random.wrap_key_data(rng_data)
-  start_round = done
+  start_round = state_round = done  # done: rounds whose outputs are written; state_round: `state`'s.
 
   def save(round_index: int) -> str:
-    """Checkpoints `state` as the state after `round_index`; says where, for messages."""
+    """Checkpoints `state` as the state after `round_index`; says where, for messages.
+
+    Only a state whose round's outputs are all written is saved (interrupted in an
+    evaluation, the round is redone on resume, its metrics line written once)."""
     if checkpoints is None:
       return "Checkpoints are off (config.checkpoint_every=0)."
-    if round_index > start_round and alive(state):
+    if start_round < round_index == state_round and alive(state):
       checkpoints.save(round_index, {"algorithm": without_phantoms(state, layout), "rngs": rng_data},
                        {"round": round_index, "best": best, "metrics": metrics})
+      schedule.saved()
     latest = checkpoints.latest_round()
     return ("No round finished yet." if latest is None else
             f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
@@ -374,8 +388,15 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   start = last_time = time.perf_counter()
   last_round = start_round
   r = start_round
+  stops = preemption.StopRequests().install()
   try:
     for r in range(start_round + 1, config.num_rounds + 1):
+      signal_name = stops.stop_before(r)
+      if signal_name:  # A scheduler asked to stop: save the finished rounds, wait, say so.
+        save(done)
+        if checkpoints:
+          checkpoints.wait()
+        raise preemption.Stopped(signal_name, stops.signal_number, stopped_saying(checkpoints))
       ids = sample_clients(jax.random.fold_in(sample_rng, r), data.num_clients,
                            config.clients_per_round)
       evaluating = r % config.eval_every == 0 or r == config.num_rounds
@@ -387,7 +408,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
           where += (f" Resuming cannot help: the saved round {start_round} itself leads to a "
                     "non-finite loss; start over with a new --workdir.")
         raise FloatingPointError(non_finite_message(round_metrics, r, ids, where))
-      done = r
+      state_round = r
       bar.advance()
       if evaluating:
         now = time.perf_counter()
@@ -417,7 +438,8 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
         bar.show(metrics)
         bar.print(format_metrics(metrics))
         last_time, last_round = time.perf_counter(), r
-      if checkpoints and (r % config.checkpoint_every == 0 or r == config.num_rounds):
+      done = r
+      if checkpoints and schedule.due(r):
         save(r)
   except BaseException as e:
     where = save(done)
@@ -425,6 +447,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
       raise OutOfMemoryError(out_of_memory_message(config, r, len(ids), where)) from e
     raise
   finally:
+    stops.uninstall()
     bar.close()
     if checkpoints:
       checkpoints.close()

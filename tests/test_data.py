@@ -1,15 +1,17 @@
 """FederatedData.from_arrays, partitioners and the offline default dataset."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from fedmerge_jax.config import base_config
-from fedmerge_jax.data import FederatedData, digits, load, partition
+from fedmerge_jax.data import DataError, FederatedData, digits, load, partition
 
 
 def test_from_arrays_pads_and_counts():
   train = {"a": (np.ones((3, 2)), np.array([0, 1, 2])), "b": (np.ones((1, 2)), np.array([4]))}
-  test = {"b": (np.ones((2, 2)), np.array([1, 1]))}
+  test = {"a": (np.ones((0, 2)), np.array([], int)), "b": (np.ones((2, 2)), np.array([1, 1]))}
   data = FederatedData.from_arrays(train, test)
   assert data.client_ids == ("a", "b")
   assert data.num_classes == 5
@@ -22,18 +24,66 @@ def test_from_arrays_pads_and_counts():
   np.testing.assert_array_equal(batch.count, [1, 3])
 
 
-@pytest.mark.parametrize("train,test,match", [
-    ({"a": (np.ones((2, 2)), np.array([0]))}, {}, "x has 2 examples but y has 1"),
-    ({"a": (np.ones((1, 2)), np.array([0.5]))}, {}, "labels must be integers"),
-    ({"a": (np.full((1, 2), np.nan), np.array([0]))}, {}, "NaN"),
-    ({"a": (np.ones((1, 2)), np.array([0]))}, {"z": (np.ones((1, 2)), np.array([0]))},
-     "clients that train lacks"),
-    ({"a": (np.ones((1, 2)), np.array([0])), "b": (np.ones((1, 3)), np.array([0]))}, {},
-     "example shape"),
+def _xy(n, shape=(2,), label=0, dtype=np.float32):
+  return np.ones((n, *shape), dtype), np.full(n, label, np.int32)
+
+
+GOOD = {"a": _xy(2), "b": _xy(3, label=1)}
+NAN = np.ones((2, 2), np.float32)
+NAN[1, 0] = np.nan
+
+
+@pytest.mark.parametrize("train,test,kwargs,message", [
+    ({"a": (np.ones((2, 2)), np.array([0]))}, GOOD, {},
+     "from_arrays: train['a']: x has 2 examples but y has 1; give one label per example."),
+    ({**GOOD, "b": (np.ones((1, 2)), np.array([0.5]))}, GOOD, {},
+     "from_arrays: train['b']: labels must be integers, got float64; map the classes"),
+    (GOOD, {**GOOD, "b": (NAN, np.array([0, 1]))}, {},
+     "from_arrays: test['b']: x contains NaN or infinite values (example 1 first); clean or "
+     "drop those examples."),
+    ({**GOOD, "b": (np.array([[np.inf, 0.0]]), np.array([0]))}, GOOD, {},
+     "from_arrays: train['b']: x contains NaN or infinite values"),
+    ({"a": _xy(1)}, {"a": _xy(1), "z": _xy(1)}, {},
+     "from_arrays: test has clients that train lacks: ['z']; every client must be in train."),
+    ({**GOOD, "b": _xy(1, shape=(3,))}, GOOD, {},
+     "from_arrays: train['b']: example shape (3,) differs from (2,) (the first client's); give "
+     "every client and split examples of one shape."),
+    (GOOD, {**GOOD, "b": _xy(2, shape=(2, 1))}, {},
+     "from_arrays: test['b']: example shape (2, 1) differs from (2,)"),
+    ({**GOOD, "b": _xy(2, label=3)}, GOOD, {"num_classes": 3},
+     "from_arrays: train['b']: label 3 is outside [0, 3); fix the labels, or pass a "
+     "num_classes that covers them."),
+    (GOOD, {**GOOD, "a": _xy(2, label=-1)}, {},
+     "from_arrays: test['a']: label -1 is outside [0, 2)"),
+    ({**GOOD, "b": (np.array([["x", "y"]]), np.array([0]))}, GOOD, {},
+     "from_arrays: train['b']: x has dtype <U1, which can be neither an image nor a feature; "
+     "give numbers"),
+    ({**GOOD, "b": (np.ones((1, 2), complex), np.array([0]))}, GOOD, {},
+     "from_arrays: train['b']: x has dtype complex128, which can be neither an image nor a feature"),
+    ({**GOOD, "b": _xy(0)}, GOOD, {},
+     "custom: train['b'] has no training examples, and every sampled client trains: drop it "
+     "(from test and val too) or give each some examples."),
+    (GOOD, {}, {}, "from_arrays: test has no clients, and every evaluation needs them"),
+    (GOOD, {"a": _xy(1)}, {},
+     "from_arrays: test lacks 1 of the 2 clients (['b']); give each one a test entry (an "
+     "empty (x, y) for one without test examples), or drop it from train."),
+    (GOOD, {"a": _xy(0), "b": _xy(0)}, {},
+     "custom: the test split has no examples, and every evaluation needs them"),
+    (GOOD, GOOD, {"val": {"a": _xy(1, label=7)}, "num_classes": 2},
+     "from_arrays: val['a']: label 7 is outside [0, 2)"),
 ])
-def test_from_arrays_rejects_bad_input(train, test, match):
-  with pytest.raises(ValueError, match=match):
-    FederatedData.from_arrays(train, test)
+def test_from_arrays_rejects_bad_data_naming_the_client_and_the_fix(train, test, kwargs, message):
+  with pytest.raises(DataError) as info:
+    FederatedData.from_arrays(train, test, **kwargs)
+  assert str(info.value).startswith(message), str(info.value)
+
+
+def test_loaders_check_their_data_too():
+  """A loader building FederatedData directly (FEMNIST's) gets the same checks."""
+  good = FederatedData.from_arrays(GOOD, GOOD)
+  bad_test = dataclasses.replace(good.test, y=np.array([0, 0, 1, 5, 1], np.int32))
+  with pytest.raises(DataError, match=r"femnist: test\['b'\]: label 5 is outside \[0, 2\)"):
+    dataclasses.replace(good, test=bad_test, name="femnist")
 
 
 def test_dirichlet_partition_is_deterministic_and_complete():

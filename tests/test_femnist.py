@@ -322,6 +322,7 @@ def write_leaf(directory, split, users, seed, files=2):
       n = 2 + len(u) % 3
       x = rng.integers(0, 256, (n, 784)) / 255
       y = rng.integers(0, 62, n)
+      y[0] = rng.integers(0, 10)  # A digit each: the digits-only variant keeps every client.
       arrays[u] = (x, y)
       user_data[u] = {"x": x.tolist(), "y": y.tolist()}
     blob = {"users": mine, "num_samples": [len(user_data[u]["y"]) for u in mine],

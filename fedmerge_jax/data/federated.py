@@ -11,6 +11,34 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from fedmerge_jax.client import ClientData
+from fedmerge_jax.data.errors import DataError
+
+
+def check_client(where: str, x: np.ndarray, y: np.ndarray, example_shape, num_classes: int) -> None:
+  """DataError naming `where` (e.g. "from_arrays: train['alice']") and the fix, for a client's
+  (x, y) that would give a wrong result or a crash later."""
+  if len(x) != len(y):
+    raise DataError(f"{where}: x has {len(x)} examples but y has {len(y)}; give one label "
+                    "per example.")
+  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+    raise DataError(f"{where}: x has dtype {x.dtype}, which can be neither an image nor a "
+                    "feature; give numbers (float32 features, uint8 or float images).")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise DataError(f"{where}: labels must be integers, got {y.dtype}; map the classes to "
+                    "0..num_classes-1 (e.g. np.unique(y, return_inverse=True)[1]).")
+  if tuple(x.shape[1:]) != tuple(example_shape):
+    raise DataError(f"{where}: example shape {tuple(x.shape[1:])} differs from "
+                    f"{tuple(example_shape)} (the first client's); give every client and "
+                    "split examples of one shape.")
+  if np.issubdtype(x.dtype, np.floating):
+    finite = np.isfinite(x.reshape(len(x), int(np.prod(x.shape[1:])))).all(axis=1)
+    if not finite.all():
+      raise DataError(f"{where}: x contains NaN or infinite values (example "
+                      f"{int(np.argmin(finite))} first); clean or drop those examples.")
+  if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    bad = int(y.min() if y.min() < 0 else y.max())
+    raise DataError(f"{where}: label {bad} is outside [0, {num_classes}); fix the labels, or "
+                    "pass a num_classes that covers them.")
 
 
 def padded_length(n: int, multiple: int, cap: Optional[int] = None) -> int:
@@ -106,6 +134,28 @@ class FederatedData:
   groups: Optional[np.ndarray] = None
   name: str = "custom"
 
+  def __post_init__(self):
+    """Every loader's data is checked here, each bad case naming the client and the fix."""
+    for split in ("train", "test", "val"):
+      arrays = getattr(self, split)
+      if arrays is None:
+        continue
+      if arrays.num_clients != self.num_clients:
+        raise DataError(f"{self.name}: {split} holds {arrays.num_clients} clients, not the "
+                        f"{self.num_clients} of client_ids; give every split the same clients.")
+      for i, cid in enumerate(self.client_ids):
+        check_client(f"{self.name}: {split}[{cid!r}]", *arrays.client(i),
+                     self.train.x.shape[1:], self.num_classes)
+    empty = [cid for cid, n in zip(self.client_ids, self.train.counts) if n == 0]
+    if empty:
+      raise DataError(f"{self.name}: train{empty[:5]} ha{'s' if len(empty) == 1 else 've'} no "
+                      "training examples, and every sampled client trains: drop "
+                      f"{'it' if len(empty) == 1 else 'them'} (from test and val too) or give "
+                      "each some examples.")
+    if not self.test.counts.sum():
+      raise DataError(f"{self.name}: the test split has no examples, and every evaluation "
+                      "needs them; give each client test examples.")
+
   @property
   def num_clients(self) -> int:
     return len(self.client_ids)
@@ -122,42 +172,40 @@ class FederatedData:
                   name: str = "custom") -> "FederatedData":
     """Builds from dicts `client_id -> (x, y)` of NumPy arrays.
 
-    Client order is the order of `train`. A client missing from `test` or `val` has no
-    examples there (and is left out of that split's per-client means). Labels must be
-    integers in [0, num_classes); num_classes defaults to max label + 1.
+    Client order is the order of `train`. Every client of `train` needs training examples
+    and a `test` entry (an empty one for a client without test examples: it is left out
+    of the per-client means); a client missing from `val` has no validation examples.
+    Labels must be integers in [0, num_classes); num_classes defaults to max label + 1.
+    Bad input raises DataError naming the client and the fix.
     """
     if not train:
-      raise ValueError("from_arrays: `train` has no clients.")
+      raise DataError("from_arrays: train has no clients; give {client_id: (x, y)}.")
     ids = [str(k) for k in train]
+    if not test:
+      raise DataError("from_arrays: test has no clients, and every evaluation needs them; "
+                      "give {client_id: (x, y)} for each client of train.")
+    missing = [cid for cid in ids if cid not in set(map(str, test))]
+    if missing:
+      raise DataError(f"from_arrays: test lacks {len(missing)} of the {len(ids)} clients "
+                      f"({missing[:5]}); give each one a test entry (an empty (x, y) for "
+                      "one without test examples), or drop it from train.")
     splits = {"train": train, "test": test, "val": val}
-    example_shape = None
-    max_label = -1
+    example_shape = np.asarray(next(iter(train.values()))[0]).shape[1:]
+    labels = [np.asarray(y) for clients in splits.values() if clients
+              for _, y in clients.values()]
+    max_label = max((int(y.max()) for y in labels if len(y) and y.dtype.kind in "iub"),
+                    default=-1)
+    num_classes = num_classes or max_label + 1
     for split, clients in splits.items():
       if clients is None:
         continue
       extra = set(map(str, clients)) - set(ids)
       if extra:
-        raise ValueError(f"from_arrays: {split} has clients that train lacks: {sorted(extra)[:5]}.")
+        raise DataError(f"from_arrays: {split} has clients that train lacks: {sorted(extra)[:5]}; "
+                        "every client must be in train.")
       for cid, (x, y) in clients.items():
-        x, y = np.asarray(x), np.asarray(y)
-        where = f"from_arrays: {split}[{cid!r}]"
-        if len(x) != len(y):
-          raise ValueError(f"{where}: x has {len(x)} examples but y has {len(y)}.")
-        if example_shape is None:
-          example_shape = x.shape[1:]
-        if x.shape[1:] != example_shape:
-          raise ValueError(f"{where}: example shape {x.shape[1:]} differs from {example_shape}.")
-        if not np.issubdtype(y.dtype, np.integer):
-          raise ValueError(f"{where}: labels must be integers, got {y.dtype}.")
-        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-          raise ValueError(f"{where}: x contains NaN or infinite values; clean the data first.")
-        if len(y):
-          if y.min() < 0:
-            raise ValueError(f"{where}: negative label {y.min()}.")
-          max_label = max(max_label, int(y.max()))
-    num_classes = num_classes or max_label + 1
-    if max_label >= num_classes:
-      raise ValueError(f"from_arrays: label {max_label} >= num_classes={num_classes}.")
+        check_client(f"from_arrays: {split}[{cid!r}]", np.asarray(x), np.asarray(y),
+                     example_shape, num_classes)
 
     def arrays(clients):
       empty = (np.zeros((0, *example_shape), np.float32), np.zeros((0,), np.int32))
