@@ -18,7 +18,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from conftest import TinyBN, make_federation, one_example_federation, tiny_base_config
-from fedmerge_jax import client, train
+from fedmerge_jax import algorithms, client, parallel, train
 from fedmerge_jax import models as models_lib
 from fedmerge_jax.config import ConfigError, resolve
 
@@ -302,3 +302,15 @@ def test_batch_norm_rounds_do_not_depend_on_parallelism_or_chunks(random_data, a
   for i in UNSAMPLED:  # Unsampled clients' personal rows, bit for bit.
     before = _one(alg.init(jax.random.key(0)).personal, i)
     _close(_one(states[0].personal, i), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["fedbn", "fedper", "fedrep", "apfl", "perfedavg"])
+def test_only_personal_leaves_look_per_client(random_data, algorithm):
+  """train.py shards and cuts phantoms from leaves whose first axis is the (padded) population:
+  with 16 rows, the MLP's 16-input kernel must not look like one (the shared part is [1, ...])."""
+  config, model, _ = _build(random_data, algorithm)
+  alg = algorithms.get_algorithm(model, config, 16, jnp.zeros((4, 4, 1)))
+  state = jax.eval_shape(alg.init, jax.random.key(0))
+  shared = jax.tree.leaves((state.shared, state.opt_state))
+  assert not any(parallel.is_per_client(x, 16) for x in shared)
+  assert all(parallel.is_per_client(x, 16) for x in jax.tree.leaves(state.personal))

@@ -38,7 +38,9 @@ TRAINS = ("all", "personal", "shared")  # What a phase trains; the rest of 'para
 
 @flax.struct.dataclass
 class State:
-  shared: Any  # The shared part of the variables, one copy.
+  # The shared part of the variables, one copy, every leaf [1, ...]: a leading axis that
+  # cannot be mistaken for the per-client one (train.py tells them apart by its length).
+  shared: Any
   opt_state: Any  # The server optimizer's state over `shared`.
   personal: Any  # The personal part, every leaf [N, ...]; {} when nothing is personal.
 
@@ -50,7 +52,7 @@ class Phase(NamedTuple):
 
 
 def personal_layers_mask(variables, names: Sequence[str]):
-  """`models.layers_mask` for `config.personal_layers`; a layer the model lacks fails in one line."""
+  """`models.layers_mask` for `config.personal_layers`; a missing layer fails in one line."""
   top = sorted(dict(variables).get("params", {}))
   missing = [name for name in names if name not in top]
   if missing:
@@ -128,12 +130,16 @@ def make(model, config, num_clients: int, example_input, *,
 
   def init(rng) -> State:
     shared, personal = split(init_variables(rng), personal_keys)
+    shared = jax.tree.map(lambda x: x[None], shared)
     return State(shared, server.init(shared), broadcast(personal, num_clients))
+
+  def unstacked(state: State):
+    return jax.tree.map(lambda x: x[0], state.shared)
 
   def joined(state: State, client_ids):
     """The clients' variables: the shared part (broadcast) joined to each one's personal part."""
     rows = jax.tree.map(lambda x: x[client_ids], state.personal)
-    return combine(broadcast(state.shared, client_ids.shape[0]), rows)
+    return combine(broadcast(unstacked(state), client_ids.shape[0]), rows)
 
   def train_one(shared, personal_row, data, key):
     variables = combine(shared, personal_row)
@@ -156,13 +162,13 @@ def make(model, config, num_clients: int, example_input, *,
       deltas, personal, metrics = outputs
       return weighted_sum(chunk[1], deltas), (personal, metrics)
 
-    rows = jax.tree.map(lambda x: x[client_ids], state.personal)
+    rows, shared = jax.tree.map(lambda x: x[client_ids], state.personal), unstacked(state)
     grad, (personal, metrics) = parallel.map_clients(
-        lambda row, _, d, key: train_one(state.shared, row, d, key),
+        lambda row, _, d, key: train_one(shared, row, d, key),
         (rows, base.sample_weights(data), data, base.client_keys(rng, client_ids)),
         config.client_chunk_size, config.client_parallelism, reduce=summarize)
-    updates, opt_state = server.update(grad, state.opt_state, state.shared,
-                                       model_mass=jnp.ones((1,)))
+    updates, opt_state = server.update(jax.tree.map(lambda g: g[None], grad), state.opt_state,
+                                       state.shared, model_mass=jnp.ones((1,)))
     state = State(optax.apply_updates(state.shared, updates), opt_state,
                   scatter(state.personal, client_ids, personal))
     return state, base.training_metrics(data, metrics)

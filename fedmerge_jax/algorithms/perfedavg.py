@@ -18,6 +18,8 @@ Where this differs from the paper, and why:
 - 'hf' computes the Hessian-vector product exactly, by automatic differentiation, on D;
   the paper estimates it by finite differences on a third, independent batch D''. Exact
   and with no extra batch, it is MAML's own second-order gradient.
+- 'hf' differentiates twice: it needs layers with a second derivative (on CPU set
+  `model.conv_impl='xla'`; the canonical convolutions' hand-written backward has none).
 - The test-time step uses all the client's training examples (one full-batch step): the
   paper's one stochastic step, without its batch noise; deterministic per client.
 """
@@ -40,9 +42,10 @@ def maml_objective(alpha: float, first_order: bool):
     half = mask.shape[0] // 2
     first = mask & (jnp.arange(mask.shape[0]) < half)
     inner_rng, outer_rng = jax.random.split(rng)
-    grads, other = jax.grad(batch_loss, has_aux=True)(params, other, idx, first, inner_rng)
-    if first_order:
-      grads = jax.lax.stop_gradient(grads)
+    # First order: the inner step sees constants, so nothing differentiates through it (and
+    # layers with a hand-written backward, canonical convolutions, need no second derivative).
+    inner = jax.lax.stop_gradient(params) if first_order else params
+    grads, other = jax.grad(batch_loss, has_aux=True)(inner, other, idx, first, inner_rng)
     adapted = jax.tree.map(lambda p, g: p - alpha * g, params, grads)
     return batch_loss(adapted, other, idx, mask & ~first, outer_rng)
   return objective
