@@ -66,9 +66,10 @@ def test_bf16_round_keeps_parameters_optimizer_state_and_statistics_float32(tiny
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16)))
   one = jax.tree.map(lambda a: a[2], data.train.gather(ids))
   f32_delta, _ = client.local_train(model.apply, variables, one, jax.random.key(2),
-                                    client.LocalConfig(2, 4, 0.1, 0.01))
+                                    client.LocalConfig(2, 4, 0.1, 0.01), takes_mask=True)
   bf16_delta, _ = client.local_train(model.apply, variables, one, jax.random.key(2),
-                                     client.LocalConfig(2, 4, 0.1, 0.01, compute_dtype="bfloat16"))
+                                     client.LocalConfig(2, 4, 0.1, 0.01, compute_dtype="bfloat16"),
+                                     takes_mask=True)
   for a, b in zip(jax.tree.leaves(f32_delta), jax.tree.leaves(bf16_delta)):
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.1, atol=0.02)  # bf16: 8 bits of mantissa.

@@ -1,16 +1,28 @@
 """benchmarks/gpu_vmap.sh's CPU-checkable parts: its syntax, that every run it would start
 passes flags the benchmark accepts, and its table."""
 
+import copy
 import importlib.util
 import json
 import os
 import shlex
 import subprocess
 
+from absl import flags
+
 from fedmerge_jax import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_vmap.sh")
+
+
+def _benchmark_flags() -> flags.FlagValues:
+  """The benchmark's own flags alone: absl's global FLAGS also holds what other test files
+  imported (launch.py's required --config), which must not take part in the parse."""
+  own = flags.FlagValues()
+  for flag in benchmark.FLAGS.get_flags_for_module(benchmark.__name__):
+    own[flag.name] = copy.deepcopy(flag)
+  return own
 
 
 def _dry_run(**env):
@@ -30,11 +42,12 @@ def test_script_parses_and_every_run_passes_flags_the_benchmark_accepts():
   assert "--model=emnist_cnn,leaf_femnist_cnn,resnet9" in runs["vmap_32"]
   assert "--conv_impl=xla" in runs["chosen_matmul"]  # MATMUL_IMPL is the one variable.
   # Parse every run's flags as the benchmark would, without running anything.
+  own = _benchmark_flags()
   for cmd in runs.values():
     try:
-      benchmark.FLAGS(["benchmark", *shlex.split(cmd)[3:]])
+      own(["benchmark", *shlex.split(cmd)[3:]])
     finally:
-      benchmark.FLAGS.unparse_flags()
+      own.unparse_flags()
 
 
 def _table_module():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmerge_jax import client, parallel, train
+from fedmerge_jax import client, models, parallel, train
 from fedmerge_jax.config import resolve
 from conftest import TinyBN, TinyDropout, make_federation
 
@@ -27,9 +27,14 @@ def _clients(model, seed=0):
   return variables, data, jax.random.split(jax.random.key(seed + 1), len(SIZES))
 
 
+def _train(model, local):
+  """One client's local training of `model` (told whether it takes BatchNorm's mask)."""
+  return lambda v, d, k: client.local_train(model.apply, v, d, k, local,
+                                            takes_mask=models.takes_mask(model))
+
+
 def _vmapped(model, local):
-  return jax.jit(jax.vmap(lambda v, d, k: client.local_train(model.apply, v, d, k, local),
-                          in_axes=(None, 0, 0)))
+  return jax.jit(jax.vmap(_train(model, local), in_axes=(None, 0, 0)))
 
 
 @pytest.mark.parametrize("model,batching,unroll", [(TinyBN(), "epoch", 1),
@@ -43,7 +48,7 @@ def test_static_loop_equals_the_while_loop_under_vmap(model, batching, unroll):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                static, expected)  # Deltas (BatchNorm statistics included) and train_loss.
   one = jax.tree.map(lambda a: a[3], data)  # Alone, with the while loop's own count.
-  alone = jax.jit(lambda v, d, k: client.local_train(model.apply, v, d, k, local))(
+  alone = jax.jit(_train(model, local))(
       variables, one, keys[3])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b, rtol=1e-5, atol=1e-6),
                static, alone)
@@ -55,13 +60,13 @@ def test_static_loop_has_a_fixed_trip_count_from_the_padded_length():
   model = TinyDropout()
   variables, data, keys = _clients(model)
   local = LOCAL._replace(loop="static")
-  train_all = jax.vmap(lambda v, d, k: client.local_train(model.apply, v, d, k, local),
+  train_all = jax.vmap(_train(model, local),
                        in_axes=(None, 0, 0))
   jaxpr = str(jax.make_jaxpr(train_all)(variables, data, keys))
   assert "while[" not in jaxpr
   assert f"length={client.num_local_steps(MAX_N, local)}" in jaxpr
   while_jaxpr = str(jax.make_jaxpr(jax.vmap(
-      lambda v, d, k: client.local_train(model.apply, v, d, k, LOCAL), in_axes=(None, 0, 0)))(
+      _train(model, LOCAL), in_axes=(None, 0, 0)))(
           variables, data, keys))
   assert "while[" in while_jaxpr
 

@@ -65,7 +65,7 @@ def personal_rounds(apply_fn, variables, data: client_lib.ClientData, key, local
       rng = jax.random.fold_in(jax.random.fold_in(dropout_key, t), i)
       (loss, other), grads = jax.value_and_grad(
           lambda p: client_lib.batch_loss(apply_fn, p, other, data, idx, mask, rng,
-                                          takes_mask=takes_mask),
+                                          takes_mask=takes_mask, compute_dtype=local.compute_dtype),
           has_aux=True)(theta)
       theta = jax.tree.map(lambda th, g, wi: th - lr * (g + lam * (th - wi) + l2 * th),
                            theta, grads, w)

@@ -1,7 +1,7 @@
 """What checkpoints cost the round loop: rounds/s with checkpoints off and every round (the
 worst case), on the offline default and on a FEMNIST-shaped synthetic federation.
 
-  PYTHONPATH=. python scripts/checkpoint_cost.py [--which=default,femnist] [--repeats=2]
+  PYTHONPATH=. python benchmarks/checkpoint_cost.py [--which=default,femnist] [--repeats=2]
 
 Prints one JSON line per (data, checkpoint_every, repeat): the loop's rounds/s after the
 first evaluation window (which holds the compilation), from metrics.jsonl. Set
