@@ -9,7 +9,6 @@ from flax import linen as nn
 
 from fedmerge_jax import client, train
 from fedmerge_jax.algorithms import fedavg_ft, fedem, ifca
-from fedmerge_jax.algorithms.ditto import PERSONAL_STREAM
 from fedmerge_jax.config import resolve
 from fedmerge_jax.data import FederatedData
 from tests.conftest import one_example_federation

@@ -3,7 +3,6 @@ the logs are quiet by default."""
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 

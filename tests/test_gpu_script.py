@@ -3,7 +3,6 @@ passes flags the benchmark accepts, and its table."""
 
 import copy
 import importlib.util
-import json
 import os
 import shlex
 import subprocess

@@ -1,13 +1,11 @@
 """The authors' logit step (server_optim.authors_logit_step) against a literal loop of their
 update_W (github.com/shutong043/FedMerge, server_merging.py), and its use by `official` mode."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedmerge_jax import server_optim
-from fedmerge_jax.algorithms import fedmerge
 from fedmerge_jax.config import base_config
 
 

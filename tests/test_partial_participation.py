@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedmerge_jax import client, parallel, train
-from fedmerge_jax.algorithms import fedem, fedmerge, ifca
+from fedmerge_jax import parallel, train
+from fedmerge_jax.algorithms import fedmerge
 from fedmerge_jax.config import resolve
 from tests.conftest import make_federation
 
@@ -107,7 +107,6 @@ def test_ifca_merging_weights_are_the_assignment_evaluation_uses(tiny_config, ti
   train_data = tiny_data.train.gather(every)
   losses = np.zeros((5, 3))
   for c in every:
-    n = int(tiny_data.train.counts[c])
     for k in range(3):
       x, y = tiny_data.train.client(c)
       out = model.apply(_one(state.globals, k), x)

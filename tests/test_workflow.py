@@ -9,14 +9,12 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedmerge_jax import algorithms as algorithms_lib
 from fedmerge_jax import compare
 from fedmerge_jax import config as config_lib
-from fedmerge_jax import data as data_lib
 from fedmerge_jax import models as models_lib
 from fedmerge_jax import train
 

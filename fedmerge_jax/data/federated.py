@@ -96,7 +96,8 @@ class ClientArrays:
     counts = np.where(real, self.counts[np.where(real, ids, 0)], 0).astype(np.int32)
     length = max(int(counts.max(initial=0)) if length is None else int(length), 1)
     if counts.max(initial=0) > length:
-      raise ValueError(f"gather: a client holds {counts.max()} examples, more than length={length}.")
+      raise ValueError(
+          f"gather: a client holds {counts.max()} examples, more than length={length}.")
     x = np.zeros((len(ids), length, *self.x.shape[1:]), self.x.dtype)
     y = np.zeros((len(ids), length), self.y.dtype)
     for row, (i, n) in enumerate(zip(ids, counts)):

@@ -17,8 +17,8 @@ differ, it is rebuilt (with a warning). Offline, a missing file fails within sec
 one line naming where it was looked for, the address and the flag; nothing half-made stays.
 
 In host memory the images are float16 in [0, 1], ragged (every writer's real examples,
-`[total, 28, 28, 1]`, plus offsets): half of float32's size, and no padding. Models must cast inputs to float32 where an op
-needs equal dtypes (XLA's convolution does; matmuls promote).
+`[total, 28, 28, 1]`, plus offsets): half of float32's size, and no padding. Models must cast
+inputs to float32 where an op needs equal dtypes (XLA's convolution does; matmuls promote).
 """
 
 import dataclasses

@@ -91,7 +91,8 @@ def shifted_views(x: jax.Array, kernel_size: Sequence[int], strides: int):
   kh, kw = kernel_size
   out_h = (x.shape[-3] - kh) // strides + 1
   out_w = (x.shape[-2] - kw) // strides + 1
-  return [x[..., i:i + (out_h - 1) * strides + 1:strides, j:j + (out_w - 1) * strides + 1:strides, :]
+  last_h, last_w = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
+  return [x[..., i:i + last_h:strides, j:j + last_w:strides, :]
           for i in range(kh) for j in range(kw)]
 
 
