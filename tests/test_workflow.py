@@ -237,18 +237,18 @@ def test_a_registered_model_name_works_from_a_config(quick_config, tiny_data, tm
     algorithms_lib.register_algorithm("mine", "not a factory")
 
 
-# --- Your own algorithm: the README's example ---------------------------------------------------
+# --- Your own algorithm: the docs' example (docs/pages/extending.md) ----------------------------
 
 def readme_block(containing):
-  """The README's ```python block that contains `containing`."""
-  text = open(os.path.join(ROOT, "README.md")).read()
+  """The ```python block of docs/pages/extending.md that contains `containing`."""
+  text = open(os.path.join(ROOT, "docs", "pages", "extending.md")).read()
   blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if containing in b]
-  assert len(blocks) == 1, f"expected one README python block with {containing!r}"
+  assert len(blocks) == 1, f"expected one extending.md python block with {containing!r}"
   return blocks[0]
 
 
 def test_readme_custom_algorithm_is_fedavg_with_server_momentum(tiny_config, tiny_data):
-  exec(compile(readme_block("register_algorithm("), "README.md", "exec"), {})
+  exec(compile(readme_block("register_algorithm("), "extending.md", "exec"), {})
   assert "fedavgm" in algorithms_lib.registered_names()
   tiny_config.server_lr_globals = 0.5
   built = {}
