@@ -5,7 +5,7 @@ rounds, 2 local epochs of SGD (batch 32, lr 0.01, prox 0.01), their narrow ResNe
 `official` update (lr_A = 0.01, server lr 1). The split (fedmerge_jax/data/cifar100.py):
 5 clusters of 30 classes, clients per cluster from uniform_filter1d(rand(5), 3) scaled
 to 50, each class split among its holders by Dirichlet(10), seed 11. Needs CIFAR-100
-(see the README's CIFAR-100 section); a GPU is advised:
+(see docs/pages/paper.md); a GPU is advised:
 
   python launch.py --config=configs/cifar100_cluster.py --workdir=/tmp/fedmerge_cifar100_cluster
 

@@ -5,7 +5,7 @@ rounds, 2 local epochs of SGD (batch 32, lr 0.01, prox 0.01), their narrow ResNe
 `official` update (lr_A = 0.01, server lr 1). The split (fedmerge_jax/data/cifar100.py):
 train+test pooled, per-class Dirichlet(0.1) over the clients below N/50 examples, redrawn
 until every client has >= 100; per client 1/6 test and 10% of the rest validation;
-seed 11. Needs CIFAR-100 (see the README's CIFAR-100 section); a GPU is advised:
+seed 11. Needs CIFAR-100 (see docs/pages/paper.md); a GPU is advised:
 
   python launch.py --config=configs/cifar100_personal.py --workdir=/tmp/fedmerge_cifar100_personal
 

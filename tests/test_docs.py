@@ -19,7 +19,7 @@ PAGES = os.path.join(ROOT, "docs", "pages")
 MARKER = re.compile(r"<!-- runnable(?P<attrs>[^>]*?)-->\n```(?P<lang>\w+)\n(?P<body>.*?)\n```",
                     re.S)
 ATTR = re.compile(r'(\w+)="([^"]*)"')
-COMMAND = re.compile(r"^\s*python (launch\.py|-m fedmerge_jax\.)")
+COMMAND = re.compile(r"^\s*(\w+=\S+\s+)*python (launch\.py|-m fedmerge_jax\.)")
 
 
 def runnable_blocks(text):
@@ -134,10 +134,10 @@ def test_the_marker_finds_the_blocks_a_user_copies():
 
 def test_with_appends_to_each_command_once():
   script = ("python launch.py --config=a \\\n    --workdir=w\necho done\n"
-            "python -m fedmerge_jax.compare --x")
+            "XLA_FLAGS=--f python -m fedmerge_jax.compare --x")
   assert with_overrides(script, "--y").splitlines() == [
       "python launch.py --config=a \\", "    --workdir=w --y", "echo done",
-      "python -m fedmerge_jax.compare --x --y"]
+      "XLA_FLAGS=--f python -m fedmerge_jax.compare --x --y"]
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)

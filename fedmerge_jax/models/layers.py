@@ -29,7 +29,7 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # XLA:CPU's default YNNPACK fusions (single dots, reductions, single convolutions) less the
 # convolutions: with 'canonical', XLA:CPU then runs them in Eigen, measured ~20% faster
-# for the EMNIST CNN's training and no slower for the other models (README, Performance).
+# for the EMNIST CNN's training and no slower for the other models (docs/pages/performance.md).
 CPU_CANONICAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -54,7 +54,7 @@ def compiler_options(impl: str):
 
 
 def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
-  """'auto' -> 'canonical' on CPU (one client at a time; measured fastest, see README) and
+  """'auto' -> 'canonical' on CPU (one client at a time; measured fastest: docs' Performance) and
   'batched_matmul' on GPU/TPU (XLA's conv for one client, batched matmuls under `vmap`).
   `backend` defaults to JAX's; pass 'gpu' to see (and test) an accelerator's choice."""
   if impl == "auto":
