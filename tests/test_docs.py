@@ -92,13 +92,14 @@ def test_site_builds_in_strict_mode(tmp_path):
   assert "server_gradients" in api and "train_and_evaluate" in api  # From the docstrings.
 
 
-@pytest.mark.parametrize("breakage", [
-    ("getting-started.md", "(long-runs.md)", "(long-run.md)"),  # A page that does not exist.
-    ("getting-started.md", "(contributing.md#running-the-tests)", "(contributing.md#no-such)"),
-    ("api.md", "::: fedmerge_jax.merge\n", "::: fedmerge_jax.no_such_module\n"),
+@pytest.mark.parametrize("breakage", [  # (page, text, broken text, what the build names)
+    ("getting-started.md", "(long-runs.md)", "(long-run.md)", "long-run.md"),
+    ("getting-started.md", "(contributing.md#running-the-tests)", "(contributing.md#no-such)",
+     "#no-such"),
+    ("api.md", "::: fedmerge_jax.merge\n", "::: fedmerge_jax.no_such_module\n", "no_such_module"),
 ])
 def test_strict_build_fails_on_a_broken_link_anchor_or_reference(tmp_path, breakage):
-  page, old, new = breakage
+  page, old, new, named = breakage
   docs = tmp_path / "docs"
   shutil.copytree(os.path.join(ROOT, "docs"), docs)
   text = (docs / "pages" / page).read_text()
@@ -108,6 +109,7 @@ def test_strict_build_fails_on_a_broken_link_anchor_or_reference(tmp_path, break
       "paths: [..]", f"paths: [{ROOT}]"))
   done = mkdocs_build(str(docs / "pages"), str(tmp_path / "site"))
   assert done.returncode != 0, f"the build passed with {new!r} in {page}"
+  assert named in done.stdout + done.stderr  # It failed for that reason.
 
 
 def test_readme_links_into_the_docs_resolve():
