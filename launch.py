@@ -47,14 +47,24 @@ def main(argv):
   if FLAGS.multihost:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
+  def saved_in(last_round: int) -> str:
+    return (f"rounds up to {last_round} are saved in {os.path.join(FLAGS.workdir, 'checkpoints')}"
+            "; rerun to resume.")
+
   def interrupted() -> str:
     saved = checkpoint_lib.saved_rounds(FLAGS.workdir)
-    return (f"FATAL interrupted; rounds up to {saved[-1]} are saved in "
-            f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
+    return (f"FATAL interrupted; {saved_in(saved[-1])}" if saved else
             "FATAL interrupted before any round was saved; rerun to start again.")
+
+  def stopped(signal_name: str) -> str:  # A stop signal outside the round loop.
+    saved = checkpoint_lib.saved_rounds(FLAGS.workdir)
+    if not saved:
+      return f"stopped by {signal_name} before round 1; nothing saved yet; rerun to start."
+    when = f" before round {saved[-1] + 1}" if saved[-1] < FLAGS.config.num_rounds else ""
+    return f"stopped by {signal_name}{when}; {saved_in(saved[-1])}"
   summary = cli.reporting_run_failures(
       lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over),
-      interrupted)
+      interrupted, stopped)
   if jax.process_index() == 0:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 

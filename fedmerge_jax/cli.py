@@ -109,12 +109,13 @@ def check_workdir(workdir: str) -> None:
           "directory, e.g. --workdir=/tmp/fedmerge_run.")
 
 
-def reporting_run_failures(run, interrupted_line):
+def reporting_run_failures(run, interrupted_line, stopped_line):
   """`run()`'s result; every way a run is expected to stop becomes one line and an exit.
 
-  A stop request (SIGTERM/SIGUSR1) prints `stopped by ...` and exits 128 + the signal;
-  Ctrl-C prints `interrupted_line()` and exits 130; a known failure prints its message
-  (which names the problem and the fix) after FATAL. Finished rounds are on disk by then.
+  A stop request (SIGTERM/SIGUSR1) prints `stopped by ...` (from the round loop, or
+  `stopped_line(signal_name)` when it came before or after the loop) and exits 128 + the
+  signal; Ctrl-C prints `interrupted_line()` and exits 130; a known failure prints its
+  message (which names the problem and the fix) after FATAL. Finished rounds are on disk.
   """
   # pylint: disable=import-outside-toplevel
   from fedmerge_jax import checkpoint as checkpoint_lib
@@ -122,9 +123,12 @@ def reporting_run_failures(run, interrupted_line):
   from fedmerge_jax import preemption
   from fedmerge_jax import train
   try:
-    return run()
+    with preemption.StopAtOnce():  # Data loading and compilation too: stop there at once.
+      return run()
   except preemption.Stopped as e:  # Saved; exit as if killed by the signal, as shells expect.
     _exit_now(str(e), e.exit_status)
+  except preemption.StoppedAtOnce as e:
+    _exit_now(stopped_line(e.signal_name), e.exit_status)
   except KeyboardInterrupt:
     _exit_now(interrupted_line(), 130)
   except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,

@@ -461,12 +461,14 @@ def main(argv):
     sweeps = parse_sweeps(FLAGS.sweep, config_lib.resolve(FLAGS.config))
   except (config_lib.ConfigError, SweepError) as e:
     cli.fatal(f"{type(e).__name__}: {e}")
-  interrupted = lambda: (f"FATAL interrupted; the finished runs in {FLAGS.workdir} are kept and "
-                         "the one in progress keeps its checkpoints; rerun the same command to "
-                         "go on.")
+  kept = (f"the finished runs in {FLAGS.workdir} are kept and the one in progress keeps its "
+          "checkpoints; rerun the same command to go on.")
+  interrupted = lambda: f"FATAL interrupted; {kept}"
+  stopped = lambda signal_name: f"stopped by {signal_name}; {kept}"
   results = cli.reporting_run_failures(lambda: run_comparison(
       FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command, seeds=FLAGS.seeds,
-      sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over), interrupted)
+      sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over), interrupted,
+      stopped)
   print(comparison_table(results), end="", flush=True)
 
 

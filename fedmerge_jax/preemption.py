@@ -4,6 +4,9 @@ Cloud TPU spot VMs, Kubernetes and SLURM (`--signal`) send one of these and give
 to save. A handler only records the signal; the round loop asks `StopRequests.stop_before`
 between rounds, so the round in progress finishes, is checkpointed, and the run raises
 `Stopped`, which `launch.py` turns into one line and the exit status 128 + the signal.
+Before the round loop (data loading, initialisation, compilation) there is no round to
+finish: `StopAtOnce`, installed by the mains around the run, stops it where it is
+(`StoppedAtOnce`); what earlier sessions saved stays as it was.
 
 With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
 catches SIGTERM on any host and agrees on one round after which every process stops:
@@ -87,3 +90,25 @@ class StopRequests:
   @property
   def signal_number(self) -> int:
     return int(self.received or signal.SIGTERM)
+
+
+class StoppedAtOnce(BaseException):
+  """A stop signal outside the round loop. A BaseException, as KeyboardInterrupt is, so that
+  no library's `except Exception` swallows it while it unwinds data loading or compilation."""
+
+  def __init__(self, number: int):
+    super().__init__(signal.Signals(number).name)
+    self.signal_name = signal.Signals(number).name
+    self.exit_status = 128 + number
+
+
+class StopAtOnce(StopRequests):
+  """SIGTERM/SIGUSR1 outside the round loop (which installs its own StopRequests over this):
+  raises StoppedAtOnce at once in a single process. With several processes it only records
+  and forwards, as StopRequests does, so that the first round's sync point stops them all."""
+
+  def _record(self, number, frame):
+    first = self.received is None
+    super()._record(number, frame)
+    if first and not self.multihost:  # A second signal while unwinding changes nothing.
+      raise StoppedAtOnce(number)

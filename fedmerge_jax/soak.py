@@ -8,8 +8,8 @@ the final checkpoint), exactly, on CPU.
 Each kill is (signal, moment): SIGKILL, SIGTERM, SIGINT or SIGUSR1, during the k-th round,
 evaluation or checkpoint write of that session (hooked into the child: exact and
 repeatable from --seed), or with --timed after a random time (any moment: start-up,
-compilation, data loading included). The last line says how many kills the run survived
-and what differed.
+compilation, data loading included). Once the run has finished no more kills are drawn.
+The last line says how many kills the run survived and what differed.
 """
 
 import dataclasses
@@ -187,35 +187,58 @@ def compare_runs(workdir: str, reference: str) -> List[str]:
   return found
 
 
+def expected_statuses(kill: Kill) -> Tuple[int, ...]:
+  """The exit statuses of a run that `kill` stopped as it should: 128 + the signal from our
+  one-line stop, or death by the signal (SIGKILL; any signal before the handlers exist)."""
+  number = getattr(signal, kill.signal)
+  return (-number,) if number == signal.SIGKILL else (128 + number, -number)
+
+
 def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print,
          finish=None) -> Dict:
   """Kills the run `args` names once per `kills`, resumes it each time, finishes it and
   compares with `reference` (a finished uninterrupted run). Returns the figures.
 
-  `finish()`, if given, does the last resume instead of a fresh launch.py (a test's
-  shortcut: the same train_and_evaluate, in this process)."""
-  statuses = []
+  Once a session ends with the run finished (its kill came too late), no more kills are
+  drawn: `drawn` says how many were. A session that ended otherwise than `kill` should
+  (a crash, a FATAL line) is a difference. `finish()`, if given, does the last resume
+  instead of a fresh launch.py (a test's shortcut: the same train_and_evaluate, in this
+  process)."""
+  statuses, differences, finished = [], [], False
   for i, kill in enumerate(kills):
     status, stderr = run_child(args, kill)
     last = (stderr.strip().splitlines() or [""])[-1]
     statuses.append((str(kill), status, last))
     log(f"kill {i + 1}/{len(kills)}: {kill}: exit status {status}: {last[:160]}")
     if status == 0:
-      log("  (the run had finished before this kill)")
-  if finish is not None:
+      log(f"  the run finished before this kill came; the remaining {len(kills) - i - 1} are "
+          "not drawn")
+      finished = True
+      break
+    if status not in expected_statuses(kill):
+      differences.append(f"kill {i + 1} ({kill}): exit status {status}: {last[:300]}")
+  if not finished and finish is not None:  # (Finished: its last session was the final resume.)
     finish()
-  else:
+  elif not finished:
     status, stderr = run_child(args, None)
     if status != 0:
       raise RuntimeError(f"the final resume failed (exit status {status}):\n{stderr[-3000:]}")
-  differences = compare_runs(_workdir_of(args), reference)
-  survived = sum(1 for _, s, _ in statuses if s != 0)
-  return {"kills": len(kills), "survived": survived, "statuses": statuses,
-          "differences": differences}
+  differences += compare_runs(_workdir_of(args), reference)
+  survived = sum(1 for (_, s, _), kill in zip(statuses, kills) if s in expected_statuses(kill))
+  return {"kills": len(kills), "drawn": len(statuses) - finished, "survived": survived,
+          "statuses": statuses, "differences": differences}
 
 
 def _workdir_of(args: Sequence[str]) -> str:
   return next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+
+
+def summary_line(figures: Dict, seconds: float) -> str:
+  """The soak's last line: kills survived, whether the run outlasted the schedule, what differed."""
+  ended = (f"the run finished after {figures['drawn']} of {figures['kills']} kills"
+           if figures["drawn"] < figures["kills"] else f"all {figures['kills']} kills drawn")
+  return (f"survived {figures['survived']} of {figures['drawn']} kills ({ended}); differences: "
+          f"{'; '.join(figures['differences']) or 'none'} ({seconds:.0f} s)")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -241,10 +264,7 @@ def main(argv: Sequence[str]) -> int:
   kills = schedule(known.seed, known.kills, known.timed, known.max_seconds)
   figures = soak(launch_args(known.config, os.path.join(known.workdir, "killed"), overrides),
                  kills, reference)
-  print(f"survived {figures['survived']} of {figures['kills']} kills "
-        f"({sum(1 for _, s, _ in figures['statuses'] if s == 0)} came after the run finished); "
-        f"differences: {'; '.join(figures['differences']) or 'none'} "
-        f"({time.perf_counter() - started:.0f} s)")
+  print(summary_line(figures, time.perf_counter() - started))
   return 1 if figures["differences"] else 0
 
 

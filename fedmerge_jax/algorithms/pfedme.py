@@ -41,48 +41,40 @@ class State:
   personal: Any  # Every client's theta, leaves [N, ...].
 
 
-def personal_rounds(apply_fn, variables, data: client_lib.ClientData, key, local, config,
-                    takes_mask: bool = False):
-  """One client's pFedMe local training from w; returns (w_i, theta, metrics).
+THETA = "pfedme_theta"  # theta rides through local training's carry as a collection of its own.
 
-  `takes_mask`: whether `apply_fn` accepts BatchNorm's real-row mask (`models.takes_mask`).
+
+def moreau_objective(config):
+  """`client.local_train`'s step objective for pFedMe, training w_i as its params.
+
+  Per batch: `pfedme_inner_steps` steps of theta (carried in the THETA collection) on the
+  batch's loss + lambda/2 ||theta - w_i||^2 + l2/2 ||theta||^2; then a loss whose gradient in
+  w_i is lambda (w_i - theta), so that local_train's SGD step at client_lr is the reference's
+  w_i <- w_i - eta lambda (w_i - theta), and whose value is theta's batch loss at its last
+  inner step (the reported train loss).
   """
-  client_lib.check_takes_mask(variables, takes_mask)
-  data = client_lib.ClientData(*map(jnp.asarray, data))
-  count = data.count
-  order = client_lib.epoch_orders(jax.random.fold_in(key, 0), count, data.x.shape[0],
-                                  local.local_epochs)
-  dropout_key = jax.random.fold_in(key, 1)
   lam, lr, l2 = config.pfedme_lambda, config.pfedme_personal_lr, config.pfedme_l2
 
-  def batch_step(carry):
-    t, w, theta, other, loss_sum = carry
-    epoch, slot, mask = client_lib.batch_slots(t, count, local)
-    idx = order[epoch, slot]
+  def objective(batch_loss, w, other, idx, mask, rng):
+    theta = other[THETA]
+    stats = {k: v for k, v in other.items() if k != THETA}  # BatchNorm's follow theta's passes.
+    w_now = jax.lax.stop_gradient(w)  # So theta, hence the pull's target, is constant in w.
 
-    def inner(i, inner_carry):
-      theta, other, _ = inner_carry
-      rng = jax.random.fold_in(jax.random.fold_in(dropout_key, t), i)
-      (loss, other), grads = jax.value_and_grad(
-          lambda p: client_lib.batch_loss(apply_fn, p, other, data, idx, mask, rng,
-                                          takes_mask=takes_mask, compute_dtype=local.compute_dtype),
-          has_aux=True)(theta)
+    def inner(i, carry):
+      theta, stats, _ = carry
+      (loss, stats), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+          theta, stats, idx, mask, jax.random.fold_in(rng, i))
       theta = jax.tree.map(lambda th, g, wi: th - lr * (g + lam * (th - wi) + l2 * th),
-                           theta, grads, w)
-      return theta, dict(other), loss
+                           theta, grads, w_now)
+      return theta, dict(stats), loss
 
-    theta, other, loss = jax.lax.fori_loop(
-        0, config.pfedme_inner_steps, inner, (theta, other, jnp.zeros((), jnp.float32)))
-    w = jax.tree.map(lambda wi, th: wi - local.client_lr * lam * (wi - th), w, theta)
-    return t + 1, w, theta, other, loss_sum + loss
+    theta, stats, loss = jax.lax.fori_loop(
+        0, config.pfedme_inner_steps, inner, (theta, stats, jnp.zeros((), jnp.float32)))
+    pull = 0.5 * lam * client_lib.squared_distance(w, theta)
+    value = loss + (pull - jax.lax.stop_gradient(pull))  # The gradient of pull, the value of loss.
+    return value, {**stats, THETA: theta}
 
-  params = variables["params"]
-  other = {k: v for k, v in variables.items() if k != "params"}
-  steps = client_lib.num_local_steps(count, local)
-  init = (jnp.zeros((), jnp.int32), params, params, other, jnp.zeros((), jnp.float32))
-  _, w, theta, other, loss_sum = jax.lax.while_loop(lambda c: c[0] < steps, batch_step, init)
-  metrics = {"train_loss": loss_sum / jnp.maximum(steps, 1)}  # theta's loss at its last inner step.
-  return {"params": w, **other}, {"params": theta, **other}, metrics
+  return objective
 
 
 def make(model, config, num_clients, example_input):
@@ -96,9 +88,13 @@ def make(model, config, num_clients, example_input):
 
   def round_fn(state: State, client_ids, data, rng):
     def one(d, key):
-      w_i, theta, metrics = personal_rounds(model.apply, state.global_model, gap.train_part(d),
-                                            key, local, config, takes_mask)
-      delta = jax.tree.map(jnp.subtract, state.global_model, w_i)
+      w = state.global_model  # w_i and theta both start from it.
+      delta, metrics = client_lib.local_train(
+          model.apply, {**w, THETA: w["params"]}, gap.train_part(d), key, local,
+          takes_mask=takes_mask, objective=moreau_objective(config))
+      theta_delta = delta.pop(THETA)  # w - theta; the rest is w - w_i (statistics: theta's).
+      theta = {k: jax.tree.map(jnp.subtract, w[k], theta_delta if k == "params" else delta[k])
+               for k in w}
       return delta, theta, gap.probe(metrics, predict, theta, d)
 
     def summarize(chunk, outputs):
