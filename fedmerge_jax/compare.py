@@ -40,6 +40,7 @@ from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import fingerprint as fingerprint_lib
 from fedmerge_jax import metric_writers
+from fedmerge_jax import plot
 from fedmerge_jax import train
 
 MISSING = "—"
@@ -192,7 +193,7 @@ def finished_summary(run_dir: str, config, experiment: Optional[Dict[str, Any]] 
   if os.path.getmtime(summary_path) < os.path.getmtime(config_path):
     return None  # Restarted after it finished, and stopped before finishing again.
   with open(config_path) as f:
-    old = dict(config_lib.flatten(json.load(f)))
+    old = dict(config_lib.flatten({k: v for k, v in json.load(f).items() if k != plot.RAN}))
   if old != dict(config_lib.flatten(json.loads(config.to_json()))):
     return None
   recorded = fingerprint_lib.recorded(run_dir)
@@ -258,15 +259,52 @@ def comparison_table(results: Sequence[Result]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def data_and_model_names(results: Sequence[Result], config) -> Tuple[str, str]:
+  """('digits_groups', 'mlp'): the data and model names the runs' config.json record (a
+  user's own too: plot.ran_names), several joined by ' / '; the config's where none."""
+  names = []
+  for r in results:
+    path = os.path.join(r.workdir, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        ran = plot.ran_names(json.load(f))
+      names.append((ran["data"], ran["model"] or config.model.name))
+  names = names or [(config.data.name, config.model.name)]
+  return tuple(" / ".join(dict.fromkeys(n[i] for n in names)) for i in range(2))
+
+
+def swept_text(results: Sequence[Result]) -> str:
+  """'num_global_models = 1, 2, 4': each swept field and its values ('' without a sweep)."""
+  values: Dict[str, List[Any]] = {}
+  for r in results:
+    for path, value in r.setting:
+      values.setdefault(path, [])
+      if value not in values[path]:
+        values[path].append(value)
+  return "; ".join(f"{path} = {', '.join(map(str, v))}" for path, v in values.items())
+
+
 def comparison_report(results: Sequence[Result], config, command: str) -> str:
-  """comparison.md: the producing command and config, the units note, the table."""
+  """comparison.md: the producing command, what ran (data, model, swept values), the
+  units note, the table."""
   seeds = sorted({r.seed for r in results if r.seed is not None})
   seed_text = (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
                f"seed {seeds[0] if seeds else config.seed}")
   note = TABLE_NOTE + (" " + SEEDS_NOTE if len(seeds) > 1 else "")
-  return (f"Produced by `{command}` (dataset `{config.data.name}`, model "
-          f"`{config.model.name}`, {config.num_rounds} rounds, {seed_text}).\n\n"
-          f"{note}\n\n{comparison_table(results)}")
+  data_name, model_name = data_and_model_names(results, config)
+  swept = swept_text(results)
+  return (f"Produced by `{command}` (dataset `{data_name}`, model `{model_name}`, "
+          f"{config.num_rounds} rounds, {seed_text}{f'; swept {swept}' if swept else ''})."
+          f"\n\n{note}\n\n{comparison_table(results)}")
+
+
+def comparison_title(results: Sequence[Result], config) -> str:
+  """The comparison plot's title: data and model that ran, then the swept values, or the
+  config's K where nothing is swept (single-model methods keep 1 whatever it says)."""
+  data_name, model_name = data_and_model_names(results, config)
+  swept = swept_text(results)
+  return (f"Mean client test accuracy: {data_name}, {model_name}, "
+          + (f"swept {swept}" if swept else f"num_global_models = {config.num_global_models}"))
 
 
 LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
@@ -300,13 +338,14 @@ def plot_accuracy(histories: Mapping[str, Sequence[Any]], path: str,
     line, = ax.plot(rounds, mean, label=name, linestyle=LINE_STYLES[i % len(LINE_STYLES)],
                     marker=MARKERS[i % len(MARKERS)], markersize=5 + 3 * (i % 4),
                     markerfacecolor="none" if i else None)  # Nested markers.
-    if len(runs) > 1:
+    if len(runs) > 1:  # Accuracies: the band is clipped to [0, 1].
       banded = True
-      ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2,
-                      linewidth=0)
+      ax.fill_between(rounds, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1),
+                      color=line.get_color(), alpha=0.2, linewidth=0)
   ax.set_xlabel("round")
   ax.set_ylabel("test accuracy (unweighted mean over clients)")
-  ax.set_title(title + ("\nline: mean over seeds, band: ± one std" if banded else ""), fontsize=10)
+  ax.set_title(title + ("\nline: mean over seeds, band: ± one std over seeds (clipped to "
+                        "[0, 1])" if banded else ""), fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.savefig(path, format="png", dpi=120)
@@ -332,12 +371,18 @@ def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
   if not lines:
     raise SweepError(f"--sweep_metric={metric!r} is in no run's summary; choose one of "
                      f"{sorted(k for k, v in results[0].summary.items() if isinstance(v, float))}.")
+  bounded = metric.split("/")[-1].startswith("acc")  # Accuracies are fractions in [0, 1].
+  barred = False
   for label, points in lines.items():
     keys = [x for x in xs if x in points]
     at = keys if numeric else [xs.index(x) for x in keys]
     means = [statistics.fmean(points[x]) for x in keys]
-    errors = [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in keys]
-    ax.errorbar(at, means, yerr=errors, marker="o", markersize=4, capsize=3, label=label)
+    errors = np.array([statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in keys])
+    barred = barred or bool(errors.any())
+    lower, upper = errors, errors
+    if bounded:  # A fraction: the bars stop at 0 and 1.
+      lower, upper = np.minimum(errors, means), np.minimum(errors, 1 - np.asarray(means))
+    ax.errorbar(at, means, yerr=[lower, upper], marker="o", markersize=4, capsize=3, label=label)
   if not numeric:
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
   else:
@@ -346,7 +391,9 @@ def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
     ax.set_xticks(xs, [str(x) for x in xs])
   ax.set_xlabel(field)
   ax.set_ylabel(metric)
-  ax.set_title(f"{metric} against {field}")
+  ax.set_title(f"{metric} against {field}" + (
+      "\nerror bars: ± one std over seeds" + (" (clipped to [0, 1])" if bounded else "")
+      if barred else ""), fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.savefig(path, format="png", dpi=120)
@@ -404,8 +451,7 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
     label = " ".join([group[0].algorithm] + [f"{p}={v}" for p, v in group[0].setting])
     curves[label] = [r.history for r in group]
   plot_accuracy(curves, os.path.join(workdir, "comparison.png"),
-                title=f"Mean client test accuracy: {config.data.name}, {config.model.name}, "
-                f"K = {config.num_global_models}")
+                title=comparison_title(results, config))
   if sweeps:
     plot_sweep(results, sweep_metric, os.path.join(workdir, "comparison_sweep.png"))
   return results

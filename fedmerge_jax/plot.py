@@ -56,8 +56,26 @@ def read_clients(workdir: str):
     return {k: clients[k] for k in clients.files}
 
 
+RAN = "ran"  # config.json's record of the data and model that ran, by name.
+
+
+def what_ran(config, data, model=None) -> dict:
+  """{'data': name, 'model': name} of what a run uses: `data.name` (a user's own
+  FederatedData's, 'custom' unless given) and the config's model name, or the class name of
+  a user's own `model` (train_and_evaluate's `model=`)."""
+  return {"data": data.name, "model": config.model.name if model is None else type(model).__name__}
+
+
+def ran_names(config: dict) -> dict:
+  """What a config.json says ran: its `ran` record, else (older runs) its config's names."""
+  recorded = config.get(RAN) or {}
+  return {"data": recorded.get("data", config.get("data", {}).get("name", "?")),
+          "model": recorded.get("model", config.get("model", {}).get("name"))}
+
+
 def run_name(workdir: str, clients=None) -> str:
-  """'fedmerge, K = 4, digits_groups' from the workdir's config.json ('' if it has none).
+  """'fedmerge, K = 4, digits_groups, mlp' from the workdir's config.json ('' if it has
+  none): the data and model that ran (a user's own too: `ran_names`).
 
   K is the number of global models the run actually keeps (the merging weights' columns;
   1 for single-model methods such as FedAvg), not the config's value.
@@ -70,8 +88,9 @@ def run_name(workdir: str, clients=None) -> str:
   k = 1
   if clients is not None and "merging_weights" in clients:
     k = int(np.shape(clients["merging_weights"])[1])
-  return (f"{config.get('algorithm', '?')}, K = {k}, "
-          f"{config.get('data', {}).get('name', '?')}")
+  ran = ran_names(config)
+  return ", ".join([f"{config.get('algorithm', '?')}", f"K = {k}", ran["data"]]
+                   + ([ran["model"]] if ran["model"] else []))
 
 
 def _titled(title: str, run: str) -> str:
@@ -121,8 +140,25 @@ def plot_accuracy(metrics, summary, path: str, run: str = "") -> str:
   return _save(accuracy_figure(metrics, summary, run), path)
 
 
-def plot_gap(metrics, path: str) -> str:
-  """The local-global gap (gap.py) against rounds: accuracy gap (left axis), loss gap (right)."""
+def share_zero(*axes) -> None:
+  """Sets the y-limits of `axes` (twins) so that 0 sits at the same height on each, every
+  axis still showing all its data (and 0) with a 5% margin."""
+  spans = []
+  for ax in axes:
+    lo, hi = ax.dataLim.intervaly if ax.has_data() else (0.0, 0.0)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi, -lo) or 1.0
+    spans.append((scale, -lo / scale, hi / scale))
+  below = max(b for _, b, _ in spans) * 1.05
+  above = max(a for _, _, a in spans) * 1.05
+  below, above = (below, above) if below + above > 0 else (1.0, 1.0)
+  for ax, (scale, _, _) in zip(axes, spans):
+    ax.set_ylim(-below * scale, above * scale)
+
+
+def plot_gap(metrics, path: str, run: str = "") -> str:
+  """The local-global gap (gap.py) against rounds: accuracy gap (left axis), loss gap
+  (right), the two axes' zeros level (one line marks both)."""
   rows = [m for m in metrics if "gap/acc_mean" in m]
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
@@ -131,11 +167,12 @@ def plot_gap(metrics, path: str) -> str:
           label="accuracy: trained - received")
   ax.axhline(0, color="gray", linewidth=0.8)
   ax.set(xlabel="round", ylabel="accuracy gap (mean over trained clients)",
-         title="Local-global gap on the clients' own test data")
+         title=_titled("Local-global gap on the clients' own test data", run))
   loss_ax = ax.twinx()
   loss_ax.plot(rounds, [m["gap/loss_mean"] for m in rows], marker=".", color="C1",
                label="loss: received - trained")
   loss_ax.set_ylabel("loss gap")
+  share_zero(ax, loss_ax)
   handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
   ax.legend(handles=handles, loc="upper right")
   ax.grid(alpha=0.3)
@@ -209,7 +246,7 @@ def write_plots(workdir: str) -> dict:
   run = run_name(workdir, clients)
   paths = {"accuracy": plot_accuracy(metrics, summary, out("accuracy"), run)}
   if any("gap/acc_mean" in m for m in metrics):
-    paths["gap"] = plot_gap(metrics, out("gap"))
+    paths["gap"] = plot_gap(metrics, out("gap"), run)
   if clients is not None:
     round_index = int(clients["round"]) if "round" in clients else None
     paths["client_accuracy"] = plot_client_accuracy(

@@ -277,14 +277,16 @@ def claim_workdir(config, workdir: str, start_over: bool, main_process: bool) ->
 
 
 def record_experiment(config, workdir: str, data, model, start_over: bool,
-                      main_process: bool) -> None:
-  """Checks the data and model against what `workdir` holds, then records config and all."""
+                      main_process: bool, ran=None) -> None:
+  """Checks the data and model against what `workdir` holds, then records config and all;
+  config.json's `ran` (plot.RAN) names the data and model that ran (`plot.what_ran`)."""
   current = fingerprint_lib.fingerprint(config, data, model)
   if not start_over:  # (Starting over, other processes may still see the old record.)
     fingerprint_lib.check(workdir, current)
   if main_process:
+    recorded = dict(json.loads(config.to_json()), **{plot.RAN: ran or {}})
     metric_writers.write_atomically(os.path.join(workdir, "config.json"),
-                                    lambda f: f.write(config.to_json(indent=2).encode()))
+                                    lambda f: f.write(json.dumps(recorded, indent=2).encode()))
     metric_writers.write_atomically(os.path.join(workdir, fingerprint_lib.FILE),
                                     lambda f: f.write(json.dumps(current, indent=1).encode()))
 
@@ -327,10 +329,11 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   config.client_chunk_size = chosen_chunk_size(config, data, mesh)  # 0 on CPU: as given.
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
+  ran = plot.what_ran(config, data, model)  # Before build: whether `model` is the user's.
   model, algorithm = build(config, data, layout, model)
   logging.info("%s on %s: %d clients, %d classes, model %s, %d devices used", config.algorithm,
                data.name, data.num_clients, data.num_classes, type(model).__name__, mesh.size)
-  record_experiment(config, workdir, data, model, start_over, main_process)
+  record_experiment(config, workdir, data, model, start_over, main_process, ran)
   schedule = checkpoint_lib.Schedule(config.checkpoint_every, config.checkpoint_every_minutes,
                                      config.num_rounds)
   checkpoints = checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep) if schedule.enabled \
