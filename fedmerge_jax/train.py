@@ -283,12 +283,12 @@ def record_experiment(config, workdir: str, data, model, start_over: bool,
   current = fingerprint_lib.fingerprint(config, data, model)
   if not start_over:  # (Starting over, other processes may still see the old record.)
     fingerprint_lib.check(workdir, current)
-  if main_process:
+  if main_process:  # experiment.json first: a config.json with `ran` is never read as the record.
+    metric_writers.write_atomically(os.path.join(workdir, fingerprint_lib.FILE),
+                                    lambda f: f.write(json.dumps(current, indent=1).encode()))
     recorded = dict(json.loads(config.to_json()), **{plot.RAN: ran or {}})
     metric_writers.write_atomically(os.path.join(workdir, "config.json"),
                                     lambda f: f.write(json.dumps(recorded, indent=2).encode()))
-    metric_writers.write_atomically(os.path.join(workdir, fingerprint_lib.FILE),
-                                    lambda f: f.write(json.dumps(current, indent=1).encode()))
 
 
 def stopped_saying(checkpoints) -> str:
