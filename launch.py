@@ -43,6 +43,7 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import jax
   from fedmerge_jax import checkpoint as checkpoint_lib
+  from fedmerge_jax import failures
   from fedmerge_jax import train
   if FLAGS.multihost:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -52,7 +53,7 @@ def main(argv):
     return (f"FATAL interrupted; rounds up to {saved[-1]} are saved in "
             f"{os.path.join(FLAGS.workdir, 'checkpoints')}; rerun to resume." if saved else
             "FATAL interrupted before any round was saved; rerun to start again.")
-  summary = cli.reporting_run_failures(
+  summary = failures.reporting_run_failures(
       lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over),
       interrupted)
   if jax.process_index() == 0:
