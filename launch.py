@@ -20,8 +20,9 @@ from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 
 FLAGS = flags.FLAGS
+DEFAULT_WORKDIR = "/tmp/fedmerge_jax"
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the config are written.")
+flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Where metrics and the config are written.")
 flags.DEFINE_bool("start_over", False, "Delete the results and checkpoints a --workdir holds "
                   "(of another experiment, or this one) and start there from round 0.")
 flags.DEFINE_bool("multihost", False, "Join a multi-host run (jax.distributed.initialize) "
@@ -40,6 +41,8 @@ def main(argv):
     config_lib.resolve(FLAGS.config)  # Before importing JAX: a bad config fails at once.
   except config_lib.ConfigError as e:
     cli.fatal(f"ConfigError: {e}")
+  if not FLAGS["workdir"].present:
+    print(f"Writing to {FLAGS.workdir} (no --workdir given; --workdir=DIR chooses).", flush=True)
   # pylint: disable=import-outside-toplevel
   import jax
   from fedmerge_jax import checkpoint as checkpoint_lib
