@@ -20,8 +20,9 @@ from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 
 FLAGS = flags.FLAGS
+DEFAULT_WORKDIR = "/tmp/fedmerge_jax"
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", "/tmp/fedmerge_jax", "Where metrics and the config are written.")
+flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Where metrics and the config are written.")
 flags.DEFINE_bool("start_over", False, "Delete the results and checkpoints a --workdir holds "
                   "(of another experiment, or this one) and start there from round 0.")
 flags.DEFINE_bool("multihost", False, "Join a multi-host run (jax.distributed.initialize) "
@@ -40,9 +41,12 @@ def main(argv):
     config_lib.resolve(FLAGS.config)  # Before importing JAX: a bad config fails at once.
   except config_lib.ConfigError as e:
     cli.fatal(f"ConfigError: {e}")
+  if not FLAGS["workdir"].present:
+    print(f"Writing to {FLAGS.workdir} (no --workdir given; --workdir=DIR chooses).", flush=True)
   # pylint: disable=import-outside-toplevel
   import jax
   from fedmerge_jax import checkpoint as checkpoint_lib
+  from fedmerge_jax import failures
   from fedmerge_jax import train
   if FLAGS.multihost:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -62,7 +66,7 @@ def main(argv):
       return f"stopped by {signal_name} before round 1; nothing saved yet; rerun to start."
     when = f" before round {saved[-1] + 1}" if saved[-1] < FLAGS.config.num_rounds else ""
     return f"stopped by {signal_name}{when}; {saved_in(saved[-1])}"
-  summary = cli.reporting_run_failures(
+  summary = failures.reporting_run_failures(
       lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over),
       interrupted, stopped)
   if jax.process_index() == 0:

@@ -109,43 +109,6 @@ def check_workdir(workdir: str) -> None:
           "directory, e.g. --workdir=/tmp/fedmerge_run.")
 
 
-def reporting_run_failures(run, interrupted_line, stopped_line):
-  """`run()`'s result; every way a run is expected to stop becomes one line and an exit.
-
-  A stop request (SIGTERM/SIGUSR1) prints `stopped by ...` (from the round loop, or
-  `stopped_line(signal_name)` when it came before or after the loop) and exits 128 + the
-  signal; Ctrl-C prints `interrupted_line()` and exits 130; a known failure prints its
-  message (which names the problem and the fix) after FATAL. Finished rounds are on disk.
-  """
-  # pylint: disable=import-outside-toplevel
-  from fedmerge_jax import checkpoint as checkpoint_lib
-  from fedmerge_jax import data as data_lib
-  from fedmerge_jax import preemption
-  from fedmerge_jax import train
-  try:
-    with preemption.StopAtOnce():  # Data loading and compilation too: stop there at once.
-      return run()
-  except preemption.Stopped as e:  # Saved; exit as if killed by the signal, as shells expect.
-    _exit_now(str(e), e.exit_status)
-  except preemption.StoppedAtOnce as e:
-    _exit_now(stopped_line(e.signal_name), e.exit_status)
-  except KeyboardInterrupt:
-    _exit_now(interrupted_line(), 130)
-  except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
-          train.OutOfMemoryError, checkpoint_lib.CheckpointError,
-          checkpoint_lib.CheckpointWriteError) as e:
-    fatal(f"{type(e).__name__}: {e}")
-
-
-def _exit_now(line: str, status: int) -> None:
-  """Prints `line` and exits at once: everything is on disk (train closed its writers), and
-  interpreter shutdown while XLA still compiles on another thread (a stop in the first
-  round) can crash."""
-  print(line, file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  os._exit(status)  # pylint: disable=protected-access
-
-
 def is_noise(record: logging.LogRecord) -> bool:
   """A library's INFO line, or JAX's libtpu probe at any level: not shown by default."""
   if any(noise in str(record.msg) for noise in NOISE):

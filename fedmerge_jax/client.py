@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-BATCHINGS = ("epoch", "stream")
+from fedmerge_jax import choices
+
+BATCHINGS = choices.LOCAL_BATCHINGS
 LOCAL_LOOPS = ("while", "static")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = choices.COMPUTE_DTYPES
 
 
 class LocalConfig(NamedTuple):

@@ -38,6 +38,7 @@ from fedmerge_jax import algorithms as algorithms_lib
 from fedmerge_jax import cli
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
+from fedmerge_jax import failures
 from fedmerge_jax import fingerprint as fingerprint_lib
 from fedmerge_jax import metric_writers
 from fedmerge_jax import plot
@@ -511,7 +512,7 @@ def main(argv):
           "checkpoints; rerun the same command to go on.")
   interrupted = lambda: f"FATAL interrupted; {kept}"
   stopped = lambda signal_name: f"stopped by {signal_name}; {kept}"
-  results = cli.reporting_run_failures(lambda: run_comparison(
+  results = failures.reporting_run_failures(lambda: run_comparison(
       FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command, seeds=FLAGS.seeds,
       sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over), interrupted,
       stopped)

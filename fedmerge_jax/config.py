@@ -3,18 +3,21 @@
 `base_config()` is the full schema: experiment configs in `configs/` start from it and
 override values. `validate(config)` rejects keys the schema lacks (suggesting the close
 valid names) and out-of-range values, before any work is done. This module imports no
-JAX or Flax at load time, so a bad key or number fails in well under 2 seconds; the
-choice lists (which live beside the code they choose) are imported only to check names.
+JAX or Flax, so a bad key, number or name fails in well under 2 seconds: the names it
+checks come from `choices` and `registry`, JAX-free modules below everything.
 """
 
 import difflib
 
 import ml_collections
 
+from fedmerge_jax import choices
+from fedmerge_jax import registry
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedmerge"  # See fedmerge_jax.algorithms.ALGORITHM_NAMES.
+  c.algorithm = "fedmerge"  # See fedmerge_jax.registry.BUILTIN_ALGORITHMS.
   c.num_global_models = 4  # K.
   c.update_mode = "official"  # 'official' (the authors' code) or 'gradient' (chain rule).
   # 'official' mode's logit step: 'authors' (their update_W: L1-normalised gradient, repeated
@@ -157,37 +160,23 @@ def femnist_training() -> ml_collections.ConfigDict:
   return c
 
 
-def _registered(module) -> tuple:
-  """A registry's names: `registered_names()` where the registry has it, else its constant."""
-  names = getattr(module, "registered_names", None)
-  if names is not None:
-    return tuple(names())
-  return tuple(getattr(module, "MODEL_NAMES", None) or getattr(module, "ALGORITHM_NAMES"))
-
-
 def _choices() -> dict:
-  """The valid names of each choice field; imported lazily (they pull in JAX and Flax)."""
-  # pylint: disable=import-outside-toplevel
-  from fedmerge_jax import algorithms
-  from fedmerge_jax import client
-  from fedmerge_jax import models
-  from fedmerge_jax.algorithms.perfedavg import VARIANTS as PERFEDAVG_VARIANTS
-  from fedmerge_jax.models.layers import CONV_IMPLS
-  from fedmerge_jax.parallel import CLIENT_PARALLELISMS, COMMAND_BUFFERS, LOCAL_LOOP_CHOICES
-  from fedmerge_jax.server_optim import LOGIT_STEPS, UPDATE_MODES
+  """The valid names of each choice field (the registries' as they are now)."""
   return {
-      "algorithm": _registered(algorithms),
-      "update_mode": UPDATE_MODES,
-      "logit_step": LOGIT_STEPS,
-      "model.name": _registered(models),
-      "model.conv_impl": CONV_IMPLS,
-      "client_parallelism": CLIENT_PARALLELISMS,
-      "local_batching": ("epoch", "stream"),
-      "perfedavg_variant": PERFEDAVG_VARIANTS,
-      "local_loop": LOCAL_LOOP_CHOICES,
-      "compute_dtype": client.COMPUTE_DTYPES,
-      "command_buffers": tuple(COMMAND_BUFFERS),
+      "algorithm": registry.ALGORITHMS.names(),
+      "update_mode": choices.UPDATE_MODES,
+      "logit_step": choices.LOGIT_STEPS,
+      "model.name": registry.MODELS.names(),
+      "model.conv_impl": choices.CONV_IMPLS,
+      "client_parallelism": choices.CLIENT_PARALLELISMS,
+      "local_batching": choices.LOCAL_BATCHINGS,
+      "perfedavg_variant": choices.PERFEDAVG_VARIANTS,
+      "local_loop": choices.LOCAL_LOOP_CHOICES,
+      "compute_dtype": choices.COMPUTE_DTYPES,
+      "command_buffers": tuple(choices.COMMAND_BUFFERS),
   }
+
+
 _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
              "checkpoint_keep", "local_unroll",
              "pfedme_inner_steps", "fedfomo_downloads", "fedamp_alpha", "fedamp_sigma",
@@ -262,9 +251,9 @@ def validate(config: ml_collections.ConfigDict, check_values: bool = True) -> No
   for path in _UNIT_INTERVAL:
     if not 0 <= flat[path] <= 1:
       raise ConfigError(f"Config {path}={flat[path]!r} must be in [0, 1].")
-  for path, choices in _choices().items():  # Last: the only check that imports JAX.
-    if flat[path] not in choices:
-      raise ConfigError(f"Config {path}={flat[path]!r} is not one of {choices}.")
+  for path, valid in _choices().items():
+    if flat[path] not in valid:
+      raise ConfigError(f"Config {path}={flat[path]!r} is not one of {valid}.")
 
 
 # Datasets split into exactly `data.num_clients` clients by their loaders.

@@ -19,27 +19,15 @@ kept; then `make_gap_evaluator` evaluates (b) chunk by chunk.
 
 from typing import Dict, Tuple
 
-import flax
 import jax
 import numpy as np
 
 from fedmerge_jax import evaluation
 from fedmerge_jax import parallel
 from fedmerge_jax.client import ClientData
+from fedmerge_jax.round_data import WithTest  # Where parallel gathers it; gap.WithTest still works.
 
 TRAINED_KEYS = ("gap_trained_correct", "gap_trained_loss_sum")  # Per-client, from `probe`.
-
-
-@flax.struct.dataclass
-class WithTest:
-  """A round's client data (`train`, read through as its attributes) with each client's test split."""
-  train: ClientData
-  test: ClientData
-
-  def __getattr__(self, name):
-    if name in ("train", "test") or name.startswith("__"):
-      raise AttributeError(name)
-    return getattr(self.train, name)
 
 
 def train_part(data):

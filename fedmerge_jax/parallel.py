@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from fedmerge_jax import choices
+from fedmerge_jax.round_data import WithTest
+
 CLIENTS = "clients"  # The mesh axis the client axis is sharded over.
-CLIENT_PARALLELISMS = ("auto", "vmap", "sequential")
+CLIENT_PARALLELISMS = choices.CLIENT_PARALLELISMS
 
 
 def resolve_parallelism(parallelism: str) -> str:
@@ -33,11 +36,8 @@ def resolve_parallelism(parallelism: str) -> str:
   return parallelism
 
 
-LOCAL_LOOP_CHOICES = ("auto", "while", "static")
-# config.command_buffers -> XLA:GPU's `xla_gpu_enable_command_buffer` (None: XLA's default).
-# '+' entries add to XLA's default set: 'loops' lets a whole while loop or conditional run as
-# one CUDA graph, with no host round-trip per iteration.
-COMMAND_BUFFERS = {"default": None, "off": "", "loops": "+WHILE,+CONDITIONAL"}
+LOCAL_LOOP_CHOICES = choices.LOCAL_LOOP_CHOICES
+COMMAND_BUFFERS = choices.COMMAND_BUFFERS  # config.command_buffers -> XLA:GPU's option value.
 MIN_REAL_FRACTION = 0.85  # The chosen chunk keeps real / computed steps at least this.
 
 
@@ -277,7 +277,7 @@ class RoundGatherer:
   def __call__(self, client_ids, test_arrays=None):
     """(the real ids in the round's order, sharded padded ids, sharded ClientData).
 
-    With `test_arrays`, the data is `gap.WithTest`: each client's test split attached
+    With `test_arrays`, the data is `WithTest`: each client's test split attached
     (evaluation rounds measure the local-global gap with it).
     """
     ids = largest_first(client_ids, self.arrays.counts)
@@ -293,8 +293,7 @@ class RoundGatherer:
       train = self.arrays.gather(block, length)
       if test_arrays is None:
         return block, train
-      from fedmerge_jax import gap  # pylint: disable=import-outside-toplevel  (gap imports us)
-      return block, gap.WithTest(train, test_arrays.gather(block, shape[1]))
+      return block, WithTest(train, test_arrays.gather(block, shape[1]))
 
     sharded_ids, batch = client_arrays(self.mesh, padded, gather)
     return ids, sharded_ids, batch

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-UPDATE_MODES = ("official", "gradient")
-LOGIT_STEPS = ("authors", "max_normalized")  # `official` mode's logit step (config.logit_step).
+from fedmerge_jax import choices
+
+UPDATE_MODES = choices.UPDATE_MODES
+LOGIT_STEPS = choices.LOGIT_STEPS  # `official` mode's logit step (config.logit_step).
 LOGIT_GRADIENT_PARAMS = ("head", "all")
 
 

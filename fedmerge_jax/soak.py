@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fedmerge_jax import metric_writers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("rounds_per_s", "wall_time_s")  # Differ between any two runs.
 PHASES = ("round", "evaluate", "checkpoint")
@@ -150,7 +152,6 @@ def same(a, b) -> bool:
 
 def compare_runs(workdir: str, reference: str) -> List[str]:
   """What differs between a soaked run and the uninterrupted one (empty: nothing)."""
-  from fedmerge_jax import metric_writers  # pylint: disable=import-outside-toplevel
   found = []
   drop = lambda d: {k: v for k, v in d.items() if k not in TIMING}
   lines = [drop(m) for m in metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]

@@ -58,6 +58,22 @@ def test_bad_command_lines_fail_in_one_line_before_importing_jax(args, expected)
   assert "jax imported: False" in stdout  # Validation did not wait for JAX (seconds).
 
 
+STUB_RUN = """
+from fedmerge_jax import train
+train.train_and_evaluate = lambda config, workdir, start_over: {"ran_in": workdir}
+"""
+
+
+def test_a_run_without_workdir_says_where_it_writes(tmp_path):
+  rc, stdout, stderr = launch("--config=configs/default.py", patch=STUB_RUN)
+  assert rc == 0, stderr
+  assert stdout.splitlines()[0] == ("Writing to /tmp/fedmerge_jax (no --workdir given; "
+                                    "--workdir=DIR chooses).")
+  assert "{'ran_in': '/tmp/fedmerge_jax'}" in stdout  # Where it did write.
+  rc, stdout, _ = launch("--config=configs/default.py", f"--workdir={tmp_path}", patch=STUB_RUN)
+  assert rc == 0 and "Writing to" not in stdout
+
+
 def test_ctrl_c_says_which_rounds_are_saved_quietly(tmp_path):
   interrupt_at_round_5 = """
 from fedmerge_jax import train

@@ -16,6 +16,7 @@ from fedmerge_jax import algorithms as algorithms_lib
 from fedmerge_jax import compare
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import models as models_lib
+from fedmerge_jax import registry
 from fedmerge_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +26,8 @@ METRICS = ("test/acc_mean", "test/acc_weighted", "test/acc_std", "test/acc_p10",
 @pytest.fixture(autouse=True)
 def fresh_registries(monkeypatch):
   """What a test registers is forgotten after it."""
-  monkeypatch.setattr(models_lib, "_BUILDERS", dict(models_lib._BUILDERS))
-  monkeypatch.setattr(algorithms_lib, "_FACTORIES", dict(algorithms_lib._FACTORIES))
+  for table in (registry.MODELS, registry.ALGORITHMS):
+    monkeypatch.setattr(table, "builders", dict(table.builders))
 
 
 @pytest.fixture

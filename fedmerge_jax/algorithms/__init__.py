@@ -12,7 +12,7 @@ from fedmerge_jax.algorithms import (apfl, cfl, ditto, fedamp, fedavg, fedavg_ft
                                      pfedme)
 from fedmerge_jax.algorithms.base import Algorithm
 
-_FACTORIES = {
+registry.ALGORITHMS.add_builtins({
     "fedmerge": fedmerge.make,
     "fedavg": fedavg.make,
     "fedprox": fedavg.make_fedprox,
@@ -30,8 +30,8 @@ _FACTORIES = {
     "fedfomo": fedfomo.make,
     "fedamp": fedamp.make,
     "cfl": cfl.make,
-}
-ALGORITHM_NAMES = tuple(_FACTORIES)  # The built-ins; registered_names() adds the users'.
+})
+ALGORITHM_NAMES = registry.BUILTIN_ALGORITHMS  # The built-ins; registered_names() adds the users'.
 Factory = Callable[..., Algorithm]
 
 
@@ -41,13 +41,12 @@ def register_algorithm(name: str, factory: Factory) -> None:
   The factory returns an `Algorithm` (algorithms/base.py documents the protocol).
   Registering a name again replaces its factory; built-in names cannot be replaced.
   """
-  registry.add(_FACTORIES, ALGORITHM_NAMES, name, factory, "algorithm",
-               "(model, config, num_clients, example_input) -> Algorithm")
+  registry.ALGORITHMS.add(name, factory)
 
 
 def registered_names() -> Tuple[str, ...]:
   """Every name `config.algorithm` accepts now: the built-ins, then registered ones."""
-  return tuple(_FACTORIES)
+  return registry.ALGORITHMS.names()
 # Algorithms whose server weights a client by its share of the whole population's examples.
 _POPULATION_WEIGHTED = ("fedem",)
 
@@ -56,9 +55,7 @@ def get_algorithm(model, config, num_clients: int, example_input,
                   total_train_examples=None) -> Algorithm:
   """Builds `config.algorithm` for a population of `num_clients` holding
   `total_train_examples` training examples in all (FedEM's server weights need it)."""
-  if config.algorithm not in _FACTORIES:
-    raise ValueError(f"algorithm={config.algorithm!r} is unknown; choose one of "
-                     f"{registered_names()} (or register yours: algorithms.register_algorithm).")
+  factory = registry.ALGORITHMS.get(config.algorithm)
   extra = ({"total_train_examples": total_train_examples}
            if config.algorithm in _POPULATION_WEIGHTED else {})
-  return _FACTORIES[config.algorithm](model, config, num_clients, example_input, **extra)
+  return factory(model, config, num_clients, example_input, **extra)

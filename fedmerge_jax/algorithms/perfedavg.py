@@ -27,12 +27,13 @@ Where this differs from the paper, and why:
 import jax
 import jax.numpy as jnp
 
+from fedmerge_jax import choices
 from fedmerge_jax import client as client_lib
 from fedmerge_jax import models as models_lib
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base, partial_sharing
 
-VARIANTS = ("fo", "hf")  # config.perfedavg_variant
+VARIANTS = choices.PERFEDAVG_VARIANTS  # config.perfedavg_variant
 ADAPT_STREAM = 0xADA  # Test-time step keys (dropout): fold_in(key(seed), this), then the id.
 
 

@@ -5,12 +5,13 @@ Every model is called as `model.apply(variables, x, train=...)` and names its la
 """
 
 import inspect
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 import flax.linen as nn
 import jax
 import ml_collections
 
+from fedmerge_jax import config as config_lib
 from fedmerge_jax import registry
 from fedmerge_jax.models import layers
 from fedmerge_jax.models.cnn import EmnistCNN, LeafFemnistCNN
@@ -19,13 +20,13 @@ from fedmerge_jax.models.resnet import ResNet9
 
 HEAD = "head"
 
-_BUILDERS: Dict[str, Callable[[ml_collections.ConfigDict, int], nn.Module]] = {
+registry.MODELS.add_builtins({
     "mlp": lambda cfg, n: MLP(num_classes=n, hidden_sizes=tuple(cfg.hidden_sizes)),
     "emnist_cnn": lambda cfg, n: EmnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
     "leaf_femnist_cnn": lambda cfg, n: LeafFemnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
     "resnet9": lambda cfg, n: ResNet9(num_classes=n, conv_impl=cfg.conv_impl),
-}
-MODEL_NAMES = tuple(_BUILDERS)  # The built-in models; registered_names() adds the users'.
+})
+MODEL_NAMES = registry.BUILTIN_MODELS  # The built-in models; registered_names() adds the users'.
 Builder = Callable[[ml_collections.ConfigDict, int], nn.Module]
 
 
@@ -37,21 +38,17 @@ def register_model(name: str, builder: Builder) -> None:
   gradient.
   Registering a name again replaces its builder; built-in names cannot be replaced.
   """
-  registry.add(_BUILDERS, MODEL_NAMES, name, builder, "model",
-               "(model_config, num_classes) -> flax.linen.Module")
+  registry.MODELS.add(name, builder)
 
 
 def registered_names() -> Tuple[str, ...]:
   """Every name `config.model.name` accepts now: the built-ins, then registered ones."""
-  return tuple(_BUILDERS)
+  return registry.MODELS.names()
 
 
 def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the flax module named by `model_config.name`."""
-  if model_config.name not in _BUILDERS:
-    raise ValueError(f"model.name={model_config.name!r} is unknown; choose one of "
-                     f"{registered_names()} (or register yours: models.register_model).")
-  return _BUILDERS[model_config.name](model_config, num_classes)
+  return registry.MODELS.get(model_config.name)(model_config, num_classes)
 
 
 def compiler_options(model_config: ml_collections.ConfigDict):
@@ -74,7 +71,6 @@ def head_mask(variables) -> dict:
   Raises config.ConfigError if there are none: the `official` update would otherwise
   silently compute a zero logit gradient and never personalise.
   """
-  from fedmerge_jax import config as config_lib  # pylint: disable=g-import-not-at-top (cycle)
   mask = layers_mask(variables, (HEAD,), collections=("params",))
   if not any(jax.tree.leaves(mask)):
     top = sorted(variables.get("params", {})) if hasattr(variables, "get") else []

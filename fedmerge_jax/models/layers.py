@@ -21,8 +21,10 @@ import jax
 from jax import custom_batching
 import jax.numpy as jnp
 
+from fedmerge_jax import choices
+
 # 'batched_matmul' / 'batched_shifted': per-client kernels as client-batched matmuls (below).
-CONV_IMPLS = ("auto", "xla", "canonical", "patches", "batched_matmul", "batched_shifted")
+CONV_IMPLS = choices.CONV_IMPLS
 BATCHED_IMPLS = {"batched_matmul": "patches", "batched_shifted": "shifted"}  # impl -> form
 NHWC = ("NHWC", "HWIO", "NHWC")
 
