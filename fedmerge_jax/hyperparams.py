@@ -25,7 +25,8 @@ VALUE_FIELDS = ("seed", "client_lr", "prox_mu", "server_lr_globals", "server_lr_
 
 
 class ConfigWithValues:
-  """`config` read through, except that `VALUE_FIELDS` read as `values` (traced arrays)."""
+  """`config` read through, except that `VALUE_FIELDS` read as `values` (traced arrays);
+  setting another field sets it on `config` (so wrap a copy)."""
 
   def __init__(self, config, values: Dict[str, Any]):
     object.__setattr__(self, "_config", config)
@@ -38,7 +39,9 @@ class ConfigWithValues:
     return getattr(object.__getattribute__(self, "_config"), name)
 
   def __setattr__(self, name, value):
-    raise AttributeError(f"ConfigWithValues is read-only (set {name!r} on the config first).")
+    if name in object.__getattribute__(self, "_values"):
+      raise AttributeError(f"ConfigWithValues: {name!r} is a traced value; it cannot be set.")
+    setattr(object.__getattribute__(self, "_config"), name, value)
 
   def get(self, name, default=None):
     values = object.__getattribute__(self, "_values")
@@ -83,7 +86,8 @@ def valued(build_algorithm: Callable[[Any], Any], config):
   is traced, so values are arguments of the compiled program. `init` takes (rng, values).
   """
   host = build_algorithm(config)  # For what does not depend on the values: predict, sizes.
-  at = lambda values: build_algorithm(ConfigWithValues(config, values))
+  at = lambda values: build_algorithm(ConfigWithValues(config.copy_and_resolve_references(),
+                                                       values))
 
   def init(rng_and_values) -> ValuedState:
     rng, values = rng_and_values
