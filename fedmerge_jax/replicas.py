@@ -299,3 +299,40 @@ def record_evaluation(member: Member, r: int, state, client_ids, round_metrics, 
                                    data.groups)
   logging.info("%s: %s", member.workdir, train.format_metrics(metrics))
   member.last_time, member.last_round = time.perf_counter(), r
+
+
+MAX_AUTO_REPLICAS = 16  # `auto` never groups more (the measured gain flattens before).
+MEMORY_SHARE = 0.5  # Of the free device (or, on CPU, host) memory, what `auto` lets replicas take.
+
+
+def free_memory_bytes(backend: str = "") -> int:
+  """Free memory of the first device (GPU/TPU), or the host's available memory on CPU."""
+  if (backend or jax.default_backend()) == "cpu":
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+
+
+def replica_bytes(config, data: data_lib.FederatedData, model=None) -> int:
+  """An estimate of one replica's memory: 4 copies of its state (the state, the round's new
+  one, deltas and optimizer sums) and 2 of its round's padded data (train and test splits)."""
+  algorithm = train.build(config_lib.resolve(config), data, model=model)[1]
+  state = jax.eval_shape(algorithm.init, jax.random.key(0))
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  n = data.num_clients
+  sampled = config.clients_per_round if 0 < config.clients_per_round < n else n
+  example = data.train.x.itemsize * int(np.prod(data.example_shape)) + data.train.y.itemsize
+  round_bytes = sampled * int(data.train.counts.max(initial=1)) * example
+  return 4 * state_bytes + 2 * round_bytes
+
+
+def auto_replicas(config, data: data_lib.FederatedData, model=None,
+                  free_bytes: Optional[int] = None) -> int:
+  """`compare --replicas=auto`: how many replicas of `config` fit in `MEMORY_SHARE` of the free
+  memory (`free_bytes` where given), 1 to `MAX_AUTO_REPLICAS`; 1 on several devices (there
+  the client axis keeps the mesh: a separate run uses all devices, a group one)."""
+  if free_bytes is None and jax.device_count() > 1:
+    return 1
+  free = free_memory_bytes() if free_bytes is None else free_bytes
+  fit = int(MEMORY_SHARE * free // max(replica_bytes(config, data, model), 1))
+  return int(np.clip(fit, 1, MAX_AUTO_REPLICAS))

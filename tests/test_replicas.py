@@ -52,3 +52,71 @@ def test_program_key_ignores_only_the_value_fields():
   assert hyperparams.program_key(other) == hyperparams.program_key(config)
   other.local_epochs = 3
   assert hyperparams.program_key(other) != hyperparams.program_key(config)
+
+
+# --- Replica groups against separate runs -------------------------------------------------
+
+from conftest import TinyBN, TinyDropout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedmerge_jax import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedmerge_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedmerge_jax import preemption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedmerge_jax import replicas  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MODELS = {"bn": TinyBN(), "dropout": TinyDropout()}
+# (algorithm, update_mode, model): BatchNorm and dropout models across the algorithms.
+CASES = [("fedmerge", "official", "bn"), ("fedmerge", "gradient", "dropout"),
+         ("fedavg", "official", "bn"), ("ditto", "official", "dropout"),
+         ("ifca", "official", "bn"), ("fedem", "official", "dropout")]
+REPLICAS = [(0, 0.1), (1, 0.3)]  # (seed, client_lr) of each replica.
+
+
+def run_config(algorithm, update_mode, seed, client_lr, **overrides):
+  """Three rounds of 3 of 5 unequal clients (partial last batches), evaluated every round."""
+  config = tiny_base_config()
+  config.algorithm, config.update_mode, config.seed, config.client_lr = (
+      algorithm, update_mode, seed, client_lr)
+  config.num_global_models = 2
+  config.num_rounds, config.clients_per_round = 3, 3
+  config.checkpoint_every, config.tensorboard = 0, False
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+_SEPARATE = {}
+
+
+def separate_history(config, model_name, data, root):
+  """metrics.jsonl of `config`'s separate run (train_and_evaluate), once per config."""
+  key = (config.to_json(), model_name)
+  if key not in _SEPARATE:
+    workdir = str(root / f"separate_{len(_SEPARATE)}")
+    train.train_and_evaluate(config, workdir, data=data, model=MODELS[model_name])
+    _SEPARATE[key] = metric_writers.read_jsonl(f"{workdir}/metrics.jsonl")
+  return _SEPARATE[key]
+
+
+def assert_same_history(got, want):
+  assert [m["round"] for m in got] == [m["round"] for m in want]
+  for g, w in zip(got, want):
+    keys = [k for k, v in w.items() if isinstance(v, float) and k != "rounds_per_s"]
+    assert keys and set(keys) <= set(g)
+    np.testing.assert_allclose([g[k] for k in keys], [w[k] for k in keys], atol=TOL,
+                               err_msg=f"round {w['round']}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("replicas")
+
+
+@pytest.mark.parametrize("algorithm,update_mode,model_name", CASES)
+def test_replica_metrics_equal_the_separate_runs(algorithm, update_mode, model_name, data, root):
+  """Replica 1 (another seed and client_lr than replica 0) equals its own separate run."""
+  configs = [run_config(algorithm, update_mode, s, lr) for s, lr in REPLICAS]
+  workdirs = [str(root / f"{algorithm}_{update_mode}" / f"replica_{i}") for i in range(2)]
+  summaries = replicas.train_and_evaluate_many(configs, workdirs, data,
+                                               model=MODELS[model_name])
+  history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
+  assert_same_history(history, separate_history(configs[1], model_name, data, root))
+  assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
