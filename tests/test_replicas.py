@@ -88,7 +88,7 @@ _SEPARATE = {}
 
 def separate_history(config, model_name, data, root):
   """metrics.jsonl of `config`'s separate run (train_and_evaluate), once per config."""
-  key = (config.to_json(), model_name)
+  key = (config_lib.resolve(config).to_json(), model_name)
   if key not in _SEPARATE:
     workdir = str(root / f"separate_{len(_SEPARATE)}")
     train.train_and_evaluate(config, workdir, data=data, model=MODELS[model_name])
@@ -120,3 +120,70 @@ def test_replica_metrics_equal_the_separate_runs(algorithm, update_mode, model_n
   history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
   assert_same_history(history, separate_history(configs[1], model_name, data, root))
   assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
+
+
+def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(data, root,
+                                                                           monkeypatch):
+  """compare's grid of 2 client_lr x 2 seeds: one program of 4 replicas; the last replica
+  (neither the first lr nor the first seed) equals its separate run."""
+  groups = []
+  many = replicas.train_and_evaluate_many
+  monkeypatch.setattr(replicas, "train_and_evaluate_many",
+                      lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k))
+  results = compare.run_comparison(
+      run_config("fedavg", "official", 0, 0.1), ["fedavg"], str(root / "sweep"), data=data,
+      seeds=[0, 1], sweeps=[("client_lr", [0.1, 0.3])], model=MODELS["bn"], replicas=4)
+  assert groups == [4]
+  assert [(r.setting, r.seed) for r in results] == [
+      ((("client_lr", lr),), s) for lr in (0.1, 0.3) for s in (0, 1)]
+  assert len({r.summary["test/loss"] for r in results}) == 4
+  assert_same_history(results[-1].history,
+                      separate_history(run_config("fedavg", "official", 1, 0.3), "bn", data, root))
+
+
+def test_a_mixed_grid_groups_by_everything_but_the_value_fields():
+  configs = [config_lib.resolve(run_config(alg, "official", seed, lr, **extra))
+             for alg, seed, lr, extra in [
+                 ("fedmerge", 0, 0.1, {}), ("fedmerge", 1, 0.3, {"prox_mu": 0.1}),
+                 ("fedmerge", 2, 0.1, {"local_epochs": 3}), ("fedavg", 0, 0.1, {}),
+                 ("fedmerge", 3, 0.2, {"server_lr_logits": 0.2}), ("fedavg", 1, 0.5, {}),
+                 ("fedmerge", 4, 0.1, {"num_global_models": 3}),
+                 ("fedmerge", 5, 0.1, {"clients_per_round": 2})]]
+  pending = list(enumerate(configs))
+  indices = lambda groups: [[i for i, _ in g] for g in groups]
+  assert indices(compare.replica_groups(pending, 8)) == [[0, 1, 4], [2], [3, 5], [6], [7]]
+  assert indices(compare.replica_groups(pending, 2)) == [[0, 1], [4], [2], [3, 5], [6], [7]]
+  assert indices(compare.replica_groups(pending, 1)) == [[i] for i in [0, 1, 4, 2, 3, 5, 6, 7]]
+  assert compare.parse_replicas("auto") == "auto" and compare.parse_replicas("3") == 3
+  with pytest.raises(compare.SweepError, match="positive integer"):
+    compare.parse_replicas("0")
+
+
+def test_auto_replicas_follow_the_free_memory(data):
+  config = config_lib.resolve(run_config("fedmerge", "official", 0, 0.1))
+  one = replicas.replica_bytes(config, data)
+  assert replicas.auto_replicas(config, data, free_bytes=int(one * 3 / replicas.MEMORY_SHARE)) == 3
+  assert replicas.auto_replicas(config, data, free_bytes=0) == 1
+  assert replicas.auto_replicas(config, data, free_bytes=10**15) == replicas.MAX_AUTO_REPLICAS
+
+
+def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_same_metrics(
+    data, root, monkeypatch):
+  """Stopped before round 3; replica 1 then finished alone (train_and_evaluate resumes the
+  group's checkpoint); rerun, the group runs round 3 for replica 0 only, replica 1 frozen.
+  Both end as the uninterrupted group and separate runs did."""
+  configs = [run_config("fedavg", "official", s, lr, checkpoint_every=1) for s, lr in REPLICAS]
+  workdirs = [str(root / "resumed" / f"replica_{i}") for i in range(2)]
+  stop = lambda self, round_index: "SIGTERM" if round_index == 3 else None
+  with monkeypatch.context() as patched:
+    patched.setattr(preemption.StopRequests, "stop_before", stop)
+    with pytest.raises(preemption.Stopped):
+      replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
+  assert [m["round"] for m in metric_writers.read_jsonl(f"{workdirs[0]}/metrics.jsonl")] == [1, 2]
+  train.train_and_evaluate(configs[1], workdirs[1], data=data, model=MODELS["bn"])
+  finished = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
+  replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
+  uninterrupted = metric_writers.read_jsonl(str(root / "fedavg_official/replica_0/metrics.jsonl"))
+  assert_same_history(metric_writers.read_jsonl(f"{workdirs[0]}/metrics.jsonl"), uninterrupted)
+  assert metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl") == finished
+  assert_same_history(finished, separate_history(configs[1], "bn", data, root))
