@@ -169,21 +169,27 @@ def test_auto_replicas_follow_the_free_memory(data):
 
 def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_same_metrics(
     data, root, monkeypatch):
-  """Stopped before round 3; replica 1 then finished alone (train_and_evaluate resumes the
-  group's checkpoint); rerun, the group runs round 3 for replica 0 only, replica 1 frozen.
-  Both end as the uninterrupted group and separate runs did."""
+  """The group stops before round 2; replica 1 alone (train_and_evaluate, from the group's
+  checkpoint) runs round 2 and stops; rerun, the group runs round 2 for replica 0 only
+  (replica 1 frozen), then round 3 for both. Both end as the uninterrupted runs did; a
+  finished group is not rerun."""
   configs = [run_config("fedavg", "official", s, lr, checkpoint_every=1) for s, lr in REPLICAS]
   workdirs = [str(root / "resumed" / f"replica_{i}") for i in range(2)]
-  stop = lambda self, round_index: "SIGTERM" if round_index == 3 else None
+  stop_before = lambda at: (lambda self, round_index: "SIGTERM" if round_index == at else None)
+  rounds = lambda i: [m["round"] for m in metric_writers.read_jsonl(f"{workdirs[i]}/metrics.jsonl")]
   with monkeypatch.context() as patched:
-    patched.setattr(preemption.StopRequests, "stop_before", stop)
+    patched.setattr(preemption.StopRequests, "stop_before", stop_before(2))
     with pytest.raises(preemption.Stopped):
       replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
-  assert [m["round"] for m in metric_writers.read_jsonl(f"{workdirs[0]}/metrics.jsonl")] == [1, 2]
-  train.train_and_evaluate(configs[1], workdirs[1], data=data, model=MODELS["bn"])
-  finished = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
+    assert rounds(0) == rounds(1) == [1]
+    patched.setattr(preemption.StopRequests, "stop_before", stop_before(3))
+    with pytest.raises(preemption.Stopped):
+      train.train_and_evaluate(configs[1], workdirs[1], data=data, model=MODELS["bn"])
+    assert rounds(1) == [1, 2]
   replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
+  histories = [metric_writers.read_jsonl(f"{w}/metrics.jsonl") for w in workdirs]
   uninterrupted = metric_writers.read_jsonl(str(root / "fedavg_official/replica_0/metrics.jsonl"))
-  assert_same_history(metric_writers.read_jsonl(f"{workdirs[0]}/metrics.jsonl"), uninterrupted)
-  assert metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl") == finished
-  assert_same_history(finished, separate_history(configs[1], "bn", data, root))
+  assert_same_history(histories[0], uninterrupted)
+  assert_same_history(histories[1], separate_history(configs[1], "bn", data, root))
+  replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])  # All done.
+  assert [metric_writers.read_jsonl(f"{w}/metrics.jsonl") for w in workdirs] == histories
