@@ -54,7 +54,10 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
   layout = parallel.client_layout(1, data.num_clients, clients_per_round, 0)
   algorithm = hyperparams.valued(lambda c: train.build(c, data, layout)[1], config)
   keys = jnp.stack([jax.random.key(c.seed) for c in configs])
-  states = jax.jit(jax.vmap(algorithm.init))((keys, hyperparams.stacked_values(configs)))
+  values = hyperparams.stacked_values(configs)
+  init = jax.jit(algorithm.init)
+  states = replicas.stack([init((keys[i], {k: v[i] for k, v in values.items()}))
+                           for i in range(num_replicas)])
   group_round = replicas.make_group_round(algorithm, config)
   active = np.ones(num_replicas, bool)
   times, useful = [], 0

@@ -2,7 +2,7 @@
 
   python -m fedmerge_jax.compare --config=configs/default.py --algorithms=fedmerge,fedavg \
       --workdir=/tmp/compare [--seeds=0,1,2] [--sweep=num_global_models=1,2,4 ...] \
-      [--config.num_rounds=50 ...]
+      [--replicas=auto|N] [--config.num_rounds=50 ...]
 
 Each algorithm runs in <workdir>/[<setting>/]<algorithm>/[seed_<s>/] with the same config
 (only `algorithm`, the swept fields and `seed` change) and the same data, loaded once per
@@ -15,6 +15,8 @@ newer than its config.json, whose config.json is this run's config and whose
 experiment.json records this data and model, is reused; any other run is (re)started, and
 train_and_evaluate resumes it from its checkpoints, or stops in one line if the folder holds
 another experiment (--start_over deletes those runs' results and starts them over).
+Runs that differ only in seed and value hyper-parameters run --replicas at a time as one
+program (`replica_groups`, fedmerge_jax/replicas.py); each still writes its own folder.
 """
 
 import copy
@@ -368,7 +370,10 @@ def replica_groups(pending: Sequence[Tuple[int, Any]], replicas) -> List[List[Tu
     by_program.setdefault(hyperparams.program_key(run_config), []).append((index, run_config))
   groups = []
   for members in by_program.values():
-    size = max(1, int(replicas(members[0][1]) if callable(replicas) else replicas))
+    size = replicas
+    if callable(replicas):  # `auto`: sized only where there is something to group.
+      size = replicas(members[0][1]) if len(members) > 1 else 1
+    size = max(1, int(size))
     groups += [members[start:start + size] for start in range(0, len(members), size)]
   return groups
 
