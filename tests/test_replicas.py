@@ -6,13 +6,16 @@ batched matmuls, so metrics agree to 1e-5 absolute (observed: bit-equal up to ~1
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_federation, tiny_base_config
+from conftest import TinyBN, TinyDropout, make_federation, tiny_base_config
+from fedmerge_jax import compare
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import hyperparams
+from fedmerge_jax import metric_writers
+from fedmerge_jax import preemption
+from fedmerge_jax import replicas
 from fedmerge_jax import train
 
 TOL = 1e-5
@@ -55,12 +58,6 @@ def test_program_key_ignores_only_the_value_fields():
 
 
 # --- Replica groups against separate runs -------------------------------------------------
-
-from conftest import TinyBN, TinyDropout  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedmerge_jax import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedmerge_jax import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedmerge_jax import preemption  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedmerge_jax import replicas  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODELS = {"bn": TinyBN(), "dropout": TinyDropout()}
 # (algorithm, update_mode, model): BatchNorm and dropout models across the algorithms.
