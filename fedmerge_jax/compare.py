@@ -2,7 +2,7 @@
 
   python -m fedmerge_jax.compare --config=configs/default.py --algorithms=fedmerge,fedavg \
       --workdir=/tmp/compare [--seeds=0,1,2] [--sweep=num_global_models=1,2,4 ...] \
-      [--config.num_rounds=50 ...]
+      [--replicas=auto|N] [--config.num_rounds=50 ...]
 
 Each algorithm runs in <workdir>/[<setting>/]<algorithm>/[seed_<s>/] with the same config
 (only `algorithm`, the swept fields and `seed` change) and the same data, loaded once per
@@ -15,6 +15,8 @@ newer than its config.json, whose config.json is this run's config and whose
 experiment.json records this data and model, is reused; any other run is (re)started, and
 train_and_evaluate resumes it from its checkpoints, or stops in one line if the folder holds
 another experiment (--start_over deletes those runs' results and starts them over).
+Runs that differ only in seed and value hyper-parameters run --replicas at a time as one
+program (`replica_groups`, fedmerge_jax/replicas.py); each still writes its own folder.
 """
 
 import copy
@@ -40,8 +42,10 @@ from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import failures
 from fedmerge_jax import fingerprint as fingerprint_lib
+from fedmerge_jax import hyperparams
 from fedmerge_jax import metric_writers
 from fedmerge_jax import plot
+from fedmerge_jax import replicas as replicas_lib
 from fedmerge_jax import train
 
 MISSING = "—"
@@ -401,12 +405,47 @@ def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
   return fig
 
 
+def replica_groups(pending: Sequence[Tuple[int, Any]], replicas) -> List[List[Tuple[int, Any]]]:
+  """Pending runs [(index, run config)] in groups that can run as one program, each at most
+  `replicas` long (a callable: the group's first config -> its size, for `auto`).
+
+  Runs go together when their configs differ only in `hyperparams.VALUE_FIELDS` (seed,
+  learning rates, prox_mu, ditto_lambda): one algorithm, model, data, K, batch size, local
+  epochs, clients per round, update mode, batching, parallelism, rounds, ... A setting is
+  then split into groups of `replicas`, in the grid's order."""
+  by_program: Dict[str, List[Tuple[int, Any]]] = {}
+  for index, run_config in pending:
+    by_program.setdefault(hyperparams.program_key(run_config), []).append((index, run_config))
+  groups = []
+  for members in by_program.values():
+    size = replicas
+    if callable(replicas):  # `auto`: sized only where there is something to group.
+      size = replicas(members[0][1]) if len(members) > 1 else 1
+    size = max(1, int(size))
+    groups += [members[start:start + size] for start in range(0, len(members), size)]
+  return groups
+
+
+def parse_replicas(value) -> Any:
+  """--replicas: 'auto' or a positive integer; SweepError otherwise."""
+  if str(value).strip().lower() == "auto":
+    return "auto"
+  try:
+    count = int(str(value).strip())
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise SweepError(f"--replicas={value}: give a positive integer (1: one run at a time) or "
+                     "auto.")
+  return count
+
+
 def run_comparison(config, algorithms: Sequence[str], workdir: str,
                    data: Optional[data_lib.FederatedData] = None,
                    command: Optional[str] = None, seeds: Optional[Sequence[int]] = None,
                    sweeps: Sequence[Tuple[str, Sequence[Any]]] = (),
                    sweep_metric: str = "test/acc_mean", model=None,
-                   start_over: bool = False) -> List[Result]:
+                   start_over: bool = False, replicas: Any = 1) -> List[Result]:
   """Runs each setting x algorithm x seed on `config`, writes the table and plots.
 
   `seeds`: None runs `config.seed` in <algorithm>/ (today's layout); a list runs each in
@@ -415,34 +454,63 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
   per distinct data config) and `model` (see train_and_evaluate) are shared by every run.
   Finished runs of the same config, data and model are reused (`finished_summary`);
   `start_over` reruns every run from round 0, deleting what its folder held.
+  `replicas`: up to this many runs that differ only in seed and value hyper-parameters run as
+  one program (`replica_groups`, `replicas.train_and_evaluate_many`); 'auto' as many as
+  memory allows (`replicas.auto_replicas`); 1 one run at a time. Each run's folder is the same.
   """
   check_algorithms(algorithms)
   config = config_lib.resolve(config)
+  replicas = parse_replicas(replicas)
   run_seeds = [None] if seeds is None else parse_seeds(seeds)
   settings = sweep_settings(sweeps)
   runs = [(setting, name, seed, configured(config, name, setting, seed))
           for setting in settings for name in algorithms for seed in run_seeds]  # Validates all first.
   os.makedirs(workdir, exist_ok=True)
   loaded: Dict[str, data_lib.FederatedData] = {}
-  results = []
+  summaries: Dict[int, Dict[str, Any]] = {}
+  run_dirs = [run_directory(workdir, name, setting, seed) for setting, name, seed, _ in runs]
+  pending = []
+
+  def data_of(run_config):
+    if data is not None:
+      return data
+    key = run_config.data.to_json()
+    if key not in loaded:
+      loaded[key] = data_lib.load(run_config.data)
+    return loaded[key]
+
   for i, (setting, name, seed, run_config) in enumerate(runs):
-    run_dir = run_directory(workdir, name, setting, seed)
-    if data is None:
-      key = run_config.data.to_json()
-      if key not in loaded:
-        loaded[key] = data_lib.load(run_config.data)
-    run_data = data if data is not None else loaded[key]
+    run_data = data_of(run_config)
     run_model = model if model is not None else train.build(run_config, run_data)[0]
     experiment = fingerprint_lib.fingerprint(run_config, run_data, run_model)
-    summary = None if start_over else finished_summary(run_dir, run_config, experiment)
+    summary = None if start_over else finished_summary(run_dirs[i], run_config, experiment)
     if summary is not None:
-      logging.info("Run %d/%d: reusing the finished run in %s", i + 1, len(runs), run_dir)
+      logging.info("Run %d/%d: reusing the finished run in %s", i + 1, len(runs), run_dirs[i])
+      summaries[i] = summary
     else:
-      logging.info("Run %d/%d: %s in %s", i + 1, len(runs), name, run_dir)
-      kwargs = dict({} if model is None else {"model": model},
-                    **({"start_over": True} if start_over else {}))
-      summary = train.train_and_evaluate(run_config, run_dir, data=run_data, **kwargs)
-    results.append(Result(name, run_dir, summary, read_history(run_dir), setting, seed))
+      pending.append((i, run_config))
+  size = replicas
+  if replicas == "auto":
+    size = lambda c: replicas_lib.auto_replicas(c, data_of(c), model)
+  kwargs = dict({} if model is None else {"model": model},
+                **({"start_over": True} if start_over else {}))
+  for group in replica_groups(pending, size):
+    indices = [i for i, _ in group]
+    configs = [c for _, c in group]
+    dirs = [run_dirs[i] for i in indices]
+    if len(group) == 1:
+      logging.info("Run %d/%d: %s in %s", indices[0] + 1, len(runs), configs[0].algorithm, dirs[0])
+      summaries[indices[0]] = train.train_and_evaluate(configs[0], dirs[0],
+                                                       data=data_of(configs[0]), **kwargs)
+      continue
+    logging.info("Runs %s of %d: %s as one program of %d replicas, in %s",
+                 ", ".join(str(i + 1) for i in indices), len(runs), configs[0].algorithm,
+                 len(group), ", ".join(dirs))
+    for i, summary in zip(indices, replicas_lib.train_and_evaluate_many(
+        configs, dirs, data=data_of(configs[0]), **kwargs)):
+      summaries[i] = summary
+  results = [Result(name, run_dirs[i], summaries[i], read_history(run_dirs[i]), setting, seed)
+             for i, (setting, name, seed, _) in enumerate(runs)]
   command = command or (f"run_comparison(config, algorithms={list(algorithms)!r}, "
                         f"workdir={workdir!r})")
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
@@ -494,6 +562,9 @@ flags.register_validator("algorithms", _valid_algorithms)
 flags.register_validator("seeds", _valid_seeds)
 
 
+flags.DEFINE_string("replicas", "auto", "Runs that differ only in seed, client_lr, prox_mu, server "
+                    "learning rates or ditto_lambda run as one program, up to this many at once "
+                    "(auto: as many as memory allows, up to 16; 1: one run at a time).")
 flags.DEFINE_bool("start_over", False, "Rerun every run from round 0, deleting the results "
                   "and checkpoints its folder holds (of another experiment, or this one).")
 
@@ -506,6 +577,7 @@ def main(argv):
   command = shlex.join(["python", "-m", "fedmerge_jax.compare", *sys.argv[1:]])
   try:
     sweeps = parse_sweeps(FLAGS.sweep, config_lib.resolve(FLAGS.config))
+    parse_replicas(FLAGS.replicas)
   except (config_lib.ConfigError, SweepError) as e:
     cli.fatal(f"{type(e).__name__}: {e}")
   kept = (f"the finished runs in {FLAGS.workdir} are kept and the one in progress keeps its "
@@ -514,7 +586,8 @@ def main(argv):
   stopped = lambda signal_name: f"stopped by {signal_name}; {kept}"
   results = failures.reporting_run_failures(lambda: run_comparison(
       FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command, seeds=FLAGS.seeds,
-      sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over), interrupted,
+      sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over,
+      replicas=FLAGS.replicas), interrupted,
       stopped)
   print(comparison_table(results), end="", flush=True)
 

@@ -22,6 +22,15 @@ from fedmerge_jax import parallel
 from fedmerge_jax import plot
 
 
+def stopped_saying(checkpoints) -> str:
+  """The end of the line a stop request prints: which rounds are safe, and what to do."""
+  latest = checkpoints.latest_round() if checkpoints else None
+  if latest is None:
+    return ("no round is saved (checkpoints are off or none finished yet); rerun to start "
+            "again.")
+  return f"rounds up to {latest} are saved in {checkpoints.directory}; rerun to resume."
+
+
 def claim_workdir(config, workdir: str, start_over: bool, main_process: bool) -> None:
   """Before any work: `start_over` empties `workdir` of a previous run; otherwise a workdir
   holding another experiment's config stops here (ExperimentMismatch), data not yet loaded."""
@@ -155,12 +164,7 @@ class Checkpointing:
     return bool(self.checkpoints) and self.schedule.due(round_index)
 
   def stopped_saying(self) -> str:
-    """The end of the line a stop request prints: which rounds are safe, and what to do."""
-    latest = self.checkpoints.latest_round() if self.checkpoints else None
-    if latest is None:
-      return ("no round is saved (checkpoints are off or none finished yet); rerun to start "
-              "again.")
-    return f"rounds up to {latest} are saved in {self.checkpoints.directory}; rerun to resume."
+    return stopped_saying(self.checkpoints)
 
   def wait(self) -> None:
     if self.checkpoints:

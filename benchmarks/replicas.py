@@ -1,0 +1,91 @@
+"""Replica groups against one run at a time: R seeds of one config as one vmapped round.
+
+  python benchmarks/replicas.py --models=mlp,emnist_cnn,resnet9 --replicas=1,4,16
+
+Per model and R, one JSON line: seconds per group round (median of --group_rounds, after a
+warm-up round that compiles), useful examples/s summed over the replicas (real examples x
+epochs / time) and runs per hour for runs of --run_rounds rounds (training rounds only;
+evaluation excluded). Data: `fedmerge_jax.benchmark.synthetic_data`; 'mlp' is the offline
+default's shape (20 clients of 90 examples, all every round), 'emnist_cnn' FEMNIST-like
+writers (`benchmark.femnist_sizes`, 10 a round of 100), 'resnet9' small rounds (4 of 20
+clients of 50 CIFAR-sized examples).
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmerge_jax import benchmark
+from fedmerge_jax import config as config_lib
+from fedmerge_jax import hyperparams
+from fedmerge_jax import parallel
+from fedmerge_jax import replicas
+from fedmerge_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["mlp", "emnist_cnn", "resnet9"], "Models to time.")
+flags.DEFINE_list("replicas", ["1", "4", "16"], "Replica counts R.")
+flags.DEFINE_integer("group_rounds", 3, "Timed group rounds (after one warm-up round).")
+flags.DEFINE_integer("run_rounds", 200, "Rounds of one run, for runs per hour.")
+flags.DEFINE_string("group_algorithm", "fedmerge", "Algorithm of every replica.")
+
+# model -> (client sizes, clients per round, batch size).
+SETTINGS = {"mlp": (lambda: np.full(20, 90), 0, 32),
+            "emnist_cnn": (lambda: benchmark.femnist_sizes(100, 0), 10, 20),
+            "resnet9": (lambda: np.full(20, 50), 4, 32)}
+
+
+def time_group(model: str, num_replicas: int, rounds: int) -> dict:
+  sizes, clients_per_round, batch_size = SETTINGS[model]
+  data = benchmark.synthetic_data(model, sizes(), seed=0)
+  config = config_lib.base_config()
+  config.algorithm, config.model.name = FLAGS.group_algorithm, model
+  config.clients_per_round, config.batch_size = clients_per_round, batch_size
+  config = config_lib.resolve(config)
+  configs = []
+  for seed in range(num_replicas):
+    configs.append(config.copy_and_resolve_references())
+    configs[-1].seed = seed
+  layout = parallel.client_layout(1, data.num_clients, clients_per_round, 0)
+  algorithm = hyperparams.valued(lambda c: train.build(c, data, layout)[1], config)
+  keys = jnp.stack([jax.random.key(c.seed) for c in configs])
+  values = hyperparams.stacked_values(configs)
+  init = jax.jit(algorithm.init)
+  states = replicas.stack([init((keys[i], {k: v[i] for k, v in values.items()}))
+                           for i in range(num_replicas)])
+  group_round = replicas.make_group_round(algorithm, config)
+  active = np.ones(num_replicas, bool)
+  times, useful = [], 0
+  for r in range(rounds + 1):
+    sampled = [train.sample_clients(jax.random.fold_in(jax.random.key(c.seed), r),
+                                    data.num_clients, clients_per_round) for c in configs]
+    _, ids, batch = replicas.round_batches(data, layout, sampled, batch_size, False)
+    start = time.perf_counter()
+    states, metrics = group_round(states, active, ids, batch, jax.random.split(keys[0], num_replicas))
+    jax.block_until_ready((states, metrics))
+    if r:  # Round 0 compiles.
+      times.append(time.perf_counter() - start)
+      useful += sum(benchmark.useful_examples(data.train.counts[s], config.local_epochs)
+                    for s in sampled)
+  seconds = float(np.median(times))
+  return {"model": model, "algorithm": FLAGS.group_algorithm, "replicas": num_replicas,
+          "s_per_round": round(seconds, 4),
+          "useful_examples_per_s": round(useful / sum(times), 1),
+          "runs_per_hour": round(3600 * num_replicas / (seconds * FLAGS.run_rounds), 2),
+          "backend": jax.default_backend()}
+
+
+def main(argv):
+  del argv
+  for model in FLAGS.models:
+    for num_replicas in map(int, FLAGS.replicas):
+      print(json.dumps(time_group(model, num_replicas, FLAGS.group_rounds)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

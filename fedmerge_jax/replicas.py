@@ -1,0 +1,347 @@
+"""R runs that share every shape as one jitted program: a leading replica axis on the state.
+
+`train_and_evaluate_many(configs, workdirs, data)` runs configs that differ only in
+`hyperparams.VALUE_FIELDS` (seed, learning rates, prox_mu, ...) as one group: their states
+stacked on a leading replica axis, one round a `vmap` of the algorithm's round over it
+(`hyperparams.valued`: the values are arguments, so it compiles once). Each replica samples
+its own clients, shuffles and drops out with its own seed's keys, exactly as its separate
+run (`train.train_and_evaluate`) does; each is evaluated (test and val splits, the gap
+metric, merging weights) with the separate run's evaluators, compiled once for all replicas,
+and writes its own workdir exactly as a separate run writes it: config.json,
+experiment.json, metrics.jsonl, TensorBoard events, clients.npz, checkpoints, plots and
+summary.json. So a replica can be resumed alone by `train_and_evaluate` and vice versa.
+
+Resume: every replica restores its own latest checkpoint. The group runs from the earliest
+replica's round to the last; a replica already past a round (it stopped later, or finished
+in a separate command) keeps its state frozen in that round and writes nothing for it.
+`wall_time_s` of each replica is the group's.
+
+A group runs on one device (replicas do not split over a mesh; `compare` runs further
+groups one after another).
+"""
+
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmerge_jax import checkpoint as checkpoint_lib
+from fedmerge_jax import config as config_lib
+from fedmerge_jax import data as data_lib
+from fedmerge_jax import evaluation
+from fedmerge_jax import failures
+from fedmerge_jax import gap
+from fedmerge_jax import hyperparams
+from fedmerge_jax import metric_writers
+from fedmerge_jax import parallel
+from fedmerge_jax import plot
+from fedmerge_jax import preemption
+from fedmerge_jax import reporting
+from fedmerge_jax import restore
+from fedmerge_jax import sampling
+from fedmerge_jax import train
+
+
+class GroupError(ValueError):
+  """Configs that cannot run as one replica group, with what differs."""
+
+
+def check_group(configs, workdirs) -> None:
+  """Raises GroupError unless the resolved `configs` differ only in their value fields."""
+  if not configs or len(configs) != len(workdirs):
+    raise GroupError(f"train_and_evaluate_many: {len(configs)} configs for {len(workdirs)} "
+                     "workdirs; give one workdir per config.")
+  if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
+    raise GroupError("train_and_evaluate_many: two configs share a workdir; give each its own.")
+  first = dict(config_lib.flatten(configs[0]))
+  for i, config in enumerate(configs[1:], 1):
+    if hyperparams.program_key(config) != hyperparams.program_key(configs[0]):
+      changed = sorted(k for k, v in config_lib.flatten(config)
+                       if k not in hyperparams.VALUE_FIELDS and first.get(k) != v)
+      raise GroupError(f"train_and_evaluate_many: config {i} differs from config 0 in "
+                       f"{', '.join(changed)}; replicas may differ only in "
+                       f"{', '.join(hyperparams.VALUE_FIELDS)} (run the others as another group).")
+
+
+def stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def row(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+class Member:
+  """One replica's run: its config, workdir, checkpoints, writers and progress."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    schedule = checkpoint_lib.Schedule(config.checkpoint_every, config.checkpoint_every_minutes,
+                                       config.num_rounds)
+    self.schedule = schedule
+    self.checkpoints = (checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep)
+                        if schedule.enabled else None)
+    init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
+    self.init_rng = init_rng
+    self.rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))
+    self.done, self.best, self.metrics = 0, None, {}
+    self.start_round = self.state_round = 0
+    self.jsonl = self.tensorboard = None
+    self.last_time, self.last_round = time.perf_counter(), 0
+
+  def restore(self, fresh_inner):
+    """The state to start from: the latest checkpoint's, or `fresh_inner` (round 0)."""
+    restored = self.checkpoints and self.checkpoints.restore_latest(
+        {"algorithm": fresh_inner, "rngs": self.rng_data})
+    inner = fresh_inner
+    if restored:
+      self.done, saved, progress = restored
+      inner, self.rng_data = saved["algorithm"], saved["rngs"]
+      self.best, self.metrics = progress["best"], progress["metrics"]
+      if not bool(train.all_finite(inner)):
+        raise FloatingPointError(
+            f"The checkpoint of round {self.done} in {self.checkpoints.directory} holds "
+            "non-finite values; resuming cannot help: start over with a new --workdir.")
+      logging.info("Resuming %s from the checkpoint of round %d.", self.workdir, self.done)
+    self.start_round = self.state_round = self.done
+    self.sample_rng, self.round_rng = jax.random.wrap_key_data(self.rng_data)
+    self.jsonl = metric_writers.JsonlWriter(self.workdir, self.start_round)
+    if self.config.tensorboard:
+      self.tensorboard = metric_writers.TensorBoardWriter(self.workdir, self.start_round)
+    self.last_round = self.start_round
+    return inner
+
+  def save(self, round_index: int, inner) -> None:
+    """Checkpoints `inner` as this replica's state after `round_index` (as train.py's save)."""
+    if (self.checkpoints is not None and self.start_round < round_index == self.state_round
+        and inner is not None and restore.alive(inner)):
+      self.checkpoints.save(round_index, {"algorithm": inner, "rngs": self.rng_data},
+                            {"round": round_index, "best": self.best, "metrics": self.metrics})
+      self.schedule.saved()
+
+  def close(self) -> None:
+    if self.checkpoints:
+      self.checkpoints.close()
+    if self.tensorboard:
+      self.tensorboard.close()
+
+
+def round_batches(data: data_lib.FederatedData, layout, client_ids: Sequence[np.ndarray],
+                  batch_size: int, evaluating: bool):
+  """Every replica's round data, stacked [R, C, ...], padded to the longest replica's bucket.
+
+  Each replica's clients go largest first, as `parallel.RoundGatherer` orders them; padding
+  further changes no result (a client's order and steps depend only on its own count)."""
+  ordered = [parallel.largest_first(ids, data.train.counts) for ids in client_ids]
+  padded = [layout.pad_ids(ids) for ids in ordered]
+  length = max(data.train.padded_length(ids, batch_size) for ids in ordered)
+  train_part = [data.train.gather(ids, length) for ids in padded]
+  if evaluating:
+    test_length = max(data.test.padded_length(ids, 8) for ids in ordered)
+    batches = [gap.WithTest(t, data.test.gather(ids, test_length))
+               for t, ids in zip(train_part, padded)]
+  else:
+    batches = train_part
+  return ordered, np.stack(padded), jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def make_group_round(algorithm, config):
+  """(states [R], active [R], ids [R, C], data [R, ...], keys [R]) -> (states, metrics [R]).
+
+  The NaN-guarded round of every replica at once; a replica not `active` keeps its state."""
+  guarded = jax.vmap(train.keep_finite(algorithm.round))
+
+  def group_round(states, active, client_ids, data, rngs):
+    new, metrics = guarded(states, client_ids, data, rngs)
+    keep = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+    return jax.tree.map(keep, new, states), metrics
+  return jax.jit(group_round, donate_argnums=0, compiler_options=train.compiler_options(config))
+
+
+def train_and_evaluate_many(configs, workdirs: Sequence[str],
+                            data: Optional[data_lib.FederatedData] = None, model=None,
+                            start_over: bool = False) -> List[Dict]:
+  """Runs `configs` as one replica group; returns their summaries, as `train_and_evaluate`'s.
+
+  The configs may differ only in `hyperparams.VALUE_FIELDS` (GroupError names the field
+  otherwise); each writes `workdirs[i]` as `train_and_evaluate(configs[i], workdirs[i])`
+  would, and its metrics equal that run's to float tolerance. `data` (loaded from the first
+  config if None) and `model` are shared; `start_over` as in `train_and_evaluate`.
+  """
+  configs = [config_lib.resolve(c) for c in configs]
+  check_group(configs, workdirs)
+  logging.info("%s", train.accelerator_line())
+  for config, workdir in zip(configs, workdirs):
+    restore.claim_workdir(config, workdir, start_over, True)
+  first = configs[0]
+  data = data if data is not None else data_lib.load(first.data)
+  for warning in config_lib.data_warnings(first, data.num_clients, data.name):
+    logging.warning(warning)
+  mesh = parallel.make_mesh(1)  # A group runs on one device (module docstring).
+  chunk = train.chosen_chunk_size(first, data, mesh)
+  for config in configs:
+    config.client_chunk_size = chunk
+  layout = parallel.client_layout(1, data.num_clients, first.clients_per_round, chunk)
+  ran = plot.what_ran(first, data, model)  # Before build: whether `model` is the user's.
+  model, _ = train.build(first, data, layout, model)
+  algorithm = hyperparams.valued(lambda c: train.build(c, data, layout, model)[1], first)
+  for config, workdir in zip(configs, workdirs):
+    restore.record_experiment(config, workdir, data, model, start_over, True, ran)
+  logging.info("%s on %s: %d replicas as one program (%s).", first.algorithm, data.name,
+               len(configs), ", ".join(workdirs))
+
+  members = [Member(c, w) for c, w in zip(configs, workdirs)]
+  values = hyperparams.stacked_values(configs)
+  # One replica's init, compiled once and called R times: XLA compiles the vmapped init's
+  # random bits far slower (measured 2m14s for the offline default's 8 replicas on 2 cores).
+  init = jax.jit(algorithm.init)
+  states = []
+  for i, m in enumerate(members):
+    fresh = init((m.init_rng, row(values, i)))
+    states.append(hyperparams.ValuedState(m.restore(fresh.inner), fresh.values))
+  states = stack(states)
+
+  group_round = make_group_round(algorithm, first)
+  measure_gap = gap.make_gap_evaluator(algorithm, data, chunk, train.compiler_options(first))
+  evaluate = evaluation.make_evaluator(algorithm, data, chunk, mesh, train.compiler_options(first))
+  merging_weights = (train.all_merging_weights(algorithm, data, chunk, mesh)
+                     if algorithm.merging_weights is not None else None)
+  down, up = algorithm.communication
+  num_rounds = first.num_rounds
+  start = time.perf_counter()
+  stops = preemption.StopRequests().install()
+  r = min(m.done for m in members)
+
+  def save_all():
+    for i, m in enumerate(members):
+      m.save(m.done, row(states.inner, i) if restore.alive(states) else None)
+
+  try:
+    for r in range(min(m.done for m in members) + 1, num_rounds + 1):
+      signal_name = stops.stop_before(r)
+      if signal_name:
+        save_all()
+        for m in members:
+          if m.checkpoints:
+            m.checkpoints.wait()
+        raise preemption.Stopped(signal_name, stops.signal_number,
+                                 restore.stopped_saying(members[0].checkpoints))
+      active = np.array([m.done < r for m in members])
+      sampled = [sampling.sample_clients(jax.random.fold_in(m.sample_rng, r), data.num_clients,
+                                      first.clients_per_round) for m in members]
+      evaluating = r % first.eval_every == 0 or r == num_rounds
+      ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
+      keys = jnp.stack([jax.random.fold_in(m.round_rng, r) for m in members])
+      states, round_metrics = group_round(states, active, ids, batch, keys)
+      finite = np.asarray(round_metrics["finite"])
+      for i, m in enumerate(members):
+        if not active[i]:
+          continue
+        if not finite[i]:
+          m.save(r - 1, row(states.inner, i))  # The guarded round kept its last good state.
+          raise FloatingPointError(f"{m.workdir}: " + failures.non_finite_message(
+              row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."))
+        m.state_round = r
+        if evaluating:
+          record_evaluation(m, r, row(states, i), ordered[i], row(round_metrics, i), data,
+                            evaluate, measure_gap, merging_weights, (down, up))
+        m.done = r
+        if m.checkpoints and m.schedule.due(r):
+          m.save(r, row(states.inner, i))
+  except BaseException as e:
+    save_all()
+    if failures.is_out_of_memory(e):
+      raise failures.OutOfMemoryError(
+          f"Out of memory at round {r} with {len(members)} replicas at once: run fewer "
+          "(compare --replicas) or " + failures.out_of_memory_message(
+              first, r, first.clients_per_round or data.num_clients, "")) from e
+    raise
+  finally:
+    stops.uninstall()
+    for m in members:
+      m.close()
+  wall = time.perf_counter() - start
+  summaries = []
+  for m in members:
+    summary = dict(m.metrics)
+    summary.update(m.best or {})
+    summary["wall_time_s"] = wall
+    metric_writers.write_atomically(os.path.join(m.workdir, "summary.json"),
+                                    lambda f, s=summary: f.write(json.dumps(s, indent=2).encode()))
+    plot.write_plots(m.workdir)
+    summaries.append(summary)
+  return summaries
+
+
+def record_evaluation(member: Member, r: int, state, client_ids, round_metrics, data, evaluate,
+                      measure_gap, merging_weights, communication) -> None:
+  """One replica's evaluation round: the metrics line, events and clients.npz of train.py."""
+  now = time.perf_counter()
+  metrics = {"round": r}
+  metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
+  evaluated = evaluate(state)
+  per_client = {k: evaluated.pop(k) for k in list(evaluated) if k.startswith("clients/")}
+  metrics.update(evaluated)
+  gap_scalars, gap_clients = measure_gap(state, client_ids, round_metrics)
+  metrics.update(gap_scalars)
+  per_client.update(gap_clients)
+  weights = None
+  if merging_weights is not None:
+    weights = merging_weights(state)
+    if data.groups is not None:
+      metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
+  down, up = communication
+  metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,
+                  "comm/params_per_round": len(client_ids) * (down + up)})
+  metrics["rounds_per_s"] = (r - member.last_round) / (now - member.last_time)
+  member.best = reporting.best_by_validation(metrics, member.best)
+  member.metrics = metrics
+  member.jsonl.write(metrics)
+  if member.tensorboard:
+    member.tensorboard.write(r, metrics, per_client, weights)
+  metric_writers.write_clients_npz(member.workdir, r, data.client_ids, per_client, weights,
+                                   data.groups)
+  logging.info("%s: %s", member.workdir, reporting.format_metrics(metrics))
+  member.last_time, member.last_round = time.perf_counter(), r
+
+
+MAX_AUTO_REPLICAS = 16  # `auto` never groups more (the measured gain flattens before).
+MEMORY_SHARE = 0.5  # Of the free device (or, on CPU, host) memory, what `auto` lets replicas take.
+
+
+def free_memory_bytes(backend: str = "") -> int:
+  """Free memory of the first device (GPU/TPU), or the host's available memory on CPU."""
+  if (backend or jax.default_backend()) == "cpu":
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+
+
+def replica_bytes(config, data: data_lib.FederatedData, model=None) -> int:
+  """An estimate of one replica's memory: 4 copies of its state (the state, the round's new
+  one, deltas and optimizer sums) and 2 of its round's padded data (train and test splits)."""
+  algorithm = train.build(config_lib.resolve(config), data, model=model)[1]
+  state = jax.eval_shape(algorithm.init, jax.random.key(0))
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  n = data.num_clients
+  sampled = config.clients_per_round if 0 < config.clients_per_round < n else n
+  example = data.train.x.itemsize * int(np.prod(data.example_shape)) + data.train.y.itemsize
+  round_bytes = sampled * int(data.train.counts.max(initial=1)) * example
+  return 4 * state_bytes + 2 * round_bytes
+
+
+def auto_replicas(config, data: data_lib.FederatedData, model=None,
+                  free_bytes: Optional[int] = None) -> int:
+  """`compare --replicas=auto`: how many replicas of `config` fit in `MEMORY_SHARE` of the free
+  memory (`free_bytes` where given), 1 to `MAX_AUTO_REPLICAS`; 1 on several devices (there
+  the client axis keeps the mesh: a separate run uses all devices, a group one)."""
+  if free_bytes is None and jax.device_count() > 1:
+    return 1
+  free = free_memory_bytes() if free_bytes is None else free_bytes
+  fit = int(MEMORY_SHARE * free // max(replica_bytes(config, data, model), 1))
+  return int(np.clip(fit, 1, MAX_AUTO_REPLICAS))

@@ -1,0 +1,192 @@
+"""Hyper-parameters as values, and replica groups: R runs as one vmapped program.
+
+The reference is always the separate run (`train.build` with plain constants, or
+`train_and_evaluate`). Float tolerance: vmapping replicas changes only the summation order of
+batched matmuls, so metrics agree to 1e-5 absolute (observed: bit-equal up to ~1e-7).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import TinyBN, TinyDropout, make_federation, tiny_base_config
+from fedmerge_jax import compare
+from fedmerge_jax import config as config_lib
+from fedmerge_jax import hyperparams
+from fedmerge_jax import metric_writers
+from fedmerge_jax import preemption
+from fedmerge_jax import replicas
+from fedmerge_jax import train
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data():
+  return make_federation(num_clients=5, sizes=[3, 9, 5, 12, 7])
+
+
+def test_one_compiled_round_serves_two_learning_rates_and_seeds(data):
+  """The program compiled once for the values gives each value's separately built round."""
+  config = config_lib.resolve(tiny_base_config())
+  build = lambda c: train.build(c, data)[1]
+  valued = hyperparams.valued(build, config)
+  round_fn, init = jax.jit(valued.round), jax.jit(valued.init)
+  ids = np.arange(data.num_clients)
+  batch = data.train.gather(ids)
+  for client_lr, seed in [(0.1, 0), (0.4, 3)]:
+    own = config.copy_and_resolve_references()
+    own.client_lr, own.seed = client_lr, seed
+    state, metrics = round_fn(init((jax.random.key(seed), hyperparams.values_of(own))), ids,
+                              batch, jax.random.key(7))
+    separate = build(own)
+    expected_state, expected = jax.jit(separate.round)(separate.init(jax.random.key(seed)), ids,
+                                                       batch, jax.random.key(7))
+    np.testing.assert_allclose(metrics["train/loss"], expected["train/loss"], atol=TOL)
+    for got, want in zip(jax.tree.leaves(state.inner), jax.tree.leaves(expected_state)):
+      np.testing.assert_allclose(got, want, atol=TOL)
+  assert round_fn._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_program_key_ignores_only_the_value_fields():
+  config = config_lib.resolve(tiny_base_config())
+  other = config.copy_and_resolve_references()
+  other.client_lr, other.seed, other.ditto_lambda = 0.3, 5, 0.7
+  assert hyperparams.program_key(other) == hyperparams.program_key(config)
+  other.local_epochs = 3
+  assert hyperparams.program_key(other) != hyperparams.program_key(config)
+
+
+# --- Replica groups against separate runs -------------------------------------------------
+
+MODELS = {"bn": TinyBN(), "dropout": TinyDropout()}
+# (algorithm, update_mode, model): BatchNorm and dropout models across the algorithms.
+CASES = [("fedmerge", "official", "bn"), ("fedmerge", "gradient", "dropout"),
+         ("fedavg", "official", "bn"), ("ditto", "official", "dropout"),
+         ("ifca", "official", "bn"), ("fedem", "official", "dropout")]
+REPLICAS = [(0, 0.1), (1, 0.3)]  # (seed, client_lr) of each replica.
+
+
+def run_config(algorithm, update_mode, seed, client_lr, **overrides):
+  """Three rounds of 3 of 5 unequal clients (partial last batches), evaluated every round."""
+  config = tiny_base_config()
+  config.algorithm, config.update_mode, config.seed, config.client_lr = (
+      algorithm, update_mode, seed, client_lr)
+  config.num_global_models = 2
+  config.num_rounds, config.clients_per_round = 3, 3
+  config.checkpoint_every, config.tensorboard = 0, False
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+_SEPARATE = {}
+
+
+def separate_history(config, model_name, data, root):
+  """metrics.jsonl of `config`'s separate run (train_and_evaluate), once per config."""
+  key = (config_lib.resolve(config).to_json(), model_name)
+  if key not in _SEPARATE:
+    workdir = str(root / f"separate_{len(_SEPARATE)}")
+    train.train_and_evaluate(config, workdir, data=data, model=MODELS[model_name])
+    _SEPARATE[key] = metric_writers.read_jsonl(f"{workdir}/metrics.jsonl")
+  return _SEPARATE[key]
+
+
+def assert_same_history(got, want):
+  assert [m["round"] for m in got] == [m["round"] for m in want]
+  for g, w in zip(got, want):
+    keys = [k for k, v in w.items() if isinstance(v, float) and k != "rounds_per_s"]
+    assert keys and set(keys) <= set(g)
+    np.testing.assert_allclose([g[k] for k in keys], [w[k] for k in keys], atol=TOL,
+                               err_msg=f"round {w['round']}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("replicas")
+
+
+@pytest.mark.parametrize("algorithm,update_mode,model_name", CASES)
+def test_replica_metrics_equal_the_separate_runs(algorithm, update_mode, model_name, data, root):
+  """Replica 1 (another seed and client_lr than replica 0) equals its own separate run."""
+  configs = [run_config(algorithm, update_mode, s, lr) for s, lr in REPLICAS]
+  workdirs = [str(root / f"{algorithm}_{update_mode}" / f"replica_{i}") for i in range(2)]
+  summaries = replicas.train_and_evaluate_many(configs, workdirs, data,
+                                               model=MODELS[model_name])
+  history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
+  assert_same_history(history, separate_history(configs[1], model_name, data, root))
+  assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
+
+
+def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(data, root,
+                                                                           monkeypatch):
+  """compare's grid of 2 client_lr x 2 seeds: one program of 4 replicas; the last replica
+  (neither the first lr nor the first seed) equals its separate run."""
+  groups = []
+  many = replicas.train_and_evaluate_many
+  monkeypatch.setattr(replicas, "train_and_evaluate_many",
+                      lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k))
+  results = compare.run_comparison(
+      run_config("fedavg", "official", 0, 0.1), ["fedavg"], str(root / "sweep"), data=data,
+      seeds=[0, 1], sweeps=[("client_lr", [0.1, 0.3])], model=MODELS["bn"], replicas=4)
+  assert groups == [4]
+  assert [(r.setting, r.seed) for r in results] == [
+      ((("client_lr", lr),), s) for lr in (0.1, 0.3) for s in (0, 1)]
+  assert len({r.summary["test/loss"] for r in results}) == 4
+  assert_same_history(results[-1].history,
+                      separate_history(run_config("fedavg", "official", 1, 0.3), "bn", data, root))
+
+
+def test_a_mixed_grid_groups_by_everything_but_the_value_fields():
+  configs = [config_lib.resolve(run_config(alg, "official", seed, lr, **extra))
+             for alg, seed, lr, extra in [
+                 ("fedmerge", 0, 0.1, {}), ("fedmerge", 1, 0.3, {"prox_mu": 0.1}),
+                 ("fedmerge", 2, 0.1, {"local_epochs": 3}), ("fedavg", 0, 0.1, {}),
+                 ("fedmerge", 3, 0.2, {"server_lr_logits": 0.2}), ("fedavg", 1, 0.5, {}),
+                 ("fedmerge", 4, 0.1, {"num_global_models": 3}),
+                 ("fedmerge", 5, 0.1, {"clients_per_round": 2})]]
+  pending = list(enumerate(configs))
+  indices = lambda groups: [[i for i, _ in g] for g in groups]
+  assert indices(compare.replica_groups(pending, 8)) == [[0, 1, 4], [2], [3, 5], [6], [7]]
+  assert indices(compare.replica_groups(pending, 2)) == [[0, 1], [4], [2], [3, 5], [6], [7]]
+  assert indices(compare.replica_groups(pending, 1)) == [[i] for i in [0, 1, 4, 2, 3, 5, 6, 7]]
+  assert compare.parse_replicas("auto") == "auto" and compare.parse_replicas("3") == 3
+  with pytest.raises(compare.SweepError, match="positive integer"):
+    compare.parse_replicas("0")
+
+
+def test_auto_replicas_follow_the_free_memory(data):
+  config = config_lib.resolve(run_config("fedmerge", "official", 0, 0.1))
+  one = replicas.replica_bytes(config, data)
+  assert replicas.auto_replicas(config, data, free_bytes=int(one * 3 / replicas.MEMORY_SHARE)) == 3
+  assert replicas.auto_replicas(config, data, free_bytes=0) == 1
+  assert replicas.auto_replicas(config, data, free_bytes=10**15) == replicas.MAX_AUTO_REPLICAS
+
+
+def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_same_metrics(
+    data, root, monkeypatch):
+  """The group stops before round 2; replica 1 alone (train_and_evaluate, from the group's
+  checkpoint) runs round 2 and stops; rerun, the group runs round 2 for replica 0 only
+  (replica 1 frozen), then round 3 for both. Both end as the uninterrupted runs did; a
+  finished group is not rerun."""
+  configs = [run_config("fedavg", "official", s, lr, checkpoint_every=1) for s, lr in REPLICAS]
+  workdirs = [str(root / "resumed" / f"replica_{i}") for i in range(2)]
+  stop_before = lambda at: (lambda self, round_index: "SIGTERM" if round_index == at else None)
+  rounds = lambda i: [m["round"] for m in metric_writers.read_jsonl(f"{workdirs[i]}/metrics.jsonl")]
+  with monkeypatch.context() as patched:
+    patched.setattr(preemption.StopRequests, "stop_before", stop_before(2))
+    with pytest.raises(preemption.Stopped):
+      replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
+    assert rounds(0) == rounds(1) == [1]
+    patched.setattr(preemption.StopRequests, "stop_before", stop_before(3))
+    with pytest.raises(preemption.Stopped):
+      train.train_and_evaluate(configs[1], workdirs[1], data=data, model=MODELS["bn"])
+    assert rounds(1) == [1, 2]
+  replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
+  histories = [metric_writers.read_jsonl(f"{w}/metrics.jsonl") for w in workdirs]
+  uninterrupted = metric_writers.read_jsonl(str(root / "fedavg_official/replica_0/metrics.jsonl"))
+  assert_same_history(histories[0], uninterrupted)
+  assert_same_history(histories[1], separate_history(configs[1], "bn", data, root))
+  replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])  # All done.
+  assert [metric_writers.read_jsonl(f"{w}/metrics.jsonl") for w in workdirs] == histories
