@@ -24,6 +24,7 @@ from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
 from fedmerge_jax import fingerprint as fingerprint_lib
 from fedmerge_jax import gap
+from fedmerge_jax.guard import all_finite, keep_finite
 from fedmerge_jax import metric_writers
 from fedmerge_jax import models
 from fedmerge_jax import parallel
@@ -87,25 +88,6 @@ def best_by_validation(latest, current_best):
 
 class OutOfMemoryError(MemoryError):
   """A round or an evaluation that did not fit in memory, with what to change."""
-
-
-def all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def keep_finite(round_fn):
-  """The round, except that a non-finite loss or state returns the state it was given.
-
-  So the state after a failed round is the last good one: it can be checkpointed even
-  though the round donated its input. metrics['finite'] says which happened.
-  """
-  def guarded(state, client_ids, data, rng):
-    new_state, metrics = round_fn(state, client_ids, data, rng)
-    finite = jnp.isfinite(metrics["train/loss"]) & all_finite(new_state)
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return kept, dict(metrics, finite=finite)
-  return guarded
 
 
 def non_finite_message(round_metrics, round_index: int, client_ids, saved: str) -> str:
@@ -201,9 +183,10 @@ def compile_round(algorithm, config, mesh=None, shardings=None):
   """The jitted round every run uses: NaN-guarded, its state donated (and laid out as
   `shardings` over `mesh`), compiled with this backend's XLA options for the model."""
   options = compiler_options(config)
+  guarded = keep_finite(algorithm.round, algorithm.client_rows)
   if mesh is None:
-    return jax.jit(keep_finite(algorithm.round), donate_argnums=0, compiler_options=options)
-  return parallel.jit_round(keep_finite(algorithm.round), mesh, shardings, options)
+    return jax.jit(guarded, donate_argnums=0, compiler_options=options)
+  return parallel.jit_round(guarded, mesh, shardings, options)
 
 
 def without_phantoms(state, layout: parallel.ClientLayout, for_restore: bool = False):
