@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_federation, tiny_base_config
-from fedmerge_jax import algorithms, parallel, train
+from fedmerge_jax import algorithms, guard, parallel, train
 from fedmerge_jax.config import resolve
 
 SAMPLED = np.array([1, 5, 9, 13])
@@ -80,3 +80,22 @@ def test_client_rows_change_only_at_the_rounds_clients_and_a_non_finite_round_ke
   assert not bool(metrics["finite"])
   for got, want in zip(jax.tree.leaves(kept), before, strict=True):
     np.testing.assert_array_equal(got, want)
+
+
+def test_guard_checks_the_new_rows_even_when_the_loss_is_finite():
+  """A round with a finite loss whose new rows hold a NaN: the guard still gives back the state
+  (a toy round over {'rows': [N, 2], 'whole': [3]}; N x 2 is declared row-wise)."""
+  def toy_round(state, client_ids, data, rng):
+    del rng
+    rows = state["rows"].at[client_ids].set(state["rows"][client_ids] + data)
+    return {"rows": rows, "whole": state["whole"] + 1.0}, {"train/loss": jax.numpy.float32(0.5)}
+  guarded = jax.jit(guard.keep_finite(toy_round, lambda state: {"rows": True, "whole": False}))
+  state = {"rows": np.arange(12.0).reshape(6, 2), "whole": np.zeros(3)}
+  ids = np.array([4, 1])
+  new, metrics = guarded(state, ids, np.ones((2, 2)), jax.random.key(0))
+  assert bool(metrics["finite"])
+  np.testing.assert_array_equal(new["rows"], state["rows"] + np.isin(np.arange(6), ids)[:, None])
+  np.testing.assert_array_equal(new["whole"], np.ones(3))
+  kept, metrics = guarded(state, ids, np.array([[1.0, 1.0], [np.nan, 1.0]]), jax.random.key(0))
+  assert not bool(metrics["finite"])
+  jax.tree.map(np.testing.assert_array_equal, kept, state)
