@@ -75,7 +75,8 @@ def main():
   if args.worker:
     print("ROW " + json.dumps(measure(json.loads(args.worker), args.rounds)))
     return
-  for row in rows([int(d) for d in args.devices.split(",")], [int(c) for c in args.chunks.split(",")]):
+  devices, chunks = ([int(v) for v in flag.split(",") if v] for flag in (args.devices, args.chunks))
+  for row in rows(devices, chunks):  # --devices= (empty): the population rows alone.
     for tree in args.trees.split(","):
       env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.abspath(tree),
                  XLA_FLAGS=f"--xla_force_host_platform_device_count={row['devices']}")
