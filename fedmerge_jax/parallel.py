@@ -103,8 +103,46 @@ def map_clients(fn, args, chunk_size: int = 0, parallelism: str = "auto", reduce
   `reduce(chunk_args, chunk_outputs) -> (totals, kept)`, called on every chunk (leading
   axis = chunk), returns (sum of `totals` over chunks, `kept` for every client):
   what is summed never exists for all clients at once.
+
+  Traced under a mesh with a `clients` axis of D > 1 devices (`jit_round` sets it), each
+  device maps its own contiguous block of C / D clients (`jax.shard_map`), in chunks of
+  `chunk_size / D`, and the devices' totals are combined with one `psum`: `chunk_size`
+  counts the clients trained at once across the mesh, and no client's data leaves its device.
   """
   parallelism = resolve_parallelism(parallelism)
+  num = jax.tree.leaves(args)[0].shape[0]
+  devices = client_devices(num)
+  if devices == 1:
+    return _map_chunks(fn, args, chunk_size, parallelism, reduce)
+  local_chunk = round_up(chunk_size, devices) // devices if chunk_size > 0 else 0
+
+  def per_device(local_args):
+    out = _map_chunks(fn, local_args, local_chunk, parallelism, reduce)
+    if reduce is None:
+      return out
+    totals, kept = out
+    return jax.lax.psum(totals, CLIENTS), kept
+
+  # Closed-over arrays (the global models, the whole state) enter every device whole.
+  # check_vma off: the scan's zero totals start device-invariant and become per-device.
+  out_specs = PartitionSpec(CLIENTS) if reduce is None else (PartitionSpec(), PartitionSpec(CLIENTS))
+  return jax.shard_map(per_device, in_specs=(PartitionSpec(CLIENTS),), out_specs=out_specs,
+                       axis_names={CLIENTS}, check_vma=False)(args)
+
+
+def client_devices(num: int) -> int:
+  """Devices of the `clients` axis of the mesh being traced under that split `num` clients
+  evenly into blocks, each mapped on its own device; 1 where there is none (no mesh, one
+  device, inside a per-device map already, or `num` not a multiple: mapped as one array)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or CLIENTS not in mesh.axis_names or CLIENTS in mesh.manual_axes:
+    return 1
+  devices = mesh.shape[CLIENTS]
+  return devices if devices > 1 and num % devices == 0 else 1
+
+
+def _map_chunks(fn, args, chunk_size: int, parallelism: str, reduce):
+  """map_clients on one device (or one device's block): chunks in a `lax.scan`."""
   num = jax.tree.leaves(args)[0].shape[0]
   chunk = 1 if parallelism == "sequential" else (num if chunk_size <= 0 else min(chunk_size, num))
 
@@ -240,8 +278,16 @@ def jit_round(round_fn, mesh: Mesh, shardings, compiler_options=None):
   metrics come back replicated, readable on every host.
   """
   clients, copies = client_sharding(mesh), replicated(mesh)
-  return jax.jit(round_fn, donate_argnums=0, in_shardings=(shardings, clients, clients, copies),
+  return jax.jit(on_mesh(round_fn, mesh), donate_argnums=0, in_shardings=(shardings, clients, clients, copies),
                  out_shardings=(shardings, copies), compiler_options=compiler_options)
+
+
+def on_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as the abstract mesh, so that `map_clients` maps per device."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
 
 
 def padded_chunks(client_ids, chunk: int):

@@ -22,6 +22,7 @@ from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
 from fedmerge_jax import failures
 from fedmerge_jax import gap
+from fedmerge_jax.guard import all_finite, keep_finite  # noqa: F401 (all_finite: re-exported)
 from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax import plot
@@ -54,25 +55,6 @@ def build(config, data: data_lib.FederatedData, layout: Optional[parallel.Client
       model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32),
       total_train_examples=int(data.train.counts.sum()))
   return model, algorithm
-
-
-def all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def keep_finite(round_fn):
-  """The round, except that a non-finite loss or state returns the state it was given.
-
-  So the state after a failed round is the last good one: it can be checkpointed even
-  though the round donated its input. metrics['finite'] says which happened.
-  """
-  def guarded(state, client_ids, data, rng):
-    new_state, metrics = round_fn(state, client_ids, data, rng)
-    finite = jnp.isfinite(metrics["train/loss"]) & all_finite(new_state)
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return kept, dict(metrics, finite=finite)
-  return guarded
 
 
 def compiler_options(config, backend: str = ""):
@@ -154,7 +136,8 @@ def compile_round(algorithm, config, mesh=None, shardings=None):
   """The jitted round every run uses: NaN-guarded (`after_a_finite_round` too), its state
   donated (and laid out as `shardings` over `mesh`), compiled with this backend's XLA
   options for the model."""
-  options, guarded = compiler_options(config), keep_finite(after_a_finite_round(algorithm.round))
+  options = compiler_options(config)
+  guarded = keep_finite(after_a_finite_round(algorithm.round), algorithm.client_rows)
   if mesh is None:
     return jax.jit(guarded, donate_argnums=0, compiler_options=options)
   return parallel.jit_round(guarded, mesh, shardings, options)

@@ -51,6 +51,10 @@ class Algorithm(NamedTuple):
   stages: the round's `RoundStages`, where the algorithm has them (None otherwise).
   received(state, client_ids, train_data) -> the models the server sends those clients
     (for the gap metric, gap.py); None: `personalized`.
+  client_rows(state) -> a pytree of bools shaped like the state: True on the per-client
+    leaves that a round changes only at its `client_ids` rows (`row_leaves`), so the NaN
+    guard (guard.py) saves and restores those rows alone; None: it keeps a copy of the
+    whole state each round (safe for any algorithm, costly for per-client models).
   """
   init: Callable[..., Any]
   round: Callable[..., Any]
@@ -60,6 +64,18 @@ class Algorithm(NamedTuple):
   merging_weights: Optional[Callable[[Any], jax.Array]] = None
   stages: Optional[RoundStages] = None
   received: Optional[Callable[..., Any]] = None
+  client_rows: Optional[Callable[[Any], Any]] = None
+
+
+def row_leaves(tree, num_clients: int):
+  """For `Algorithm.client_rows`: True on `tree`'s leaves with a leading `num_clients` axis
+  (a part of the state a round changes only at its clients' rows), False on the others."""
+  return jax.tree.map(lambda leaf: parallel.is_per_client(leaf, num_clients), tree)
+
+
+def whole_leaves(tree):
+  """For `Algorithm.client_rows`: False on every leaf (a part of the state kept whole)."""
+  return jax.tree.map(lambda _: False, tree)
 
 
 def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalConfig:

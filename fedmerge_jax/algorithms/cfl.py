@@ -136,6 +136,7 @@ def make(model, config, num_clients, example_input):
 
   return inner._replace(
       init=init, round=round_fn, stages=None,
+      client_rows=lambda state: State(inner.client_rows(state.clusters), False, False),
       personalized=lambda state, ids, train: inner.personalized(state.clusters, ids, train),
       merging_weights=None if inner.merging_weights is None else (
           lambda state, ids, train: inner.merging_weights(state.clusters, ids, train)))

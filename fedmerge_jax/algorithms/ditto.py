@@ -50,4 +50,7 @@ def make(model, config, num_clients, example_input):
                         predict=base.model_predict(model, config.compute_dtype),
                         communication=global_algorithm.communication,
                         received=lambda state, ids, data: global_algorithm.personalized(
-                            state.server, ids, data))  # The server sends w (gap metric).
+                            state.server, ids, data),  # The server sends w (gap metric).
+                        client_rows=lambda state: State(
+                            global_algorithm.client_rows(state.server),
+                            base.row_leaves(state.personal, num_clients)))

@@ -90,4 +90,6 @@ def make(model, config, num_clients, example_input):
   size = base.model_floats(model, example_input)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
                         predict=base.model_predict(model), communication=(size, size),
-                        received=cloud_models)
+                        received=cloud_models,
+                        client_rows=lambda state: State(  # `uploaded` changes everywhere: whole.
+                            base.row_leaves(state.personal, num_clients), False))

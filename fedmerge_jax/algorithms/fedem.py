@@ -135,4 +135,6 @@ def make(model, config, num_clients, example_input, total_train_examples=None):
 
   return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
                         communication=(k_models * size, k_models * size),
-                        merging_weights=lambda state, ids, train: state.mixture[ids])
+                        merging_weights=lambda state, ids, train: state.mixture[ids],
+                        client_rows=lambda state: State(base.whole_leaves(state.components), True,
+                                                        base.whole_leaves(state.opt_state)))

@@ -188,4 +188,6 @@ def make(model, config, num_clients, example_input):
 
   size = base.model_floats(model, example_input)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(downloads * size, size), received=received)
+                        communication=(downloads * size, size), received=received,
+                        client_rows=lambda state: State(  # `uploaded` changes everywhere: whole.
+                            base.row_leaves(state.personal, num_clients), True, False, False))

@@ -167,6 +167,14 @@ def make(model, config, num_clients: int, example_input, *,
     grad, grad_rows = chunk_gradients(state.globals, state.logits[client_ids], p, deltas)
     return server_step(state, client_ids, p, grad, grad_rows, deltas)
 
+  def client_rows(state: State) -> State:
+    """The logits and their optimizer's state change at the round's rows only where the
+    step is row-wise; otherwise (the official mode's step sees all [N, K]) kept whole."""
+    logits = base.row_leaves if server.logits_rowwise else lambda tree, _: base.whole_leaves(tree)
+    return State(base.whole_leaves(state.globals), logits(state.logits, num_clients),
+                 base.whole_leaves(state.globals_opt_state),
+                 logits(state.logits_opt_state, num_clients))
+
   stages = base.RoundStages(
       train=lambda state, ids, data, rng: train_clients(assigned(state, ids, data), ids, data, rng),
       server=server_from_deltas)
@@ -175,4 +183,4 @@ def make(model, config, num_clients: int, example_input, *,
                         predict=base.model_predict(model, config.compute_dtype), communication=(down, size),
                         merging_weights=(lambda state, ids, train: merging_weights(
                             client_logits(state, ids, train))) if k_models > 1 else None,
-                        stages=stages)
+                        stages=stages, client_rows=client_rows)

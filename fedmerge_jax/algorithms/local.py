@@ -46,4 +46,5 @@ def make(model, config, num_clients, example_input):
     return jax.tree.map(lambda x: x[client_ids], state.personal)
 
   return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model, config.compute_dtype), communication=(0, 0))
+                        predict=base.model_predict(model, config.compute_dtype), communication=(0, 0),
+                        client_rows=lambda state: base.row_leaves(state, num_clients))

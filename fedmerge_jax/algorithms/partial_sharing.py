@@ -181,4 +181,7 @@ def make(model, config, num_clients: int, example_input, *,
   if adapt is not None or sent is not None:
     received = lambda state, ids, data: (sent or (lambda m: m))(joined(state, ids))
   return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(shared_size, shared_size), received=received)
+                        communication=(shared_size, shared_size), received=received,
+                        client_rows=lambda state: State(
+                            base.whole_leaves(state.shared), base.whole_leaves(state.opt_state),
+                            base.row_leaves(state.personal, num_clients)))

@@ -122,4 +122,6 @@ def make(model, config, num_clients, example_input):
 
   size = base.model_floats(model, example_input)
   return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(size, size), received=received)
+                        communication=(size, size), received=received,
+                        client_rows=lambda state: State(base.whole_leaves(state.global_model),
+                                                        base.row_leaves(state.personal, num_clients)))
