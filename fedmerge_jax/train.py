@@ -324,6 +324,7 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   for warning in config_lib.data_warnings(config, data.num_clients, data.name):
     logging.warning(warning)
   mesh = parallel.make_mesh(config.num_devices)
+  eval_clients, eval_examples = evaluation.chunk_sizes(config, data)  # Before training's choice.
   config.client_chunk_size = chosen_chunk_size(config, data, mesh)  # 0 on CPU: as given.
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
@@ -374,12 +375,12 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   round_fn = compile_round(algorithm, config, mesh, shardings)
   gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
   # Evaluation rounds also measure the local-global gap (gap.py): the round gets the test split.
-  measure_gap = gap.make_gap_evaluator(algorithm, data, config.client_chunk_size,
-                                       compiler_options(config))
-  evaluate = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
-                                       compiler_options(config))
+  measure_gap = gap.make_gap_evaluator(algorithm, data, eval_clients, compiler_options(config),
+                                       eval_examples)
+  evaluate = evaluation.make_evaluator(algorithm, data, eval_clients, mesh,
+                                       compiler_options(config), eval_examples)
   if algorithm.merging_weights is not None:
-    merging_weights = all_merging_weights(algorithm, data, config.client_chunk_size, mesh)
+    merging_weights = all_merging_weights(algorithm, data, eval_clients, mesh)
   down, up = algorithm.communication
   if main_process:
     jsonl = metric_writers.JsonlWriter(workdir, start_round)
