@@ -25,20 +25,23 @@ Prints JSON lines, each with a `kind`:
 - `breakdown` (--breakdown): merge, local training, server update and evaluation, each
   jitted on its own from the algorithm's `RoundStages`, and the whole round;
 - `scaling` (--scaling): per number of clients, in a fresh process (peak RSS only grows),
-  the round time, peak host RSS and peak device memory (None where the backend has none);
+  the round time, peak host RSS (and per stage: data, init, compile, rounds, evaluation, in
+  `peak_rss_by_stage_bytes`) and peak device memory (None where the backend has none);
 - `targets` (--targets): each of the project's targets, the measured value, pass/fail,
   or, where this run did not measure it, the flags it `needs`.
 
 The package's modules: `workloads` (client sizes, synthetic data), `timing` (rounds timed as
 train.py runs them; `round` and `breakdown` rows), `reference` (the loop of jitted steps),
-`flops` (XLA's FLOP count, the matmul peak), `scaling` (one scale a process), `targets`,
-`options` (the flags) and `__main__` (the command). Importing the package defines no flags.
+`flops` (XLA's FLOP count, the matmul peak), `memory` (peak host memory per stage),
+`scaling` (one scale a process), `targets`, `options` (the flags) and `__main__` (the
+command). Importing the package defines no flags.
 """
 
 from fedmerge_jax.benchmark.flops import cost_flops, matmul_peak_gflops, train_step_flops
 from fedmerge_jax.benchmark.reference import (client_batches, local_config, loop_reference,
                                               sgd_step_fn, useful_examples)
-from fedmerge_jax.benchmark.scaling import peak_device_bytes, peak_rss_bytes, scaling_row
+from fedmerge_jax.benchmark.memory import StagePeaks, peak_device_bytes, peak_rss_bytes
+from fedmerge_jax.benchmark.scaling import scaling_row
 from fedmerge_jax.benchmark.targets import targets_row
 from fedmerge_jax.benchmark.timing import (breakdown_row, computed_examples, round_row,
                                            round_schedule, time_rounds, top_kernels)
@@ -47,7 +50,7 @@ from fedmerge_jax.benchmark.workloads import (MODELS, WORKLOADS, cifar100_cluste
                                               parse_workloads, size_summary, synthetic_data)
 
 __all__ = [
-    "MODELS", "WORKLOADS", "breakdown_row", "cifar100_cluster_sizes", "client_batches",
+    "MODELS", "StagePeaks", "WORKLOADS", "breakdown_row", "cifar100_cluster_sizes", "client_batches",
     "client_sizes", "computed_examples", "cost_flops", "data_bytes", "femnist_sizes",
     "local_config", "loop_reference", "matmul_peak_gflops", "parse_workloads",
     "peak_device_bytes", "peak_rss_bytes", "round_row", "round_schedule", "scaling_row",

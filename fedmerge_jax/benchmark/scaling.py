@@ -2,47 +2,37 @@
 process), its round time and memory."""
 
 import json
-import resource
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import jax
 import numpy as np
 
+from fedmerge_jax import evaluation
 from fedmerge_jax import parallel
+from fedmerge_jax import train
+from fedmerge_jax.benchmark.memory import StagePeaks, peak_device_bytes
 from fedmerge_jax.benchmark.timing import time_rounds
 from fedmerge_jax.benchmark.workloads import setting, synthetic_data
 
 
-def peak_rss_bytes() -> int:
-  """This process's peak resident memory: VmHWM (reset by exec, unlike ru_maxrss, which a
-  child inherits from its parent on Linux), else ru_maxrss."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_device_bytes() -> Optional[int]:
-  """Peak bytes in use on the first device, where the backend reports it (not on CPU)."""
-  stats = jax.local_devices()[0].memory_stats()
-  return None if not stats else stats.get("peak_bytes_in_use")
-
-
 def scaling_row(config, num_clients: int, num_rounds: int, examples_per_client: int,
                 example_shape=None, num_classes: int = 0) -> Dict[str, Any]:
-  """One scale, measured in this process: data (float16), compile, then timed rounds."""
+  """One scale, measured in this process: data (float16), init, compile, timed rounds and an
+  evaluation of every client, each stage's own peak host memory in `peak_rss_by_stage_bytes`
+  (`peak_rss_bytes` their largest)."""
   config = config.copy_and_resolve_references()
   config.clients_per_round = 0
-  data = synthetic_data(config.model.name, np.full(num_clients, examples_per_client),
-                        config.seed, np.float16, name="equal", example_shape=example_shape,
-                        num_classes=num_classes)
-  timed = time_rounds(config, data, num_rounds, warmup_rounds=0)
+  peaks = StagePeaks()
+  with peaks.stage("data"):
+    data = synthetic_data(config.model.name, np.full(num_clients, examples_per_client),
+                          config.seed, np.float16, name="equal", example_shape=example_shape,
+                          num_classes=num_classes)
+  timed = time_rounds(config, data, num_rounds, warmup_rounds=0, peaks=peaks)
+  with peaks.stage("evaluation"):
+    clients, examples = evaluation.chunk_sizes(config, data)
+    evaluation.make_evaluator(timed["algorithm"], data, clients, None,
+                              train.compiler_options(config), examples)(timed["state"])
   return {"kind": "scaling", "algorithm": config.algorithm,
           "num_global_models": config.num_global_models, **setting(config, data),
           "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
@@ -50,7 +40,7 @@ def scaling_row(config, num_clients: int, num_rounds: int, examples_per_client: 
           "round_s": timed["round_s"], "examples_per_s": timed["useful_examples_per_s"],
           "data_bytes": int(data.train.nbytes + data.test.nbytes),
           "delta_bytes_per_client": 4 * timed["algorithm"].communication[1],
-          "peak_rss_bytes": peak_rss_bytes(),
+          "peak_rss_bytes": max(peaks.bytes.values()), "peak_rss_by_stage_bytes": peaks.bytes,
           "peak_device_bytes": peak_device_bytes()}
 
 

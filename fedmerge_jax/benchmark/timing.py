@@ -18,6 +18,7 @@ from fedmerge_jax import evaluation
 from fedmerge_jax import parallel
 from fedmerge_jax import train
 from fedmerge_jax.benchmark.flops import train_step_flops
+from fedmerge_jax.benchmark.memory import StagePeaks
 from fedmerge_jax.benchmark.reference import local_config, median_time, useful_examples
 from fedmerge_jax.benchmark.workloads import data_bytes, setting
 from fedmerge_jax.models.layers import resolve_conv_impl
@@ -46,7 +47,8 @@ def round_schedule(config, num_clients: int, num_rounds: int) -> List[np.ndarray
 
 
 def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
-                warmup_rounds: int = 1, profile_kernels: int = 0) -> Dict[str, Any]:
+                warmup_rounds: int = 1, profile_kernels: int = 0,
+                peaks: Optional[StagePeaks] = None) -> Dict[str, Any]:
   """Rounds run as train.py runs them: sampled clients largest first, padded to the round's
   bucket (`parallel.RoundGatherer`), the jitted, donated round of `train.compile_round`.
 
@@ -54,24 +56,27 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
   timing. Returns compile_s, round_s (median), useful_examples_per_s and
   examples_per_s (medians of per-round rates), real_fraction (over the timed rounds), the
   chunk size and local loop used (`client_chunk_size=0` may be chosen: train.py's rule), the
-  algorithm, the timed rounds' client ids in their order and, with `profile_kernels`, the top
-  kernels of one more round's profiler trace (`top_kernels`).
+  algorithm, the timed rounds' client ids in their order, the state after them and, with
+  `profile_kernels`, the top kernels of one more round's profiler trace (`top_kernels`).
+  `peaks` records the peak host memory of 'init', 'compile' and 'rounds'.
   """
-  mesh = parallel.make_mesh(config.num_devices)
-  config = config.copy_and_resolve_references()
-  config.client_chunk_size = train.chosen_chunk_size(config, data, mesh)  # As train.py does.
-  layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
-                                  config.client_chunk_size)
-  _, alg = train.build(config, data, layout)
-  init_rng, round_rng = jax.random.split(jax.random.key(config.seed))
-  state, shardings = parallel.sharded_init(alg.init, mesh, layout.population, init_rng)
-  state = jax.block_until_ready(state)
-  round_fn = train.compile_round(alg, config, mesh, shardings)
-  gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
-  schedule = round_schedule(config, data.num_clients, num_rounds + warmup_rounds)
-  warm, timed = schedule[:warmup_rounds], schedule[warmup_rounds:]
-  holder = {"state": state, "round": 0}
-  compiled = {}  # Per padded length (bucket): the compiled round.
+  peaks = peaks or StagePeaks()
+  with peaks.stage("init"):
+    mesh = parallel.make_mesh(config.num_devices)
+    config = config.copy_and_resolve_references()
+    config.client_chunk_size = train.chosen_chunk_size(config, data, mesh)  # As train.py does.
+    layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
+                                    config.client_chunk_size)
+    _, alg = train.build(config, data, layout)
+    init_rng, round_rng = jax.random.split(jax.random.key(config.seed))
+    state, shardings = parallel.sharded_init(alg.init, mesh, layout.population, init_rng)
+    state = jax.block_until_ready(state)
+    round_fn = train.compile_round(alg, config, mesh, shardings)
+    gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
+    schedule = round_schedule(config, data.num_clients, num_rounds + warmup_rounds)
+    warm, timed = schedule[:warmup_rounds], schedule[warmup_rounds:]
+    holder = {"state": state, "round": 0}
+    compiled = {}  # Per padded length (bucket): the compiled round.
 
   def prepare(ids):
     ordered, sharded_ids, batch = gather_round(ids)
@@ -89,10 +94,11 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
     return ordered
 
   start = time.perf_counter()
-  for ids in warm:
-    one_round(ids)
-  for ids in timed:  # Compile every bucket the timed rounds use, before timing.
-    prepare(ids)
+  with peaks.stage("compile"):
+    for ids in warm:
+      one_round(ids)
+    for ids in timed:  # Compile every bucket the timed rounds use, before timing.
+      prepare(ids)
   compile_s = time.perf_counter() - start
   local = local_config(config)
   parallelism = parallel.resolve_parallelism(alg_parallelism(config, layout))
@@ -100,7 +106,8 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
   seconds, useful, computed, orders = [], [], [], []
   for ids in timed:
     start = time.perf_counter()
-    ordered = one_round(ids)
+    with peaks.stage("rounds"):
+      ordered = one_round(ids)
     seconds.append(time.perf_counter() - start)
     padded = layout.pad_ids(ordered)
     counts = np.where(padded < data.num_clients,
@@ -122,7 +129,7 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
           "examples_per_s": statistics.median(c / s for c, s in zip(computed, seconds)),
           "real_fraction": sum(useful) / sum(computed), "compiled_buckets": len(compiled),
           "client_chunk_size": layout.chunk_size, "local_loop": loop, "top_kernels": kernels,
-          "algorithm": alg, "rounds": orders}
+          "algorithm": alg, "rounds": orders, "state": holder["state"]}
 
 
 def top_kernels(trace_dir: str, top: int) -> List[List[Any]]:
