@@ -47,3 +47,23 @@ def test_stage_peaks_are_each_stages_own():
     np.ones(1024, np.uint8)
   assert peaks.bytes["big"] - peaks.bytes["small"] > 48 * 2**20
   assert peaks.after["small"] <= peaks.bytes["small"]
+
+
+@pytest.mark.skipif(not memory.reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs")
+def test_a_gathered_round_is_read_in_place_by_a_jitted_call_not_copied():
+  """64 MiB of padded client data: the jitted call adds far less than its size on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fedmerge_jax.data import ClientArrays  # pylint: disable=g-import-not-at-top
+  n, shape = 4, (1024, 1024)
+  arrays = ClientArrays(np.ones((n, *shape), np.float32), np.zeros(n, np.int32),
+                        np.arange(n + 1, dtype=np.int64))
+  total = jax.jit(lambda x: jnp.sum(x[:, :, 0]))
+  total(jnp.ones((4, 4, *shape[1:]), jnp.float32))  # The runtime's own first-call memory.
+  peaks = memory.StagePeaks()
+  with peaks.stage("gather"):
+    batch = arrays.gather(np.arange(n), length=4)
+  assert batch.x.ctypes.data % 64 == 0 and batch.x.nbytes == 64 * 2**20
+  with peaks.stage("call"):
+    assert float(total(batch.x)) == n * 1024
+  assert peaks.bytes["call"] - peaks.after["gather"] < 16 * 2**20
