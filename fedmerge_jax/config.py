@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 10
   c.client_chunk_size = 0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
   c.client_parallelism = "auto"  # 'auto' | 'vmap' | 'sequential': how clients run (parallel.py).
+  # Evaluation (and the gap's) in chunks: clients at once (0: enough for about 2,048 examples,
+  # at most client_chunk_size where set) and examples of one client at once (0: 256).
+  c.eval_chunk_size = 0
+  c.eval_batch_size = 0
   # Local training's loop: 'while' (stops at each client's own step count), 'static' (a fixed
   # trip count from the round's padded length: no host round-trip per step on GPUs), 'auto'
   # ('static' when a GPU/TPU vmaps the whole round as one chunk, else 'while'). client.py.
@@ -181,7 +185,8 @@ _POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "e
              "checkpoint_keep", "local_unroll",
              "pfedme_inner_steps", "fedfomo_downloads", "fedamp_alpha", "fedamp_sigma",
              "cfl_max_clusters")
-_NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "num_devices", "prox_mu", "client_lr",
+_NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "eval_chunk_size", "eval_batch_size",
+                 "num_devices", "prox_mu", "client_lr",
                  "checkpoint_every", "checkpoint_every_minutes",
                  "finetune_epochs", "ditto_lambda", "fedrep_head_epochs", "perfedavg_alpha",
                  "pfedme_lambda", "pfedme_personal_lr", "pfedme_beta", "pfedme_l2",

@@ -1,7 +1,9 @@
-"""Per-client evaluation of each client's own (personalised) model on its own split."""
+"""Per-client evaluation of each client's own (personalised) model on its own split, in
+chunks of clients and, within a client, of examples: memory holds one chunk's activations,
+however large the splits."""
 
 import functools
-from typing import Dict
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +12,54 @@ import numpy as np
 from fedmerge_jax import parallel
 from fedmerge_jax.client import ClientData, masked_cross_entropy
 
+EVAL_EXAMPLES = 256  # Automatic examples of one client evaluated at once (config.eval_batch_size).
+EVAL_ROWS = 2048  # Automatic clients at once (config.eval_chunk_size): about this many examples.
 
-def evaluate_client(predict, personal_model, data: ClientData):
-  """One client: (number correct, summed CE) of `predict(personal_model, x)` on its examples."""
-  logits = predict(personal_model, data.x)
-  mask = (jnp.arange(data.y.shape[0]) < data.count).astype(jnp.float32)
-  loss_sum, _ = masked_cross_entropy(logits, data.y, mask)
-  correct = jnp.sum((jnp.argmax(logits, -1) == data.y) * mask)
-  return correct, loss_sum
+
+def _scores(predict, personal_model, x, y, mask):
+  """(number correct, summed CE) over the rows of `x` where `mask`."""
+  logits = predict(personal_model, x)
+  mask = mask.astype(jnp.float32)
+  loss_sum, _ = masked_cross_entropy(logits, y, mask)
+  return jnp.sum((jnp.argmax(logits, -1) == y) * mask), loss_sum
+
+
+def evaluate_client(predict, personal_model, data: ClientData, example_chunk: int = 0):
+  """One client: (number correct, summed CE) of `predict(personal_model, x)` on its examples,
+  `example_chunk` rows at a time (all at once if 0 or at least the padded length), so only
+  one chunk's activations exist at once. A last chunk past the padded length is shifted back
+  to end there, its rows already counted masked out."""
+  length = data.y.shape[0]
+  rows = jnp.arange(length)
+  if example_chunk <= 0 or example_chunk >= length:
+    return _scores(predict, personal_model, data.x, data.y, rows < data.count)
+
+  def add_chunk(i, totals):
+    start = jnp.minimum(i * example_chunk, length - example_chunk)
+    chunk_rows = start + jnp.arange(example_chunk)
+    mask = (chunk_rows >= i * example_chunk) & (chunk_rows < data.count)
+    x = jax.lax.dynamic_slice_in_dim(data.x, start, example_chunk)
+    y = jax.lax.dynamic_slice_in_dim(data.y, start, example_chunk)
+    scores = _scores(predict, personal_model, x, y, mask)
+    return tuple(total + score.astype(jnp.float32) for total, score in zip(totals, scores))
+
+  zero = jnp.zeros((), jnp.float32)
+  return jax.lax.fori_loop(0, -(-length // example_chunk), add_chunk, (zero, zero))
+
+
+def chunk_sizes(config, data) -> Tuple[int, int]:
+  """(clients, examples per client) evaluated at once: `config.eval_chunk_size` and
+  `config.eval_batch_size`, each chosen where 0: `EVAL_EXAMPLES` examples, and clients for
+  about `EVAL_ROWS` examples at once (at most `config.client_chunk_size` where that is set)."""
+  examples = config.eval_batch_size or EVAL_EXAMPLES
+  clients = config.eval_chunk_size
+  if not clients:
+    splits = [a for a in (data.test, data.val) if a is not None]
+    longest = max(int(a.counts.max(initial=0)) for a in splits)
+    clients = max(1, EVAL_ROWS // max(1, min(examples, longest)))
+    if config.client_chunk_size:
+      clients = min(clients, config.client_chunk_size)
+  return min(clients, data.num_clients), examples
 
 
 def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
@@ -38,7 +80,24 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
   }
 
 
-def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options=None):
+def chunk_program(algorithm, example_chunk: int, mesh, compiler_options=None):
+  """The jitted evaluation of one chunk of clients, (state, ids, train, {split: data}) ->
+  {split: (correct [C], summed CE [C])}, each client's model built once for all splits and
+  its examples evaluated `example_chunk` at a time (`evaluate_client`)."""
+  clients = parallel.client_sharding(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(None, clients, clients, clients),
+                     out_shardings=parallel.replicated(mesh), compiler_options=compiler_options)
+  def eval_chunk(state, client_ids, train: ClientData, batches):
+    personal = algorithm.personalized(state, client_ids, train)
+    evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d, example_chunk))
+    return {name: evaluate_all(personal, batch) for name, batch in batches.items()}
+
+  return eval_chunk
+
+
+def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options=None,
+                   example_chunk: int = 0):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
   Besides the summary scalars, `clients/<split>_acc` holds every client's accuracy
@@ -50,6 +109,7 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
   have similar numbers of examples; each chunk is padded only to its own largest client,
   bucketed (`ClientArrays.padded_length`), so few shapes compile. The last chunk is
   filled with repeats of a real client whose results are dropped.
+  Within a client, examples go `example_chunk` at a time (all at once if 0).
   `compiler_options` go to XLA with every chunk's computation (`models.compiler_options`).
   """
   mesh = mesh or parallel.make_mesh(1)
@@ -59,15 +119,7 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
   if data.val is not None:
     splits["val"] = data.val
 
-  clients = parallel.client_sharding(mesh)
-
-  @functools.partial(jax.jit, in_shardings=(None, clients, clients, clients),
-                     out_shardings=parallel.replicated(mesh), compiler_options=compiler_options)
-  def eval_chunk(state, client_ids, train: ClientData, batches):
-    """Every split of a chunk of clients, each client's model built once for all splits."""
-    personal = algorithm.personalized(state, client_ids, train)
-    evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d))
-    return {name: evaluate_all(personal, batch) for name, batch in batches.items()}
+  eval_chunk = chunk_program(algorithm, example_chunk, mesh, compiler_options)
 
   every = {"train": data.train, **splits}
   sizes = sum(arrays.counts.astype(np.int64) for arrays in every.values())

@@ -25,7 +25,8 @@ NOT_RESULT_CHANGING = ("num_rounds", "checkpoint_every", "checkpoint_every_minut
                        "checkpoint_keep", "tensorboard", "client_chunk_size",
                        "client_parallelism", "num_devices", "data.data_dir",
                        # How clients and convolutions execute: same results (tested equal).
-                       "local_loop", "local_unroll", "command_buffers", "model.conv_impl")
+                       "local_loop", "local_unroll", "command_buffers", "model.conv_impl",
+                       "eval_chunk_size", "eval_batch_size")
 # A run's own files in its workdir, removed when it starts over there.
 RUN_FILES = ("metrics.jsonl", "summary.json", "clients.npz", "config.json", FILE,
              "accuracy.png", "client_accuracy.png", "merging_weights.png")

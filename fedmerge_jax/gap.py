@@ -36,10 +36,12 @@ def train_part(data):
 
 
 def probe(metrics: dict, predict, trained_model, data) -> dict:
-  """metrics plus (a)'s correct count and summed loss on the client's test split, if attached."""
+  """metrics plus (a)'s correct count and summed loss on the client's test split, if attached
+  (`evaluation.EVAL_EXAMPLES` examples at a time)."""
   if not isinstance(data, WithTest):
     return metrics
-  correct, loss_sum = evaluation.evaluate_client(predict, trained_model, data.test)
+  correct, loss_sum = evaluation.evaluate_client(predict, trained_model, data.test,
+                                                 evaluation.EVAL_EXAMPLES)
   return dict(metrics, gap_trained_correct=correct, gap_trained_loss_sum=loss_sum)
 
 
@@ -67,19 +69,22 @@ def summarize(trained: Tuple[np.ndarray, np.ndarray], received: Tuple[np.ndarray
   return scalars, {"acc": acc_gap, "loss": loss_gap}
 
 
-def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=None):
+def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=None,
+                       example_chunk: int = 0):
   """Returns gap(state, client_ids, round_metrics) -> (scalars, per-client arrays over all N).
 
   `state` is the state after the round that trained `client_ids` (real ids, in the round's order) with
   `WithTest` data; round_metrics holds its 'clients/gap_trained_*' (phantoms after the
-  real clients). (b) is evaluated `chunk_size` clients at a time (all if 0); the
-  per-client arrays are NaN for clients not trained in the round.
+  real clients). (b) is evaluated `chunk_size` clients at a time (all if 0), each client's
+  examples `example_chunk` at a time (all if 0); the per-client arrays are NaN for clients
+  not trained in the round.
   """
   received = algorithm.received or algorithm.personalized
 
   def evaluate_chunk(state, client_ids, train: ClientData, test: ClientData):
     models = received(state, client_ids, train)
-    return jax.vmap(lambda m, d: evaluation.evaluate_client(algorithm.predict, m, d))(models, test)
+    return jax.vmap(lambda m, d: evaluation.evaluate_client(algorithm.predict, m, d,
+                                                            example_chunk))(models, test)
 
   evaluate_chunk = jax.jit(evaluate_chunk, compiler_options=compiler_options)
 

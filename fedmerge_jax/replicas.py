@@ -183,6 +183,7 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
   for warning in config_lib.data_warnings(first, data.num_clients, data.name):
     logging.warning(warning)
   mesh = parallel.make_mesh(1)  # A group runs on one device (module docstring).
+  eval_clients, eval_examples = evaluation.chunk_sizes(first, data)  # Before training's choice.
   chunk = train.chosen_chunk_size(first, data, mesh)
   for config in configs:
     config.client_chunk_size = chunk
@@ -207,9 +208,11 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
   states = stack(states)
 
   group_round = make_group_round(algorithm, first)
-  measure_gap = gap.make_gap_evaluator(algorithm, data, chunk, train.compiler_options(first))
-  evaluate = evaluation.make_evaluator(algorithm, data, chunk, mesh, train.compiler_options(first))
-  merging_weights = (train.all_merging_weights(algorithm, data, chunk, mesh)
+  measure_gap = gap.make_gap_evaluator(algorithm, data, eval_clients,
+                                       train.compiler_options(first), eval_examples)
+  evaluate = evaluation.make_evaluator(algorithm, data, eval_clients, mesh,
+                                       train.compiler_options(first), eval_examples)
+  merging_weights = (train.all_merging_weights(algorithm, data, eval_clients, mesh)
                      if algorithm.merging_weights is not None else None)
   down, up = algorithm.communication
   num_rounds = first.num_rounds

@@ -184,6 +184,7 @@ class Run(NamedTuple):
   model: object
   algorithm: object
   main_process: bool  # In a multi-host run only process 0 writes.
+  eval_chunks: tuple = (0, 0)  # Evaluation's (clients, examples) at once: evaluation.chunk_sizes.
 
 
 def set_up(config, workdir: str, data=None, model=None, start_over: bool = False) -> Run:
@@ -197,6 +198,7 @@ def set_up(config, workdir: str, data=None, model=None, start_over: bool = False
   for warning in config_lib.data_warnings(config, data.num_clients, data.name):
     logging.warning(warning)
   mesh = parallel.make_mesh(config.num_devices)
+  eval_chunks = evaluation.chunk_sizes(config, data)  # Before training's choice.
   config.client_chunk_size = chosen_chunk_size(config, data, mesh)  # 0 on CPU: as given.
   layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
                                   config.client_chunk_size)
@@ -205,7 +207,7 @@ def set_up(config, workdir: str, data=None, model=None, start_over: bool = False
   logging.info("%s on %s: %d clients, %d classes, model %s, %d devices used", config.algorithm,
                data.name, data.num_clients, data.num_classes, type(model).__name__, mesh.size)
   restore.record_experiment(config, workdir, data, model, start_over, main_process, ran)
-  return Run(config, workdir, data, mesh, layout, model, algorithm, main_process)
+  return Run(config, workdir, data, mesh, layout, model, algorithm, main_process, eval_chunks)
 
 
 def make_round_evaluator(run: Run):
@@ -214,11 +216,12 @@ def make_round_evaluator(run: Run):
   validation metrics, the local-global gap of the round's clients (gap.py), the merging
   weights' agreement with known groups, and the communication per round."""
   algorithm, data, config, mesh = run.algorithm, run.data, run.config, run.mesh
-  measure_gap = gap.make_gap_evaluator(algorithm, data, config.client_chunk_size,
-                                       compiler_options(config))
-  evaluate_clients = evaluation.make_evaluator(algorithm, data, config.client_chunk_size, mesh,
-                                               compiler_options(config))
-  merging_weights = (all_merging_weights(algorithm, data, config.client_chunk_size, mesh)
+  eval_clients, eval_examples = run.eval_chunks
+  measure_gap = gap.make_gap_evaluator(algorithm, data, eval_clients, compiler_options(config),
+                                       eval_examples)
+  evaluate_clients = evaluation.make_evaluator(algorithm, data, eval_clients, mesh,
+                                               compiler_options(config), eval_examples)
+  merging_weights = (all_merging_weights(algorithm, data, eval_clients, mesh)
                      if algorithm.merging_weights is not None else None)
   down, up = algorithm.communication
 

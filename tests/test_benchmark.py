@@ -209,6 +209,9 @@ def test_benchmark_prints_every_kind_of_line():
       row["useful_examples_per_s"] / reference["useful_examples_per_s"])
   assert all(rows[2][k] > 0 for k in ("merge_s", "train_s", "server_s", "eval_s", "round_s"))
   assert all(r["round_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows[3:5])
+  stages = rows[3]["peak_rss_by_stage_bytes"]  # Each stage's own peak; the row's is the largest.
+  assert list(stages) == ["data", "init", "compile", "rounds", "evaluation"]
+  assert min(stages.values()) > 0 and rows[3]["peak_rss_bytes"] == max(stages.values())
   checks = {c["name"]: c for c in rows[-1]["checks"]}
   assert checks["fedmerge_k5_overhead"]["pass"] is None and checks["fedmerge_k5_overhead"]["needs"]
   assert checks["round_time_linear_in_clients"]["measured"] > 0

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmerge_jax import client, gap, train
+from fedmerge_jax import client, evaluation, gap, models, train
 from fedmerge_jax.config import resolve
 from fedmerge_jax.data import FederatedData
 
@@ -43,8 +43,13 @@ def merged(state, weights_row):
   return jax.tree.map(lambda x: np.tensordot(weights_row, np.asarray(x), 1), state.globals)
 
 
-@pytest.mark.parametrize("algorithm", ["fedmerge", "fedavg"])
-def test_gap_equals_a_direct_computation(tiny_config, algorithm):
+# example_chunk 3: the probe (evaluation.EVAL_EXAMPLES) and the gap's evaluation in chunks of
+# 3 examples; client 2's 10 test examples end in a chunk shifted back to rows 7..9.
+@pytest.mark.parametrize("algorithm, example_chunk", [("fedmerge", 0), ("fedavg", 0),
+                                                      ("fedmerge", 3)])
+def test_gap_equals_a_direct_computation(tiny_config, algorithm, example_chunk, monkeypatch):
+  if example_chunk:
+    monkeypatch.setattr(evaluation, "EVAL_EXAMPLES", example_chunk)
   tiny_config.algorithm = algorithm
   tiny_config.num_global_models = 2
   data = federation()
@@ -57,7 +62,8 @@ def test_gap_equals_a_direct_computation(tiny_config, algorithm):
   rng = jax.random.key(7)
   batch = gap.WithTest(data.train.gather(ids), data.test.gather(ids))
   new_state, round_metrics = jax.jit(alg.round)(state, ids, batch, rng)
-  scalars, per_client = gap.make_gap_evaluator(alg, data)(new_state, ids, round_metrics)
+  scalars, per_client = gap.make_gap_evaluator(alg, data, example_chunk=example_chunk)(
+      new_state, ids, round_metrics)
 
   local = client.LocalConfig(config.local_epochs, config.batch_size, config.client_lr,
                              config.prox_mu if algorithm == "fedmerge" else 0.0)

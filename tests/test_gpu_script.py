@@ -9,7 +9,7 @@ import subprocess
 
 from absl import flags
 
-from fedmerge_jax import benchmark
+from fedmerge_jax.benchmark import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_vmap.sh")
@@ -19,7 +19,7 @@ def _benchmark_flags() -> flags.FlagValues:
   """The benchmark's own flags alone: absl's global FLAGS also holds what other test files
   imported (launch.py's required --config), which must not take part in the parse."""
   own = flags.FlagValues()
-  for flag in benchmark.FLAGS.get_flags_for_module(benchmark.__name__):
+  for flag in options.FLAGS.get_flags_for_module(options.__name__):
     own[flag.name] = copy.deepcopy(flag)
   return own
 

@@ -20,14 +20,14 @@ import io
 import os
 import pickle
 import tarfile
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import logging
 import numpy as np
 
 from fedmerge_jax.data.errors import DataError
 from fedmerge_jax.data import partition
-from fedmerge_jax.data.federated import FederatedData
+from fedmerge_jax.data.federated import ClientArrays, FederatedData
 
 NUM_CLASSES = 100
 # The authors' normalisation constants (their loaddata.generate_dataloader).
@@ -132,8 +132,26 @@ def normalize(images: np.ndarray) -> np.ndarray:
   return (images.astype(np.float32) / 255.0 - MEAN) / STD
 
 
-def _client_dict(images, labels, parts) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-  return {f"client_{i:03d}": (normalize(images[p]), labels[p]) for i, p in enumerate(parts)}
+NORMALIZE_ROWS = 10_000  # Images normalised at a time while a split is built.
+
+
+def client_split(images, labels, parts) -> ClientArrays:
+  """The clients' examples `parts` (index arrays) as one ragged split of normalised float32
+  images, written in place block by block: no per-client copies, no whole-split temporaries."""
+  order = np.concatenate([np.asarray(p, np.int64) for p in parts])
+  offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+  x = np.empty((len(order), *images.shape[1:]), np.float32)
+  for start in range(0, len(order), NORMALIZE_ROWS):
+    rows = order[start:start + NORMALIZE_ROWS]
+    x[start:start + len(rows)] = normalize(images[rows])
+  return ClientArrays(x, np.asarray(labels[order], np.int32), offsets)
+
+
+def _federation(name, train, test, val, groups=None) -> FederatedData:
+  """Clients client_000.. with the splits `train`, `test` and `val` (None: no validation)."""
+  return FederatedData(tuple(f"client_{i:03d}" for i in range(train.num_clients)), train, test,
+                       val, NUM_CLASSES, None if groups is None else np.asarray(groups, np.int32),
+                       name)
 
 
 def _check_partition(c, expected: str) -> None:
@@ -149,12 +167,11 @@ def cluster_federation(arrays: Arrays, c) -> FederatedData:
   split = partition.cluster_partition(
       train_y, test_y, c.num_clients, c.num_clusters, c.classes_per_cluster, c.dirichlet_alpha,
       c.val_fraction, c.seed, num_classes=NUM_CLASSES)
-  train = _client_dict(train_x, train_y, split.train)
-  groups = dict(zip(train, split.client_cluster.tolist()))
-  return FederatedData.from_arrays(
-      train, _client_dict(test_x, test_y, split.test),
-      _client_dict(train_x, train_y, split.val) if c.val_fraction > 0 else None,
-      num_classes=NUM_CLASSES, groups=groups, name="cifar100_cluster")
+  return _federation(
+      "cifar100_cluster", client_split(train_x, train_y, split.train),
+      client_split(test_x, test_y, split.test),
+      client_split(train_x, train_y, split.val) if c.val_fraction > 0 else None,
+      split.client_cluster)
 
 
 def personal_federation(arrays: Arrays, c) -> FederatedData:
@@ -165,10 +182,8 @@ def personal_federation(arrays: Arrays, c) -> FederatedData:
   train, val, test = partition.personal_partition(
       y, c.num_clients, c.dirichlet_alpha, c.min_client_size, c.test_fraction, c.val_fraction,
       c.seed, num_classes=NUM_CLASSES)
-  return FederatedData.from_arrays(
-      _client_dict(x, y, train), _client_dict(x, y, test),
-      _client_dict(x, y, val) if c.val_fraction > 0 else None,
-      num_classes=NUM_CLASSES, name="cifar100_personal")
+  return _federation("cifar100_personal", client_split(x, y, train), client_split(x, y, test),
+                     client_split(x, y, val) if c.val_fraction > 0 else None)
 
 
 def split_statistics(data: FederatedData) -> dict:

@@ -52,6 +52,19 @@ def padded_length(n: int, multiple: int, cap: Optional[int] = None) -> int:
   return bucket
 
 
+ALIGNMENT = 64  # Bytes: XLA:CPU uses a host array this aligned in place instead of copying it.
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+  """np.zeros, its data starting at a multiple of `ALIGNMENT` bytes, so that a jitted call on
+  CPU reads it where it is (NumPy aligns to 16 only, and XLA:CPU copies such an argument:
+  a round's padded data would be held twice)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % ALIGNMENT
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientArrays:
   """One split for all clients, ragged: client i's examples are rows offsets[i]:offsets[i+1]
@@ -86,7 +99,8 @@ class ClientArrays:
     return padded_length(largest, multiple, cap=int(self.counts.max(initial=0)))
 
   def gather(self, client_ids, length: Optional[int] = None) -> ClientData:
-    """`client_ids`' examples as NumPy `[C, length, ...]` zero-padded arrays and counts.
+    """`client_ids`' examples as NumPy `[C, length, ...]` zero-padded arrays and counts
+    (`aligned_zeros`: a jitted call on CPU reads them in place).
 
     `length` defaults to the largest of these clients. Ids past the last client are
     phantoms: no examples (count 0), so no training and sample weight 0.
@@ -98,8 +112,8 @@ class ClientArrays:
     if counts.max(initial=0) > length:
       raise ValueError(
           f"gather: a client holds {counts.max()} examples, more than length={length}.")
-    x = np.zeros((len(ids), length, *self.x.shape[1:]), self.x.dtype)
-    y = np.zeros((len(ids), length), self.y.dtype)
+    x = aligned_zeros((len(ids), length, *self.x.shape[1:]), self.x.dtype)
+    y = aligned_zeros((len(ids), length), self.y.dtype)
     for row, (i, n) in enumerate(zip(ids, counts)):
       if n:
         start = self.offsets[i]
