@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from fedmerge_jax import data as data_lib
+from fedmerge_jax.data import cifar100
 
 # Per model: (example shape, classes). 'mlp' is sized for the 8x8 digits data.
 MODELS = {"mlp": ((8, 8, 1), 10), "emnist_cnn": ((28, 28, 1), 62),
@@ -34,7 +35,6 @@ def cifar100_cluster_sizes(config_path: str = CIFAR100_CLUSTER_CONFIG) -> np.nda
   """[50] per-client training sizes of the paper's CIFAR-100 'cluster' split, as
   `data.cifar100.cluster_federation` makes it from the config file's data settings on
   synthetic CIFAR-shaped labels (500 per class in train, 100 in test; 1-pixel images)."""
-  from fedmerge_jax.data import cifar100  # pylint: disable=g-import-not-at-top
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"--client_sizes=cifar100_cluster reads {config_path}; run from a "
                             "checkout of fedmerge_jax.")
