@@ -125,7 +125,8 @@ def map_clients(fn, args, chunk_size: int = 0, parallelism: str = "auto", reduce
 
   # Closed-over arrays (the global models, the whole state) enter every device whole.
   # check_vma off: the scan's zero totals start device-invariant and become per-device.
-  out_specs = PartitionSpec(CLIENTS) if reduce is None else (PartitionSpec(), PartitionSpec(CLIENTS))
+  out_specs = (PartitionSpec(CLIENTS) if reduce is None
+               else (PartitionSpec(), PartitionSpec(CLIENTS)))
   return jax.shard_map(per_device, in_specs=(PartitionSpec(CLIENTS),), out_specs=out_specs,
                        axis_names={CLIENTS}, check_vma=False)(args)
 
@@ -278,7 +279,8 @@ def jit_round(round_fn, mesh: Mesh, shardings, compiler_options=None):
   metrics come back replicated, readable on every host.
   """
   clients, copies = client_sharding(mesh), replicated(mesh)
-  return jax.jit(on_mesh(round_fn, mesh), donate_argnums=0, in_shardings=(shardings, clients, clients, copies),
+  return jax.jit(on_mesh(round_fn, mesh), donate_argnums=0,
+                 in_shardings=(shardings, clients, clients, copies),
                  out_shardings=(shardings, copies), compiler_options=compiler_options)
 
 

@@ -12,7 +12,8 @@ from fedmerge_jax.client import ClientData
 
 @flax.struct.dataclass
 class WithTest:
-  """A round's client data (`train`, read through as its attributes) with each client's test split."""
+  """A round's client data (`train`, read through as its attributes) with each client's test
+  split."""
   train: ClientData
   test: ClientData
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmerge_jax import client, evaluation, gap, models, train
+from fedmerge_jax import client, evaluation, gap, train
 from fedmerge_jax.config import resolve
 from fedmerge_jax.data import FederatedData
 

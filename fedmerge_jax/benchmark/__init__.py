@@ -50,7 +50,8 @@ from fedmerge_jax.benchmark.workloads import (MODELS, WORKLOADS, cifar100_cluste
                                               parse_workloads, size_summary, synthetic_data)
 
 __all__ = [
-    "MODELS", "StagePeaks", "WORKLOADS", "breakdown_row", "cifar100_cluster_sizes", "client_batches",
+    "MODELS", "StagePeaks", "WORKLOADS", "breakdown_row", "cifar100_cluster_sizes",
+    "client_batches",
     "client_sizes", "computed_examples", "cost_flops", "data_bytes", "femnist_sizes",
     "local_config", "loop_reference", "matmul_peak_gflops", "parse_workloads",
     "peak_device_bytes", "peak_rss_bytes", "round_row", "round_schedule", "scaling_row",

@@ -49,7 +49,8 @@ flags.DEFINE_integer("num_classes", 0, "Synthetic labels' classes instead of the
                      "default (0).", lower_bound=0)
 flags.DEFINE_integer("peak_size", 2048, "Matrix size of the matmul that measures peak FLOP/s.")
 flags.DEFINE_enum("compute_dtype", "float32", client_lib.COMPUTE_DTYPES,
-                  "config.compute_dtype: local training's and evaluation's activations and matmuls.")
+                  "config.compute_dtype: local training's and evaluation's activations and "
+                  "matmuls.")
 flags.DEFINE_enum("local_loop", "auto", parallel.LOCAL_LOOP_CHOICES,
                   "config.local_loop: 'while' | 'static' (fixed trip count) | 'auto'.")
 flags.DEFINE_integer("local_unroll", 1, "config.local_unroll: steps per 'static' loop iteration.",

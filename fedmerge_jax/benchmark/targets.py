@@ -66,9 +66,11 @@ def targets_row(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
                                           "batch_size", "local_epochs"))]
   pairs.sort(key=lambda p: (p[0]["workload"] != "femnist", p[0]["model"] != "emnist_cnn"))
   fedavg_k, fedmerge_k = pairs[0] if pairs else (None, None)
-  overhead = fedavg_k and fedavg_k["useful_examples_per_s"] / fedmerge_k["useful_examples_per_s"] - 1
+  overhead = fedavg_k and (fedavg_k["useful_examples_per_s"]
+                           / fedmerge_k["useful_examples_per_s"] - 1)
   checks.append(_check(
-      "fedmerge_k5_overhead", "FedMerge K=5 useful examples/s within 10% of FedAvg's, same workload",
+      "fedmerge_k5_overhead",
+      "FedMerge K=5 useful examples/s within 10% of FedAvg's, same workload",
       overhead, overhead is not None and overhead <= 0.1,
       f"--algorithm=fedavg,fedmerge --num_global_models=5 --client_sizes=femnist {UNEQUAL_FLAGS}",
       workload=fedavg_k and fedavg_k["workload"]))
@@ -86,7 +88,8 @@ def targets_row(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
                        r["algorithm"], r["num_global_models"]), []).append(r)
   series = sorted(groups[min(groups)], key=lambda r: r["clients"]) if groups else []
   biggest = series[-1] if series and series[-1]["model"] == "emnist_cnn" else None
-  scaling_needs = "--model=emnist_cnn --algorithm=fedavg --scaling --scaling_clients=10,100,1000,3400"
+  scaling_needs = ("--model=emnist_cnn --algorithm=fedavg --scaling "
+                   "--scaling_clients=10,100,1000,3400")
   checks.append(_check(
       "emnist_cnn_3400_clients_fit_24gib", "3,400 clients: peak RSS <= 24 GiB",
       biggest["peak_rss_bytes"] if biggest and biggest["clients"] >= 3400 else None,

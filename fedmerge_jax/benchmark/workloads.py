@@ -117,7 +117,8 @@ def size_summary(counts) -> Dict[str, float]:
 
 
 def setting(config, data) -> Dict[str, Any]:
-  """The row fields that say what ran: model, shapes, workload, clients and their sizes, batching."""
+  """The row fields that say what ran: model, shapes, workload, clients and their sizes,
+  batching."""
   counts = data.train.counts
   equal = bool(counts.min() == counts.max())
   return {"model": config.model.name, "example_shape": list(data.example_shape),
