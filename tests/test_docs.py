@@ -112,6 +112,20 @@ def test_strict_build_fails_on_a_broken_link_anchor_or_reference(tmp_path, break
   assert named in done.stdout + done.stderr  # It failed for that reason.
 
 
+# Modules of the package's top level that are internal plumbing, not API: the rest must be
+# named in api.md, so a new module cannot go undocumented.
+INTERNAL = {"cli", "progress"}
+
+
+def test_every_top_level_module_is_in_the_api_reference():
+  listed = set(re.findall(r"^::: fedmerge_jax\.(\w+)$", read("api.md"), flags=re.M))
+  package = os.path.join(ROOT, "fedmerge_jax")
+  modules = {name[:-3] if name.endswith(".py") else name for name in os.listdir(package)
+             if (name.endswith(".py") and not name.startswith("_"))
+             or os.path.isfile(os.path.join(package, name, "__init__.py"))}
+  assert modules - INTERNAL - listed == set()
+
+
 def test_readme_links_into_the_docs_resolve():
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
