@@ -208,13 +208,7 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
   states = stack(states)
 
   group_round = make_group_round(algorithm, first)
-  measure_gap = gap.make_gap_evaluator(algorithm, data, eval_clients,
-                                       train.compiler_options(first), eval_examples)
-  evaluate = evaluation.make_evaluator(algorithm, data, eval_clients, mesh,
-                                       train.compiler_options(first), eval_examples)
-  merging_weights = (train.all_merging_weights(algorithm, data, eval_clients, mesh)
-                     if algorithm.merging_weights is not None else None)
-  down, up = algorithm.communication
+  evaluate = train.round_evaluator(algorithm, data, first, mesh, (eval_clients, eval_examples))
   num_rounds = first.num_rounds
   start = time.perf_counter()
   stops = preemption.StopRequests().install()
@@ -251,8 +245,8 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
               row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."))
         m.state_round = r
         if evaluating:
-          record_evaluation(m, r, row(states, i), ordered[i], row(round_metrics, i), data,
-                            evaluate, measure_gap, merging_weights, (down, up))
+          record_evaluation(m, r, data, lambda i=i: evaluate(row(states, i), r, ordered[i],
+                                                             row(round_metrics, i)))
         m.done = r
         if m.checkpoints and m.schedule.due(r):
           m.save(r, row(states.inner, i))
@@ -281,26 +275,11 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
   return summaries
 
 
-def record_evaluation(member: Member, r: int, state, client_ids, round_metrics, data, evaluate,
-                      measure_gap, merging_weights, communication) -> None:
-  """One replica's evaluation round: the metrics line, events and clients.npz of train.py."""
+def record_evaluation(member: Member, r: int, data, evaluate) -> None:
+  """One replica's evaluation round (`evaluate()`: train.round_evaluator's metrics, per-client
+  arrays and merging weights): the metrics line, events and clients.npz of train.py."""
   now = time.perf_counter()
-  metrics = {"round": r}
-  metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
-  evaluated = evaluate(state)
-  per_client = {k: evaluated.pop(k) for k in list(evaluated) if k.startswith("clients/")}
-  metrics.update(evaluated)
-  gap_scalars, gap_clients = measure_gap(state, client_ids, round_metrics)
-  metrics.update(gap_scalars)
-  per_client.update(gap_clients)
-  weights = None
-  if merging_weights is not None:
-    weights = merging_weights(state)
-    if data.groups is not None:
-      metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
-  down, up = communication
-  metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,
-                  "comm/params_per_round": len(client_ids) * (down + up)})
+  metrics, per_client, weights = evaluate()
   metrics["rounds_per_s"] = (r - member.last_round) / (now - member.last_time)
   member.best = reporting.best_by_validation(metrics, member.best)
   member.metrics = metrics

@@ -211,12 +211,17 @@ def set_up(config, workdir: str, data=None, model=None, start_over: bool = False
 
 
 def make_round_evaluator(run: Run):
+  """`round_evaluator` of a set-up run."""
+  return round_evaluator(run.algorithm, run.data, run.config, run.mesh, run.eval_chunks)
+
+
+def round_evaluator(algorithm, data, config, mesh, eval_chunks):
   """evaluate(state, r, ids, round_metrics) -> (metrics, per-client arrays, merging weights
   or None) for an evaluation round: the round's training metrics, every client's test and
   validation metrics, the local-global gap of the round's clients (gap.py), the merging
-  weights' agreement with known groups, and the communication per round."""
-  algorithm, data, config, mesh = run.algorithm, run.data, run.config, run.mesh
-  eval_clients, eval_examples = run.eval_chunks
+  weights' agreement with known groups, and the communication per round. `eval_chunks`:
+  evaluation's (clients, examples) at once (evaluation.chunk_sizes)."""
+  eval_clients, eval_examples = eval_chunks
   measure_gap = gap.make_gap_evaluator(algorithm, data, eval_clients, compiler_options(config),
                                        eval_examples)
   evaluate_clients = evaluation.make_evaluator(algorithm, data, eval_clients, mesh,
