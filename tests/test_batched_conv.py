@@ -22,7 +22,9 @@ CLIENTS = 3
 # (kernel, strides, padding): 1x1 shortcuts, 3x3 at strides 1 and 2, each padding kind.
 CASES = [((1, 1), 1, "VALID"), ((1, 1), 2, 0), ((5, 5), 1, "SAME"), ((3, 3), 2, 1),
          ((3, 3), 2, "VALID"), ((2, 3), 1, "SAME")]
-BF16_CASES = [CASES[1], CASES[2], CASES[3]]
+# The dtype handling (f32 accumulation, results cast back) does not depend on the shape: one
+# bf16 case, 3x3 at stride 2 with padding, the most general one.
+BF16_CASES = [CASES[3]]
 # bf16: inputs, kernels and results are rounded to 8 significant bits (accumulation is f32),
 # so values and gradients are compared within 2% of the reference's largest magnitude.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}

@@ -7,6 +7,7 @@ sizes are unequal and not multiples of the batch size (4): partial last batches,
 step counts.
 """
 
+import functools
 import os
 import shutil
 import types
@@ -18,8 +19,7 @@ import optax
 import pytest
 from scipy.cluster import hierarchy
 
-from conftest import TinyBN, TinyDropout, tiny_base_config
-from test_algorithms import _one_example_federation
+from conftest import TinyBN, TinyDropout, one_example_federation, tiny_base_config
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import train
 from fedmerge_jax.algorithms import cfl, fedfomo
@@ -32,7 +32,7 @@ RNG = jax.random.key(11)
 
 @pytest.fixture(scope="module")
 def one_example():
-  return _one_example_federation(SIZES)
+  return one_example_federation(SIZES)
 
 
 def _build(data, algorithm, **overrides):
@@ -49,11 +49,20 @@ def _steps(n, config):
   return config.local_epochs * -(-n // config.batch_size)  # E ceil(n / B): a partial last batch.
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_ce(model, params, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": params}, x), y).mean()
+
+
+# One compile per model for every client and test: the example is an argument, not a constant.
+_ce_grad = jax.jit(jax.grad(_mean_ce.__wrapped__, argnums=1), static_argnums=0)
+
+
 def _grad_fn(model, data, c):
   """Gradient of the mean CE on client c's (single, repeated) example."""
   x, y = (a[:1] for a in data.train.client(c))
-  return jax.jit(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": p}, x), y).mean()))
+  return lambda p: _ce_grad(model, p, x, y)
 
 
 def _one(tree, i):
@@ -298,8 +307,7 @@ def test_complete_linkage_bipartition_matches_scipy():
 
 def _val_loss(model, data, c, params):
   x, y = (a[:1] for a in data.train.client(c))
-  return float(optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": params}, x), y).mean())
+  return float(_mean_ce(model, params, x, y))
 
 
 def _l1(a, b):
@@ -413,11 +421,12 @@ RESUMED = ("fedfomo", "cfl")
 def test_runs_chunked_under_partial_participation_and_resumes_exactly(tiny_data, tmp_path, algorithm):
   """BatchNorm or dropout, 3 of 5 clients a round, vmapped chunks of 2; for RESUMED, round 2
   redone from round 1's checkpoint gives the same metrics (CFL splits in round 2; FedFomo's
-  round 2 draws on round 1's uploads)."""
+  round 2 draws on round 1's uploads). Both rounds evaluate: one round program to compile
+  (an evaluating round's batch holds the test split as well)."""
   model_type, overrides = E2E[algorithm]
   config = tiny_base_config()
   config.update(algorithm=algorithm, clients_per_round=3, client_chunk_size=2,
-                client_parallelism="vmap", checkpoint_every=1, eval_every=2, tensorboard=False,
+                client_parallelism="vmap", checkpoint_every=1, eval_every=1, tensorboard=False,
                 **overrides)
   workdir = str(tmp_path)
   straight = train.train_and_evaluate(config, workdir, data=tiny_data, model=model_type())

@@ -27,11 +27,18 @@ def config(**changes):
   return make_config(**{"num_rounds": 10, **changes})
 
 
+def federation():
+  """Unequal clients (partial last batches of 4) whose every 3-client round pads to one
+  length, 12: each run compiles one round program per kind (evaluating or not), not one per
+  padded length."""
+  return make_federation(sizes=[3, 5, 9, 10, 11])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   """The run uninterrupted: what every stopped and resumed one must equal."""
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  summary = train.train_and_evaluate(config(), workdir, data=make_federation())
+  summary = train.train_and_evaluate(config(), workdir, data=federation())
   return summary, metric_lines(workdir)
 
 
@@ -50,7 +57,7 @@ def test_a_stop_signal_finishes_the_round_saves_and_resumes_exactly(
   before = signal.getsignal(number)
   signal_at_call(monkeypatch, 7, number)  # Round 7 is in progress, off the checkpoint schedule.
   with pytest.raises(preemption.Stopped) as info:
-    train.train_and_evaluate(config(), workdir, data=make_federation())
+    train.train_and_evaluate(config(), workdir, data=federation())
   name = signal.Signals(number).name
   assert str(info.value) == (f"stopped by {name}; rounds up to 7 are saved in "
                              f"{workdir}/checkpoints; rerun to resume.")
@@ -61,7 +68,7 @@ def test_a_stop_signal_finishes_the_round_saves_and_resumes_exactly(
   if number != signal.SIGTERM:
     return  # The same path from here on; resumed once, for SIGTERM.
   monkeypatch.undo()
-  summary = train.train_and_evaluate(config(), workdir, data=make_federation())
+  summary = train.train_and_evaluate(config(), workdir, data=federation())
   assert metric_lines(workdir) == uninterrupted[1]
   assert without_timing(summary) == without_timing(uninterrupted[0])
 
@@ -77,7 +84,7 @@ def test_multihost_stops_where_the_preemption_sync_point_says(tmp_path, monkeypa
                       lambda: multihost(process_count=2, sync_point=sync_point))
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(preemption.Stopped, match="stopped by SIGTERM; rounds up to 6 are saved"):
-    train.train_and_evaluate(config(), str(tmp_path), data=make_federation())
+    train.train_and_evaluate(config(), str(tmp_path), data=federation())
   assert asked == list(range(7))  # Asked once per round, every round, in order.
   assert checkpoint_lib.saved_rounds(str(tmp_path))[-1] == 6
   assert signal.getsignal(signal.SIGTERM) == before  # SIGTERM stays JAX's notifier's.
@@ -111,7 +118,7 @@ def test_checkpoints_every_so_many_minutes_or_rounds_whichever_first():
 def test_a_checkpoint_by_minutes_is_written_between_round_checkpoints(tmp_path):
   train.train_and_evaluate(config(num_rounds=3, checkpoint_every=0,
                                        checkpoint_every_minutes=1e-9, checkpoint_keep=5),
-                           str(tmp_path), data=make_federation())
+                           str(tmp_path), data=federation())
   assert checkpoint_lib.saved_rounds(str(tmp_path)) == [1, 2, 3]
 
 
@@ -138,7 +145,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_and_names_folder_and_byte
   monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", waiting)
   with pytest.raises(checkpoint_lib.CheckpointWriteError) as info:
-    train.train_and_evaluate(config(), workdir, data=make_federation())
+    train.train_and_evaluate(config(), workdir, data=federation())
   message = str(info.value)
   assert message.startswith(f"Cannot write the checkpoint of round 10 in {workdir}/checkpoints "
                             f"({os.strerror(code)}): a checkpoint needs about ")
@@ -152,7 +159,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_and_names_folder_and_byte
   assert len(lines) >= 5 and lines == uninterrupted[1][:len(lines)]
   if when != "at once":
     return  # The same resume as below.
-  summary = train.train_and_evaluate(config(), workdir, data=make_federation())
+  summary = train.train_and_evaluate(config(), workdir, data=federation())
   assert metric_lines(workdir) == uninterrupted[1]
   assert without_timing(summary) == without_timing(uninterrupted[0])
 
