@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     import json, re, sys
     import jax, numpy as np
     from conftest import TinyBN, make_federation, tiny_base_config
-    from fedmerge_jax import models, parallel, train
+    from fedmerge_jax import models, parallel, restore, train
     from fedmerge_jax.config import resolve
 
     models.register_model("tiny_bn", lambda cfg, n: TinyBN(n))
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
       _, ids, batch = gather(sampled)
       compiled = round_fn.lower(state, ids, batch, jax.random.key(1)).compile()
       new, metrics = compiled(state, ids, batch, jax.random.key(1))
-      real = train.without_phantoms(new, layout)
+      real = restore.without_phantoms(new, layout)
       leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(real)]
       return compiled.as_text(), {"state": leaves, "loss": float(metrics["train/loss"]),
                                   "x_shape": list(batch.x.shape)}
