@@ -29,7 +29,7 @@ NOT_RESULT_CHANGING = ("num_rounds", "checkpoint_every", "checkpoint_every_minut
                        "eval_chunk_size", "eval_batch_size")
 # A run's own files in its workdir, removed when it starts over there.
 RUN_FILES = ("metrics.jsonl", "summary.json", "clients.npz", "config.json", FILE,
-             "accuracy.png", "client_accuracy.png", "merging_weights.png")
+             "accuracy.png", "client_accuracy.png", "merging_weights.png", "gap.png")
 SAMPLED_ROWS = 4096  # Rows of x hashed per split: the labels and counts are hashed in full.
 
 

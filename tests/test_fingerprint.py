@@ -84,6 +84,14 @@ def test_the_same_experiment_still_resumes_and_extends(finished, tmp_path):
   assert [json.loads(l)["round"] for l in open(os.path.join(extended, "metrics.jsonl"))] == [1, 2, 3]
 
 
+def test_start_over_deletes_all_four_plots(tmp_path):
+  plots = ["accuracy.png", "client_accuracy.png", "merging_weights.png", "gap.png"]
+  for name in plots:
+    open(os.path.join(tmp_path, name), "w").close()
+  fingerprint.start_over(str(tmp_path))
+  assert [name for name in plots if os.path.exists(os.path.join(tmp_path, name))] == []
+
+
 def test_start_over_replaces_the_workdir_and_a_legacy_workdir_is_checked_too(finished, tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(config(num_rounds=1), workdir, data=make_federation())
