@@ -18,7 +18,6 @@ import os
 import runpy
 import statistics
 import tempfile
-import time
 
 import jax
 
@@ -26,6 +25,7 @@ from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import parallel
 from fedmerge_jax import train
+from fedmerge_jax.benchmark import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_ROUNDS = 20
@@ -48,12 +48,7 @@ def loop_ms(data, num_rounds: int) -> float:
 
 
 def median_ms(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * reference.median_time(fn, repeats)
 
 
 def round_parts(data, repeats: int):
