@@ -62,17 +62,28 @@ def run(name: str, config, data=None):
       summary = train.train_and_evaluate(config, workdir, data=data)
       with open(os.path.join(workdir, "metrics.jsonl")) as f:
         losses = [json.loads(line)["train/loss"] for line in f]
-    print(json.dumps({"run": name, "compute_dtype": dtype, "rounds": config.num_rounds,
-                      "test_acc_mean": summary["test/acc_mean"],
-                      "first_train_loss": losses[0], "last_train_loss": losses[-1],
-                      "wall_s": time.perf_counter() - start}), flush=True)
+    print(
+      json.dumps(
+        {
+          "run": name,
+          "compute_dtype": dtype,
+          "rounds": config.num_rounds,
+          "test_acc_mean": summary["test/acc_mean"],
+          "first_train_loss": losses[0],
+          "last_train_loss": losses[-1],
+          "wall_s": time.perf_counter() - start,
+        }
+      ),
+      flush=True,
+    )
 
 
 def main(argv):
   del argv
   if FLAGS.rounds_default:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "default.py")
+    path = os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
+    )
     spec = importlib.util.spec_from_file_location("default_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -31,6 +31,7 @@ def femnist_shaped(num_clients=100, seed=0):
 
   def split(n):
     return (rng.random((n, 28, 28, 1), np.float32), rng.integers(0, 62, n).astype(np.int32))
+
   train_ = {f"w{i}": split(n) for i, n in enumerate(sizes)}
   test = {f"w{i}": split(max(n // 10, 2)) for i, n in enumerate(sizes)}
   return FederatedData.from_arrays(train_, test, num_classes=62, name="femnist_shaped")
@@ -40,9 +41,18 @@ def setups():
   default = runpy.run_path(os.path.join(ROOT, "configs", "default.py"))["get_config"]()
   default.num_rounds, default.eval_every = 60, 20
   femnist = base_config()
-  femnist.update_from_flattened_dict({
-      "num_global_models": 5, "clients_per_round": 10, "batch_size": 20, "client_lr": 0.1,
-      "local_batching": "stream", "model.name": "emnist_cnn", "num_rounds": 12, "eval_every": 4})
+  femnist.update_from_flattened_dict(
+    {
+      "num_global_models": 5,
+      "clients_per_round": 10,
+      "batch_size": 20,
+      "client_lr": 0.1,
+      "local_batching": "stream",
+      "model.name": "emnist_cnn",
+      "num_rounds": 12,
+      "eval_every": 4,
+    }
+  )
   return {"default": (default, None), "femnist": (femnist, femnist_shaped())}
 
 
@@ -67,8 +77,17 @@ def main():
     for repeat in range(args.repeats):
       for every in (0, 1):  # Interleaved: a loaded machine's drift hits each alike.
         rate = measure(config, data, every)
-        print(json.dumps({"data": name, "checkpoint_every": every, "repeat": repeat,
-                          "rounds_per_s": round(rate, 3)}), flush=True)
+        print(
+          json.dumps(
+            {
+              "data": name,
+              "checkpoint_every": every,
+              "repeat": repeat,
+              "rounds_per_s": round(rate, 3),
+            }
+          ),
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ CIFAR-100's size (50,000 + 10,000 random 32x32x3 uint8 images) into the data_dir
   PYTHONPATH=. nice python benchmarks/cifar100_memory.py --make_archive \
       --config.data.data_dir=/tmp/cifar100_fake --config.local_epochs=1
 
-Prints a line per stage as it ends, then one JSON line: per stage `peak_mb` (the stage's own peak resident memory, reset before
-it) and `after_mb` (resident after it); `programs_mb`: temporaries and arguments of the
-compiled programs.
+Prints a line per stage as it ends, then one JSON line: per stage `peak_mb` (the stage's own
+peak resident memory, reset before it) and `after_mb` (resident after it); `programs_mb`:
+temporaries and arguments of the compiled programs.
 """
 
 import json
@@ -32,10 +32,17 @@ from fedmerge_jax import train
 from fedmerge_jax.benchmark.memory import StagePeaks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "cifar100_cluster.py"),
-                                "The run's config (overrides: --config.local_epochs=1).")
-flags.DEFINE_bool("make_archive", False, "Write a synthetic CIFAR-100-sized binary archive to "
-                  "config.data.data_dir first (if none is there).")
+config_flags.DEFINE_config_file(
+  "config",
+  os.path.join(ROOT, "configs", "cifar100_cluster.py"),
+  "The run's config (overrides: --config.local_epochs=1).",
+)
+flags.DEFINE_bool(
+  "make_archive",
+  False,
+  "Write a synthetic CIFAR-100-sized binary archive to "
+  "config.data.data_dir first (if none is there).",
+)
 FLAGS = flags.FLAGS
 MB = 2**20
 
@@ -57,13 +64,18 @@ def make_archive(data_dir: str, seed: int = 0) -> None:
 
 
 def print_stage(name: str, peak: int, after: int) -> None:
-  print(json.dumps({"stage": name, "peak_mb": round(peak / MB), "after_mb": round(after / MB)}),
-        flush=True)
+  print(
+    json.dumps({"stage": name, "peak_mb": round(peak / MB), "after_mb": round(after / MB)}),
+    flush=True,
+  )
 
 
 def program_mb(compiled) -> dict:
   analysis = compiled.memory_analysis()
-  return {"temp": analysis.temp_size_in_bytes / MB, "arguments": analysis.argument_size_in_bytes / MB}
+  return {
+    "temp": analysis.temp_size_in_bytes / MB,
+    "arguments": analysis.argument_size_in_bytes / MB,
+  }
 
 
 def main(argv):
@@ -76,11 +88,13 @@ def main(argv):
     data = data_lib.load(config.data)
   with peaks.stage("init"):
     mesh = parallel.make_mesh(config.num_devices)
-    layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
-                                    config.client_chunk_size)
+    layout = parallel.client_layout(
+      mesh.size, data.num_clients, config.clients_per_round, config.client_chunk_size
+    )
     _, algorithm = train.build(config, data, layout)
-    state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population,
-                                             jax.random.key(config.seed))
+    state, shardings = parallel.sharded_init(
+      algorithm.init, mesh, layout.population, jax.random.key(config.seed)
+    )
     state = jax.block_until_ready(state)
   with peaks.stage("compile"):
     gather_round = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
@@ -98,23 +112,37 @@ def main(argv):
   chunks = getattr(evaluation, "chunk_sizes", lambda c, d: (c.client_chunk_size, 0))(config, data)
   extra = (chunks[1],) if chunks[1] else ()
   with peaks.stage("evaluation"):
-    evaluate = evaluation.make_evaluator(algorithm, data, chunks[0], mesh,
-                                         train.compiler_options(config), *extra)
+    evaluate = evaluation.make_evaluator(
+      algorithm, data, chunks[0], mesh, train.compiler_options(config), *extra
+    )
     metrics = evaluate(state)
   with peaks.stage("gap"):
-    measure_gap = gap.make_gap_evaluator(algorithm, data, chunks[0],
-                                         train.compiler_options(config), *extra)
+    measure_gap = gap.make_gap_evaluator(
+      algorithm, data, chunks[0], train.compiler_options(config), *extra
+    )
     gap_scalars, _ = measure_gap(state, ids, round_metrics)
-  print(json.dumps({
-      "config": "cifar100_cluster", "local_epochs": config.local_epochs,
-      "clients": data.num_clients, "train_examples": int(data.train.counts.sum()),
-      "data_mb": (data.train.nbytes + data.test.nbytes + (data.val.nbytes if data.val else 0)) / MB,
-      "x_dtype": str(data.train.x.dtype), "eval_chunks": list(chunks),
-      "peak_mb": {k: round(v / MB) for k, v in peaks.bytes.items()},
-      "after_mb": {k: round(v / MB) for k, v in peaks.after.items()},
-      "programs_mb": programs, "test/acc_mean": metrics["test/acc_mean"],
-      "val/loss": metrics["val/loss"], "gap/acc_mean": gap_scalars["gap/acc_mean"],
-      "wall_s": time.perf_counter() - start}), flush=True)
+  print(
+    json.dumps(
+      {
+        "config": "cifar100_cluster",
+        "local_epochs": config.local_epochs,
+        "clients": data.num_clients,
+        "train_examples": int(data.train.counts.sum()),
+        "data_mb": (data.train.nbytes + data.test.nbytes + (data.val.nbytes if data.val else 0))
+        / MB,
+        "x_dtype": str(data.train.x.dtype),
+        "eval_chunks": list(chunks),
+        "peak_mb": {k: round(v / MB) for k, v in peaks.bytes.items()},
+        "after_mb": {k: round(v / MB) for k, v in peaks.after.items()},
+        "programs_mb": programs,
+        "test/acc_mean": metrics["test/acc_mean"],
+        "val/loss": metrics["val/loss"],
+        "gap/acc_mean": gap_scalars["gap/acc_mean"],
+        "wall_s": time.perf_counter() - start,
+      }
+    ),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

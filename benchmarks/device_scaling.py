@@ -25,12 +25,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def rows(devices, chunks):
   for d in devices:
     for chunk in chunks:
-      yield {"kind": "devices", "algorithm": "fedavg", "clients": 32, "clients_per_round": 0,
-             "devices": d, "client_chunk_size": chunk, "client_parallelism": "vmap"}
+      yield {
+        "kind": "devices",
+        "algorithm": "fedavg",
+        "clients": 32,
+        "clients_per_round": 0,
+        "devices": d,
+        "client_chunk_size": chunk,
+        "client_parallelism": "vmap",
+      }
   for algorithm in ("ditto", "local"):
     for n in (64, 1024):
-      yield {"kind": "population", "algorithm": algorithm, "clients": n, "clients_per_round": 4,
-             "devices": 1, "client_chunk_size": 0, "client_parallelism": "auto"}
+      yield {
+        "kind": "population",
+        "algorithm": algorithm,
+        "clients": n,
+        "clients_per_round": 4,
+        "devices": 1,
+        "client_chunk_size": 0,
+        "client_parallelism": "auto",
+      }
 
 
 def measure(row, rounds: int):
@@ -40,28 +54,42 @@ def measure(row, rounds: int):
   from fedmerge_jax import benchmark, config as config_lib, parallel, train  # pylint: disable=import-outside-toplevel
 
   config = config_lib.base_config()
-  config.update_from_flattened_dict({
-      "algorithm": row["algorithm"], "num_global_models": 1, "model.name": "mlp",
-      "clients_per_round": row["clients_per_round"], "num_devices": row["devices"],
+  config.update_from_flattened_dict(
+    {
+      "algorithm": row["algorithm"],
+      "num_global_models": 1,
+      "model.name": "mlp",
+      "clients_per_round": row["clients_per_round"],
+      "num_devices": row["devices"],
       "client_chunk_size": row["client_chunk_size"],
-      "client_parallelism": row["client_parallelism"], "batch_size": 20, "local_epochs": 1})
+      "client_parallelism": row["client_parallelism"],
+      "batch_size": 20,
+      "local_epochs": 1,
+    }
+  )
   config = config_lib.resolve(config)
   data = benchmark.synthetic_data("mlp", np.full(row["clients"], 200), config.seed)
   timed = benchmark.time_rounds(config, data, rounds)
 
   mesh = parallel.make_mesh(config.num_devices)  # The same round again, for its memory.
-  layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
-                                  config.client_chunk_size)
+  layout = parallel.client_layout(
+    mesh.size, data.num_clients, config.clients_per_round, config.client_chunk_size
+  )
   _, alg = train.build(config, data, layout)
   state = jax.eval_shape(alg.init, jax.random.key(0))
-  round_fn = train.compile_round(alg, config, mesh,
-                                 parallel.state_shardings(mesh, state, layout.population))
+  round_fn = train.compile_round(
+    alg, config, mesh, parallel.state_shardings(mesh, state, layout.population)
+  )
   gather = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
   _, ids, batch = gather(timed["rounds"][0])
   memory = round_fn.lower(state, ids, batch, jax.random.key(0)).compile().memory_analysis()
-  return dict(row, round_s=timed["round_s"], rounds_per_s=1 / timed["round_s"],
-              temp_bytes=memory.temp_size_in_bytes if memory else None,
-              peak_rss_bytes=benchmark.peak_rss_bytes())
+  return dict(
+    row,
+    round_s=timed["round_s"],
+    rounds_per_s=1 / timed["round_s"],
+    temp_bytes=memory.temp_size_in_bytes if memory else None,
+    peak_rss_bytes=benchmark.peak_rss_bytes(),
+  )
 
 
 def main():
@@ -78,11 +106,26 @@ def main():
   devices, chunks = ([int(v) for v in flag.split(",") if v] for flag in (args.devices, args.chunks))
   for row in rows(devices, chunks):  # --devices= (empty): the population rows alone.
     for tree in args.trees.split(","):
-      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.abspath(tree),
-                 XLA_FLAGS=f"--xla_force_host_platform_device_count={row['devices']}")
-      out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--rounds={args.rounds}",
-                            "--worker", json.dumps(row)], env=env, cwd=ROOT,
-                           capture_output=True, text=True, check=False)
+      env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.path.abspath(tree),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={row['devices']}",
+      )
+      out = subprocess.run(
+        [
+          sys.executable,
+          os.path.abspath(__file__),
+          f"--rounds={args.rounds}",
+          "--worker",
+          json.dumps(row),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+      )
       lines = [l for l in out.stdout.splitlines() if l.startswith("ROW ")]
       result = json.loads(lines[-1][4:]) if lines else dict(row, error=out.stderr[-500:])
       print(json.dumps(dict(result, tree=tree)), flush=True)

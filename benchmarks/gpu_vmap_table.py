@@ -7,8 +7,21 @@ the matmul peaks and the top kernels of the slowest and the fastest variant.
 import json
 import sys
 
-HEAD = ("label", "model", "sizes", "conv", "dtype", "loop", "cmd buf", "chunk", "useful ex/s",
-        "real", "of peak", "round s", "compile s")
+HEAD = (
+  "label",
+  "model",
+  "sizes",
+  "conv",
+  "dtype",
+  "loop",
+  "cmd buf",
+  "chunk",
+  "useful ex/s",
+  "real",
+  "of peak",
+  "round s",
+  "compile s",
+)
 
 
 def _peak(row) -> str:
@@ -24,22 +37,31 @@ def table(rows) -> str:
     if r["client_parallelism"] == "vmap" and r.get("requested_chunk_size") == 0:
       chunk = f"chosen: {chunk or 'all'}"
     lines.append(
-        f"| {r.get('label', '')} | {r['model']} | {r['workload']} | {r['conv_impl']} | "
-        f"{r['compute_dtype']} | {r['local_loop']} | {r['command_buffers']} | {chunk} | "
-        f"{r['useful_examples_per_s']:,.0f} | {r['real_fraction']:.2f} | {_peak(r)} | "
-        f"{r['round_s']:.3f} | {r['compile_s']:.1f} |")
+      f"| {r.get('label', '')} | {r['model']} | {r['workload']} | {r['conv_impl']} | "
+      f"{r['compute_dtype']} | {r['local_loop']} | {r['command_buffers']} | {chunk} | "
+      f"{r['useful_examples_per_s']:,.0f} | {r['real_fraction']:.2f} | {_peak(r)} | "
+      f"{r['round_s']:.3f} | {r['compile_s']:.1f} |"
+    )
   if not rows:
     return "\n".join(lines + ["", "(no rows)"])
   peaks = rows[0]["matmul_peaks_gflops"]
-  lines += ["", f"Dense matmul peaks measured in the run ({rows[0]['backend']}): " + ", ".join(
-      f"{dtype} {gflops:,.0f} GFLOP/s" for dtype, gflops in sorted(peaks.items()))]
+  lines += [
+    "",
+    f"Dense matmul peaks measured in the run ({rows[0]['backend']}): "
+    + ", ".join(f"{dtype} {gflops:,.0f} GFLOP/s" for dtype, gflops in sorted(peaks.items())),
+  ]
   slowest = min(rows, key=lambda r: r["useful_examples_per_s"])
   fastest = max(rows, key=lambda r: r["useful_examples_per_s"])
   for name, r in (("Slowest", slowest), ("Fastest", fastest)):
-    lines += ["", f"{name} variant: {r.get('label', '')} {r['model']} {r['workload']} "
-              f"({r['useful_examples_per_s']:,.0f} useful ex/s); top kernels of one round:"]
-    lines += [f"- {ms:9.3f} ms {share:6.1%}  {kernel[:100]}"
-              for kernel, ms, share in (r.get("top_kernels") or [])] or ["- (not profiled)"]
+    lines += [
+      "",
+      f"{name} variant: {r.get('label', '')} {r['model']} {r['workload']} "
+      f"({r['useful_examples_per_s']:,.0f} useful ex/s); top kernels of one round:",
+    ]
+    lines += [
+      f"- {ms:9.3f} ms {share:6.1%}  {kernel[:100]}"
+      for kernel, ms, share in (r.get("top_kernels") or [])
+    ] or ["- (not profiled)"]
   return "\n".join(lines)
 
 

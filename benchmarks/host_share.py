@@ -57,8 +57,9 @@ def round_parts(data, repeats: int):
   mesh = parallel.make_mesh(1)
   layout = parallel.client_layout(1, data.num_clients, 5, 0)
   _, algorithm = train.build(config, data, layout)
-  state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population,
-                                           jax.random.key(0))
+  state, shardings = parallel.sharded_init(
+    algorithm.init, mesh, layout.population, jax.random.key(0)
+  )
   round_fn = train.compile_round(algorithm, config, mesh, shardings)
   gather = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
   key = jax.random.key(1)
@@ -69,10 +70,13 @@ def round_parts(data, repeats: int):
   def one_round():
     holder[0], metrics = round_fn(holder[0], sharded_ids, batch, key)
     jax.block_until_ready(metrics)
+
   one_round()  # Compiles.
-  return (median_ms(one_round, repeats),
-          median_ms(lambda: train.sample_clients(key, data.num_clients, 5), repeats),
-          median_ms(lambda: gather(ids), repeats))
+  return (
+    median_ms(one_round, repeats),
+    median_ms(lambda: train.sample_clients(key, data.num_clients, 5), repeats),
+    median_ms(lambda: gather(ids), repeats),
+  )
 
 
 def main():
@@ -84,10 +88,20 @@ def main():
   for repeat in range(args.repeats):
     per_round = loop_ms(data, args.rounds)
     compute_ms, sampling_ms, gathering_ms = round_parts(data, 100)
-    print(json.dumps({"repeat": repeat, "rounds_per_s": round(1e3 / per_round, 1),
-                      "loop_ms_per_round": round(per_round, 3), "compute_ms": round(compute_ms, 3),
-                      "sampling_ms": round(sampling_ms, 3), "gathering_ms": round(gathering_ms, 3),
-                      "host_share": round(1 - compute_ms / per_round, 3)}), flush=True)
+    print(
+      json.dumps(
+        {
+          "repeat": repeat,
+          "rounds_per_s": round(1e3 / per_round, 1),
+          "loop_ms_per_round": round(per_round, 3),
+          "compute_ms": round(compute_ms, 3),
+          "sampling_ms": round(sampling_ms, 3),
+          "gathering_ms": round(gathering_ms, 3),
+          "host_share": round(1 - compute_ms / per_round, 3),
+        }
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ flags.DEFINE_integer("run_rounds", 200, "Rounds of one run, for runs per hour.")
 flags.DEFINE_string("group_algorithm", "fedmerge", "Algorithm of every replica.")
 
 # model -> (client sizes, clients per round, batch size).
-SETTINGS = {"mlp": (lambda: np.full(20, 90), 0, 32),
-            "emnist_cnn": (lambda: benchmark.femnist_sizes(100, 0), 10, 20),
-            "resnet9": (lambda: np.full(20, 50), 4, 32)}
+SETTINGS = {
+  "mlp": (lambda: np.full(20, 90), 0, 32),
+  "emnist_cnn": (lambda: benchmark.femnist_sizes(100, 0), 10, 20),
+  "resnet9": (lambda: np.full(20, 50), 4, 32),
+}
 
 
 def time_group(model: str, num_replicas: int, rounds: int) -> dict:
@@ -56,28 +58,40 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
   keys = jnp.stack([jax.random.key(c.seed) for c in configs])
   values = hyperparams.stacked_values(configs)
   init = jax.jit(algorithm.init)
-  states = replicas.stack([init((keys[i], {k: v[i] for k, v in values.items()}))
-                           for i in range(num_replicas)])
+  states = replicas.stack(
+    [init((keys[i], {k: v[i] for k, v in values.items()})) for i in range(num_replicas)]
+  )
   group_round = replicas.make_group_round(algorithm, config)
   active = np.ones(num_replicas, bool)
   times, useful = [], 0
   for r in range(rounds + 1):
-    sampled = [train.sample_clients(jax.random.fold_in(jax.random.key(c.seed), r),
-                                    data.num_clients, clients_per_round) for c in configs]
+    sampled = [
+      train.sample_clients(
+        jax.random.fold_in(jax.random.key(c.seed), r), data.num_clients, clients_per_round
+      )
+      for c in configs
+    ]
     _, ids, batch = replicas.round_batches(data, layout, sampled, batch_size, False)
     start = time.perf_counter()
-    states, metrics = group_round(states, active, ids, batch, jax.random.split(keys[0], num_replicas))
+    states, metrics = group_round(
+      states, active, ids, batch, jax.random.split(keys[0], num_replicas)
+    )
     jax.block_until_ready((states, metrics))
     if r:  # Round 0 compiles.
       times.append(time.perf_counter() - start)
-      useful += sum(benchmark.useful_examples(data.train.counts[s], config.local_epochs)
-                    for s in sampled)
+      useful += sum(
+        benchmark.useful_examples(data.train.counts[s], config.local_epochs) for s in sampled
+      )
   seconds = float(np.median(times))
-  return {"model": model, "algorithm": FLAGS.group_algorithm, "replicas": num_replicas,
-          "s_per_round": round(seconds, 4),
-          "useful_examples_per_s": round(useful / sum(times), 1),
-          "runs_per_hour": round(3600 * num_replicas / (seconds * FLAGS.run_rounds), 2),
-          "backend": jax.default_backend()}
+  return {
+    "model": model,
+    "algorithm": FLAGS.group_algorithm,
+    "replicas": num_replicas,
+    "s_per_round": round(seconds, 4),
+    "useful_examples_per_s": round(useful / sum(times), 1),
+    "runs_per_hour": round(3600 * num_replicas / (seconds * FLAGS.run_rounds), 2),
+    "backend": jax.default_backend(),
+  }
 
 
 def main(argv):

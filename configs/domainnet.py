@@ -21,8 +21,18 @@ Compare with FedAvg:
 
 from fedmerge_jax.config import authors_training
 
-FEDBN_CLASSES = ("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale",
-                 "windmill", "wine_glass", "zebra")
+FEDBN_CLASSES = (
+  "bird",
+  "feather",
+  "headphones",
+  "ice_cream",
+  "teapot",
+  "tiger",
+  "whale",
+  "windmill",
+  "wine_glass",
+  "zebra",
+)
 
 
 def get_config():

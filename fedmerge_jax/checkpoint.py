@@ -33,8 +33,9 @@ class Schedule:
   """When to checkpoint: every `every_rounds` rounds, every `every_minutes` minutes since
   the last save (whichever comes first; 0 turns either off), and at the last round."""
 
-  def __init__(self, every_rounds: int, every_minutes: float, num_rounds: int,
-               clock=time.monotonic):
+  def __init__(
+    self, every_rounds: int, every_minutes: float, num_rounds: int, clock=time.monotonic
+  ):
     self.every_rounds, self.every_minutes, self.num_rounds = every_rounds, every_minutes, num_rounds
     self._clock = clock
     self._last = clock()
@@ -60,8 +61,13 @@ def state_bytes(tree) -> int:
 def is_write_failure(error: BaseException) -> bool:
   """A full disk, a missing permission or a read-only file system, anywhere in the causes."""
   while error is not None:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
-                                                      errno.EPERM, errno.EROFS):
+    if isinstance(error, OSError) and error.errno in (
+      errno.ENOSPC,
+      errno.EDQUOT,
+      errno.EACCES,
+      errno.EPERM,
+      errno.EROFS,
+    ):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -72,8 +78,11 @@ def saved_rounds(workdir: str) -> list:
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+  return sorted(
+    int(name)
+    for name in os.listdir(directory)
+    if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+  )
 
 
 def remove_torn_writes(directory: str) -> None:
@@ -115,8 +124,13 @@ class Checkpoints:
     with self._reporting_write_failures():
       self._manager.wait_until_finished()  # The previous write's failure belongs to it.
       self._writing = (round_index, state_bytes(state))
-      self._manager.save(round_index, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+      self._manager.save(
+        round_index,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+        ),
+        force=True,
+      )
 
   def wait(self) -> None:
     """Blocks until every started write is complete on disk."""
@@ -132,8 +146,9 @@ class Checkpoints:
       if not is_write_failure(e):
         raise
       round_index, needed = self._writing or (None, 0)
-      self.failed = CheckpointWriteError(write_failure_message(
-          self.directory, round_index, needed, self.latest_round(), e))
+      self.failed = CheckpointWriteError(
+        write_failure_message(self.directory, round_index, needed, self.latest_round(), e)
+      )
       raise self.failed from e
 
   def latest_round(self) -> Optional[int]:
@@ -150,19 +165,29 @@ class Checkpoints:
     errors = []
     for step in steps:
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(like), progress=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(like), progress=ocp.args.JsonRestore()
+          ),
+        )
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint %s/%d cannot be restored (%s: %s); trying an older one.",
-                        self.directory, step, type(e).__name__, e)
+        logging.warning(
+          "Checkpoint %s/%d cannot be restored (%s: %s); trying an older one.",
+          self.directory,
+          step,
+          type(e).__name__,
+          e,
+        )
         errors.append(f"{step}: {type(e).__name__}")
         continue
       return step, restored["state"], restored["progress"]
     if steps:
       raise CheckpointError(
-          f"None of the {len(steps)} checkpoints in {self.directory} can be read "
-          f"(round {', round '.join(errors)}); they are kept, and the run did not start over. "
-          f"To start over, use a new --workdir (or move {self.directory} away).")
+        f"None of the {len(steps)} checkpoints in {self.directory} can be read "
+        f"(round {', round '.join(errors)}); they are kept, and the run did not start over. "
+        f"To start over, use a new --workdir (or move {self.directory} away)."
+      )
     return None
 
   def close(self) -> None:
@@ -181,8 +206,9 @@ class Checkpoints:
           raise
 
 
-def write_failure_message(directory: str, round_index: Optional[int], needed: int,
-                          kept: Optional[int], error: BaseException) -> str:
+def write_failure_message(
+  directory: str, round_index: Optional[int], needed: int, kept: Optional[int], error: BaseException
+) -> str:
   """'Cannot write the checkpoint of round 40 in <dir> (No space left on device) ...'."""
   while not isinstance(error, OSError) and (error.__cause__ or error.__context__):
     error = error.__cause__ or error.__context__
@@ -191,8 +217,10 @@ def write_failure_message(directory: str, round_index: Optional[int], needed: in
     free = f"; {shutil.disk_usage(directory).free:,} bytes are free there"
   except OSError:
     free = ""
-  previous = (f"the checkpoint of round {kept}" if kept is not None else "no earlier checkpoint")
-  return (f"Cannot write the checkpoint of round {round_index} in {directory} ({reason}): a "
-          f"checkpoint needs about {needed:,} bytes{free}. Kept intact: {previous}, "
-          "metrics.jsonl and summary.json. Free space there or make it writable (or use "
-          "another --workdir), then rerun the same command to resume.")
+  previous = f"the checkpoint of round {kept}" if kept is not None else "no earlier checkpoint"
+  return (
+    f"Cannot write the checkpoint of round {round_index} in {directory} ({reason}): a "
+    f"checkpoint needs about {needed:,} bytes{free}. Kept intact: {previous}, "
+    "metrics.jsonl and summary.json. Free space there or make it writable (or use "
+    "another --workdir), then rerun the same command to resume."
+  )

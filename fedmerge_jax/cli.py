@@ -40,9 +40,13 @@ def _unknown_override(argv):
   return next((p for p in _config_override_paths(argv) if p not in schema), None)
 
 
-flags.DEFINE_list("imports", [], "Comma-separated Python modules imported before the config and "
-                  "flags are checked, e.g. my_models: where they call "
-                  "fedmerge_jax.models.register_model / algorithms.register_algorithm.")
+flags.DEFINE_list(
+  "imports",
+  [],
+  "Comma-separated Python modules imported before the config and "
+  "flags are checked, e.g. my_models: where they call "
+  "fedmerge_jax.models.register_model / algorithms.register_algorithm.",
+)
 
 
 def import_user_modules(argv) -> None:
@@ -60,8 +64,10 @@ def import_user_modules(argv) -> None:
     try:
       importlib.import_module(name)
     except ImportError as e:
-      sys.exit(f"FATAL --imports={name}: cannot import it ({e}). Give a module name (no .py), "
-               "run from the folder that holds it, or add that folder to PYTHONPATH.")
+      sys.exit(
+        f"FATAL --imports={name}: cannot import it ({e}). Give a module name (no .py), "
+        "run from the folder that holds it, or add that folder to PYTHONPATH."
+      )
 
 
 def parse_flags(argv):
@@ -76,8 +82,10 @@ def parse_flags(argv):
     unknown = _unknown_override(argv)
     if unknown is not None:
       message = config_lib.unknown_key_message(unknown)
-      fatal(f"Flags parsing error: {message[0].lower()}{message[1:]} Every valid key, "
-            "with its meaning, is listed in fedmerge_jax/config.py.")
+      fatal(
+        f"Flags parsing error: {message[0].lower()}{message[1:]} Every valid key, "
+        "with its meaning, is listed in fedmerge_jax/config.py."
+      )
     message = str(e).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
     fatal(f"Flags parsing error: {message}")
   _check_config_file()
@@ -96,8 +104,10 @@ def _check_config_file() -> None:
     flags.FLAGS.config.keys()  # A config that failed to load raises here.
   except OSError as e:
     if not os.path.isfile(path):
-      fatal(f"--config={path}: no such file (looked in {os.getcwd()}). Give a config file's "
-            "path, e.g. --config=configs/default.py.")
+      fatal(
+        f"--config={path}: no such file (looked in {os.getcwd()}). Give a config file's "
+        "path, e.g. --config=configs/default.py."
+      )
     cause = e.__cause__ or e
     fatal(f"--config={path} failed to load ({type(cause).__name__}: {cause}).")
 
@@ -105,8 +115,10 @@ def _check_config_file() -> None:
 def check_workdir(workdir: str) -> None:
   """A --workdir that is an existing file cannot hold a run: say so before any work."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    fatal(f"--workdir={workdir} is a file, not a directory. Give a new or existing "
-          "directory, e.g. --workdir=/tmp/fedmerge_run.")
+    fatal(
+      f"--workdir={workdir} is a file, not a directory. Give a new or existing "
+      "directory, e.g. --workdir=/tmp/fedmerge_run."
+    )
 
 
 def is_noise(record: logging.LogRecord) -> bool:
@@ -116,7 +128,8 @@ def is_noise(record: logging.LogRecord) -> bool:
   if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
     return True  # A library's own report of Ctrl-C; the main says it in one line.
   return record.levelno < logging.WARNING and any(
-      part in record.pathname for part in CHATTY_LIBRARIES)
+    part in record.pathname for part in CHATTY_LIBRARIES
+  )
 
 
 def _drop_noise(record: logging.LogRecord) -> bool:

@@ -37,6 +37,7 @@ COMPUTE_DTYPES = choices.COMPUTE_DTYPES
 
 class LocalConfig(NamedTuple):
   """Static hyper-parameters of local training."""
+
   local_epochs: int
   batch_size: int
   client_lr: float
@@ -49,6 +50,7 @@ class LocalConfig(NamedTuple):
 
 class ClientData(NamedTuple):
   """One client's (or, with a leading axis, several clients') padded examples."""
+
   x: jax.Array  # [max_n, ...]
   y: jax.Array  # [max_n]
   count: jax.Array  # [] number of real examples
@@ -96,9 +98,11 @@ def epoch_orders(key, count, max_n, num_epochs):
 
   The permutation of the real slots does not depend on `max_n` (how far a round pads).
   """
+
   def one(k):
     scores = jnp.where(jnp.arange(max_n) < count, jax.random.uniform(k, (max_n,)), 2.0)
     return jnp.argsort(scores)
+
   return jax.vmap(one)(jax.random.split(key, num_epochs))
 
 
@@ -108,7 +112,8 @@ def to_compute_dtype(tree, compute_dtype: str):
     return tree
   dtype = jnp.dtype(compute_dtype)
   return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
 def cross_entropy_loss(outputs, labels, idx):
@@ -121,15 +126,25 @@ def check_takes_mask(variables, takes_mask: bool) -> None:
   """Refuses BatchNorm statistics ('batch_stats') without a mask: padded rows would enter them."""
   if "batch_stats" in variables and not takes_mask:
     raise ValueError(
-        "local_train: the model keeps BatchNorm statistics ('batch_stats') but takes no mask, "
-        "so the padded rows of partial batches would enter them; give its __call__ a "
-        "`mask=None` argument passed on to every BatchNorm (models.layers.BatchNorm(...)(x, mask)"
-        " or nn.BatchNorm(...)(x, mask=...)) and pass local_train(..., takes_mask=True).")
+      "local_train: the model keeps BatchNorm statistics ('batch_stats') but takes no mask, "
+      "so the padded rows of partial batches would enter them; give its __call__ a "
+      "`mask=None` argument passed on to every BatchNorm (models.layers.BatchNorm(...)(x, mask)"
+      " or nn.BatchNorm(...)(x, mask=...)) and pass local_train(..., takes_mask=True)."
+    )
 
 
-def batch_loss(apply_fn, params, other, data: ClientData, idx, mask, rng,
-               example_loss: Callable[..., Any] = cross_entropy_loss, takes_mask: bool = False,
-               compute_dtype: str = "float32"):
+def batch_loss(
+  apply_fn,
+  params,
+  other,
+  data: ClientData,
+  idx,
+  mask,
+  rng,
+  example_loss: Callable[..., Any] = cross_entropy_loss,
+  takes_mask: bool = False,
+  compute_dtype: str = "float32",
+):
   """(mean over the batch's real rows of `example_loss`, the model's new non-param collections).
 
   The batch is rows `idx` of `data`, `mask` marking the real ones; the model runs in train
@@ -140,8 +155,14 @@ def batch_loss(apply_fn, params, other, data: ClientData, idx, mask, rng,
   mutable = list(other)
   kwargs = {"mask": mask} if takes_mask else {}
   compute = lambda tree: to_compute_dtype(tree, compute_dtype)
-  out = apply_fn({"params": compute(params), **other}, compute(data.x[idx]), train=True,
-                 rngs={"dropout": rng}, mutable=mutable or False, **kwargs)
+  out = apply_fn(
+    {"params": compute(params), **other},
+    compute(data.x[idx]),
+    train=True,
+    rngs={"dropout": rng},
+    mutable=mutable or False,
+    **kwargs,
+  )
   outputs, new_other = out if mutable else (out, {})
   losses = example_loss(outputs.astype(jnp.float32), data.y[idx], idx)
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_other
@@ -152,10 +173,19 @@ def plain_objective(batch_loss, params, other, idx, mask, rng):
   return batch_loss(params, other, idx, mask, rng)
 
 
-def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, local: LocalConfig,
-                anchor=None, example_loss: Callable[..., Any] = cross_entropy_loss,
-                takes_mask: bool = False, trainable=None, optimizer=None,
-                objective: Callable[..., Any] = plain_objective):
+def local_train(
+  apply_fn: Callable[..., Any],
+  variables,
+  data: ClientData,
+  key,
+  local: LocalConfig,
+  anchor=None,
+  example_loss: Callable[..., Any] = cross_entropy_loss,
+  takes_mask: bool = False,
+  trainable=None,
+  optimizer=None,
+  objective: Callable[..., Any] = plain_objective,
+):
   """Trains one client's copy of `variables`; returns (delta = received - trained, metrics).
 
   `variables` is a flax variable dict: 'params' are trained by SGD on the mean over the
@@ -184,8 +214,9 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
   tx = optax.sgd(local.client_lr) if optimizer is None else optimizer
 
   def step_loss(params, other, idx, mask, rng):
-    return batch_loss(apply_fn, params, other, data, idx, mask, rng, example_loss, takes_mask,
-                      local.compute_dtype)
+    return batch_loss(
+      apply_fn, params, other, data, idx, mask, rng, example_loss, takes_mask, local.compute_dtype
+    )
 
   def loss_fn(params, other, idx, mask, rng):
     loss, new_other = objective(step_loss, params, other, idx, mask, rng)
@@ -195,22 +226,31 @@ def local_train(apply_fn: Callable[..., Any], variables, data: ClientData, key, 
     t, params, other, opt_state, loss_sum = carry
     epoch, slot, mask = batch_slots(t, count, local)
     grads, (loss, new_other) = jax.grad(loss_fn, has_aux=True)(
-        params, other, order[epoch, slot], mask, jax.random.fold_in(dropout_key, t))
+      params, other, order[epoch, slot], mask, jax.random.fold_in(dropout_key, t)
+    )
     if trainable is not None:  # Frozen parameters: no gradient (their backward pass is dead code).
       grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads, trainable)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return (t + 1, optax.apply_updates(params, updates), dict(new_other), opt_state,
-            loss_sum + loss)
+    return (
+      t + 1,
+      optax.apply_updates(params, updates),
+      dict(new_other),
+      opt_state,
+      loss_sum + loss,
+    )
 
   other0 = {k: v for k, v in variables.items() if k != "params"}
   init = (jnp.zeros((), jnp.int32), params0, other0, tx.init(params0), jnp.zeros((), jnp.float32))
   if local.loop == "while":
     final = jax.lax.while_loop(lambda c: c[0] < steps, step, init)
   elif local.loop == "static":
+
     def masked_step(t, carry):  # Past its own count a client's carry stays as it is.
       return jax.tree.map(lambda new, old: jnp.where(t < steps, new, old), step(carry), carry)
-    final = jax.lax.fori_loop(0, num_local_steps(max_n, local), masked_step, init,
-                              unroll=local.unroll)
+
+    final = jax.lax.fori_loop(
+      0, num_local_steps(max_n, local), masked_step, init, unroll=local.unroll
+    )
   else:
     raise ValueError(f"local_loop={local.loop!r}; expected one of {LOCAL_LOOPS}.")
   _, params, other, _, loss_sum = final

@@ -50,21 +50,28 @@ from fedmerge_jax import train
 
 MISSING = "—"
 TABLE_NOTE = (
-    "Accuracies are fractions in [0, 1] (4 decimals), on each client's own test split: "
-    "mean = unweighted over clients, weighted = pooled over examples, std = across "
-    "clients, p10 = 10th percentile over clients (the bottom decile); all at the last "
-    "round. Best = test acc mean at the evaluation with the lowest validation loss, and "
-    "its round. Gap acc = mean over the last round's trained clients of the accuracy of "
-    "the model each had just trained minus that of the model the server sends it next. "
-    "Wall = train_and_evaluate's time in seconds, compilation included, data "
-    f"loading excluded. Comm = floats sent per sampled client per round, down + up. "
-    f"{MISSING} = not reported.")
-SEEDS_NOTE = ("With several seeds each cell is mean ± std over the seeds (sample standard "
-              "deviation, n − 1); the seeds change model init, client sampling and local "
-              "shuffling, not the data.")
-METRIC_COLUMNS = (("test acc mean", "test/acc_mean"), ("weighted", "test/acc_weighted"),
-                  ("std", "test/acc_std"), ("p10", "test/acc_p10"),
-                  ("best acc mean", "best/acc_mean"))
+  "Accuracies are fractions in [0, 1] (4 decimals), on each client's own test split: "
+  "mean = unweighted over clients, weighted = pooled over examples, std = across "
+  "clients, p10 = 10th percentile over clients (the bottom decile); all at the last "
+  "round. Best = test acc mean at the evaluation with the lowest validation loss, and "
+  "its round. Gap acc = mean over the last round's trained clients of the accuracy of "
+  "the model each had just trained minus that of the model the server sends it next. "
+  "Wall = train_and_evaluate's time in seconds, compilation included, data "
+  f"loading excluded. Comm = floats sent per sampled client per round, down + up. "
+  f"{MISSING} = not reported."
+)
+SEEDS_NOTE = (
+  "With several seeds each cell is mean ± std over the seeds (sample standard "
+  "deviation, n − 1); the seeds change model init, client sampling and local "
+  "shuffling, not the data."
+)
+METRIC_COLUMNS = (
+  ("test acc mean", "test/acc_mean"),
+  ("weighted", "test/acc_weighted"),
+  ("std", "test/acc_std"),
+  ("p10", "test/acc_p10"),
+  ("best acc mean", "best/acc_mean"),
+)
 
 Setting = Tuple[Tuple[str, Any], ...]  # ((config path, value), ...) of one sweep point.
 
@@ -75,6 +82,7 @@ class SweepError(ValueError):
 
 class Result(NamedTuple):
   """One run: its summary.json dict, its metrics.jsonl lines, its sweep setting and seed."""
+
   algorithm: str
   workdir: str
   summary: Dict[str, Any]
@@ -88,8 +96,9 @@ def check_algorithms(names: Sequence[str]) -> None:
   valid = algorithms_lib.registered_names()
   unknown = [n for n in names if n not in valid]
   if unknown:
-    raise ValueError(f"Unknown algorithm(s) {', '.join(map(repr, unknown))}; "
-                     f"valid names: {', '.join(valid)}.")
+    raise ValueError(
+      f"Unknown algorithm(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(valid)}."
+    )
   if not names:
     raise ValueError(f"No algorithm given; valid names: {', '.join(valid)}.")
   repeated = sorted({n for n in names if list(names).count(n) > 1})
@@ -102,11 +111,13 @@ def parse_seeds(values: Sequence[Any]) -> List[int]:
   try:
     seeds = [int(str(v).strip()) for v in values]
   except ValueError:
-    raise SweepError(f"--seeds={','.join(map(str, values))}: seeds must be integers, "
-                     "e.g. --seeds=0,1,2.") from None
+    raise SweepError(
+      f"--seeds={','.join(map(str, values))}: seeds must be integers, e.g. --seeds=0,1,2."
+    ) from None
   if not seeds or len(set(seeds)) != len(seeds):
-    raise SweepError(f"--seeds={','.join(map(str, values))}: give distinct integer seeds, "
-                     "e.g. --seeds=0,1,2.")
+    raise SweepError(
+      f"--seeds={','.join(map(str, values))}: give distinct integer seeds, e.g. --seeds=0,1,2."
+    )
   return seeds
 
 
@@ -129,8 +140,10 @@ def _typed(path: str, text: str, like: Any) -> Any:
     return value
   if isinstance(like, str):
     return text
-  raise SweepError(f"--sweep {path}: fields of type {type(like).__name__} cannot be swept "
-                   "(numbers, booleans and strings can).")
+  raise SweepError(
+    f"--sweep {path}: fields of type {type(like).__name__} cannot be swept "
+    "(numbers, booleans and strings can)."
+  )
 
 
 def parse_sweeps(specs: Sequence[str], config) -> List[Tuple[str, List[Any]]]:
@@ -142,14 +155,19 @@ def parse_sweeps(specs: Sequence[str], config) -> List[Tuple[str, List[Any]]]:
     path, sep, values = spec.partition("=")
     path = path.strip()
     if not sep or not values.strip():
-      raise SweepError(f"--sweep={spec}: expected <config field>=<value>,<value>,... e.g. "
-                       "--sweep=num_global_models=1,2,4.")
+      raise SweepError(
+        f"--sweep={spec}: expected <config field>=<value>,<value>,... e.g. "
+        "--sweep=num_global_models=1,2,4."
+      )
     if path in ("algorithm", "seed"):
-      raise SweepError(f"--sweep={spec}: use --{'algorithms' if path == 'algorithm' else 'seeds'}"
-                       f" to vary {path}.")
+      raise SweepError(
+        f"--sweep={spec}: use --{'algorithms' if path == 'algorithm' else 'seeds'} to vary {path}."
+      )
     if path not in fields:
-      raise SweepError(f"--sweep={spec}: unknown config field {path!r} (every field is "
-                       "listed in fedmerge_jax/config.py).")
+      raise SweepError(
+        f"--sweep={spec}: unknown config field {path!r} (every field is "
+        "listed in fedmerge_jax/config.py)."
+      )
     if path in (p for p, _ in sweeps):
       raise SweepError(f"--sweep={spec}: {path} is swept twice; give its values once.")
     sweeps.append((path, [_typed(path, v, fields[path]) for v in values.split(",")]))
@@ -184,8 +202,9 @@ def run_directory(workdir: str, algorithm: str, setting: Setting, seed: Optional
   return os.path.join(*parts, *([f"seed_{seed}"] if seed is not None else []))
 
 
-def finished_summary(run_dir: str, config, experiment: Optional[Dict[str, Any]] = None
-                     ) -> Optional[Dict[str, Any]]:
+def finished_summary(
+  run_dir: str, config, experiment: Optional[Dict[str, Any]] = None
+) -> Optional[Dict[str, Any]]:
   """The summary of a finished run of exactly `config` in `run_dir`, else None.
 
   Finished: summary.json is newer than config.json (train_and_evaluate writes config.json
@@ -202,8 +221,9 @@ def finished_summary(run_dir: str, config, experiment: Optional[Dict[str, Any]] 
   if old != dict(config_lib.flatten(json.loads(config.to_json()))):
     return None
   recorded = fingerprint_lib.recorded(run_dir)
-  if experiment is not None and (recorded is None or "data" not in recorded
-                                 or fingerprint_lib.differences(recorded, experiment)):
+  if experiment is not None and (
+    recorded is None or "data" not in recorded or fingerprint_lib.differences(recorded, experiment)
+  ):
     return None
   with open(summary_path) as f:
     return json.load(f)
@@ -248,18 +268,24 @@ def comparison_table(results: Sequence[Result]) -> str:
   A row of several seeds shows mean ± std over them; comm is per run (equal over seeds).
   """
   swept = [path for path, _ in results[0].setting] if results else []
-  header = swept + ["algorithm"] + [name for name, _ in METRIC_COLUMNS] + [
-      "best round", "wall (s)", "comm / client / round (down + up)", "gap acc"]
+  header = (
+    swept
+    + ["algorithm"]
+    + [name for name, _ in METRIC_COLUMNS]
+    + ["best round", "wall (s)", "comm / client / round (down + up)", "gap acc"]
+  )
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for group in grouped(results):
     summaries = [r.summary for r in group]
     comms = {_comm(s) for s in summaries}
     row = [str(value) for _, value in group[0].setting] + [group[0].algorithm]
     row += [_cell(summaries, key, ".4f") for _, key in METRIC_COLUMNS]
-    row += [_cell(summaries, "best/round", ".0f" if len(group) > 1 else "d"),
-            _cell(summaries, "wall_time_s", ".2f"),
-            comms.pop() if len(comms) == 1 else MISSING,
-            _cell(summaries, "gap/acc_mean", "+.4f")]  # gap.py: trained minus received.
+    row += [
+      _cell(summaries, "best/round", ".0f" if len(group) > 1 else "d"),
+      _cell(summaries, "wall_time_s", ".2f"),
+      comms.pop() if len(comms) == 1 else MISSING,
+      _cell(summaries, "gap/acc_mean", "+.4f"),
+    ]  # gap.py: trained minus received.
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
@@ -293,14 +319,19 @@ def comparison_report(results: Sequence[Result], config, command: str) -> str:
   """comparison.md: the producing command, what ran (data, model, swept values), the
   units note, the table."""
   seeds = sorted({r.seed for r in results if r.seed is not None})
-  seed_text = (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
-               f"seed {seeds[0] if seeds else config.seed}")
+  seed_text = (
+    f"seeds {', '.join(map(str, seeds))}"
+    if len(seeds) > 1
+    else f"seed {seeds[0] if seeds else config.seed}"
+  )
   note = TABLE_NOTE + (" " + SEEDS_NOTE if len(seeds) > 1 else "")
   data_name, model_name = data_and_model_names(results, config)
   swept = swept_text(results)
-  return (f"Produced by `{command}` (dataset `{data_name}`, model `{model_name}`, "
-          f"{config.num_rounds} rounds, {seed_text}{f'; swept {swept}' if swept else ''})."
-          f"\n\n{note}\n\n{comparison_table(results)}")
+  return (
+    f"Produced by `{command}` (dataset `{data_name}`, model `{model_name}`, "
+    f"{config.num_rounds} rounds, {seed_text}{f'; swept {swept}' if swept else ''})."
+    f"\n\n{note}\n\n{comparison_table(results)}"
+  )
 
 
 def comparison_title(results: Sequence[Result], config) -> str:
@@ -308,8 +339,9 @@ def comparison_title(results: Sequence[Result], config) -> str:
   config's K where nothing is swept (single-model methods keep 1 whatever it says)."""
   data_name, model_name = data_and_model_names(results, config)
   swept = swept_text(results)
-  return (f"Mean client test accuracy: {data_name}, {model_name}, "
-          + (f"swept {swept}" if swept else f"num_global_models = {config.num_global_models}"))
+  return f"Mean client test accuracy: {data_name}, {model_name}, " + (
+    f"swept {swept}" if swept else f"num_global_models = {config.num_global_models}"
+  )
 
 
 LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
@@ -325,8 +357,9 @@ def _mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], metric: str):
   return rounds, values.mean(axis=0), std
 
 
-def plot_accuracy(histories: Mapping[str, Sequence[Any]], path: str,
-                  title: str = "Mean client test accuracy") -> Figure:
+def plot_accuracy(
+  histories: Mapping[str, Sequence[Any]], path: str, title: str = "Mean client test accuracy"
+) -> Figure:
   """Saves test/acc_mean against rounds, one line per entry, as a PNG (Agg, no pyplot).
 
   An entry is one run's history, or a list of histories (its seeds): their mean, with a
@@ -340,17 +373,32 @@ def plot_accuracy(histories: Mapping[str, Sequence[Any]], path: str,
   for i, (name, runs) in enumerate(histories.items()):
     runs = [runs] if not runs or isinstance(runs[0], Mapping) else list(runs)
     rounds, mean, std = _mean_curve(runs, "test/acc_mean")
-    line, = ax.plot(rounds, mean, label=name, linestyle=LINE_STYLES[i % len(LINE_STYLES)],
-                    marker=MARKERS[i % len(MARKERS)], markersize=5 + 3 * (i % 4),
-                    markerfacecolor="none" if i else None)  # Nested markers.
+    (line,) = ax.plot(
+      rounds,
+      mean,
+      label=name,
+      linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+      marker=MARKERS[i % len(MARKERS)],
+      markersize=5 + 3 * (i % 4),
+      markerfacecolor="none" if i else None,
+    )  # Nested markers.
     if len(runs) > 1:  # Accuracies: the band is clipped to [0, 1].
       banded = True
-      ax.fill_between(rounds, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1),
-                      color=line.get_color(), alpha=0.2, linewidth=0)
+      ax.fill_between(
+        rounds,
+        np.clip(mean - std, 0, 1),
+        np.clip(mean + std, 0, 1),
+        color=line.get_color(),
+        alpha=0.2,
+        linewidth=0,
+      )
   ax.set_xlabel("round")
   ax.set_ylabel("test accuracy (unweighted mean over clients)")
-  ax.set_title(title + ("\nline: mean over seeds, band: ± one std over seeds (clipped to "
-                        "[0, 1])" if banded else ""), fontsize=10)
+  ax.set_title(
+    title
+    + ("\nline: mean over seeds, band: ± one std over seeds (clipped to [0, 1])" if banded else ""),
+    fontsize=10,
+  )
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.savefig(path, format="png", dpi=120)
@@ -374,8 +422,10 @@ def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
     if values:
       lines.setdefault(label, {})[setting[0][1]] = values
   if not lines:
-    raise SweepError(f"--sweep_metric={metric!r} is in no run's summary; choose one of "
-                     f"{sorted(k for k, v in results[0].summary.items() if isinstance(v, float))}.")
+    raise SweepError(
+      f"--sweep_metric={metric!r} is in no run's summary; choose one of "
+      f"{sorted(k for k, v in results[0].summary.items() if isinstance(v, float))}."
+    )
   bounded = metric.split("/")[-1].startswith("acc")  # Accuracies are fractions in [0, 1].
   barred = False
   for label, points in lines.items():
@@ -396,9 +446,15 @@ def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
     ax.set_xticks(xs, [str(x) for x in xs])
   ax.set_xlabel(field)
   ax.set_ylabel(metric)
-  ax.set_title(f"{metric} against {field}" + (
+  ax.set_title(
+    f"{metric} against {field}"
+    + (
       "\nerror bars: ± one std over seeds" + (" (clipped to [0, 1])" if bounded else "")
-      if barred else ""), fontsize=10)
+      if barred
+      else ""
+    ),
+    fontsize=10,
+  )
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.savefig(path, format="png", dpi=120)
@@ -422,7 +478,7 @@ def replica_groups(pending: Sequence[Tuple[int, Any]], replicas) -> List[List[Tu
     if callable(replicas):  # `auto`: sized only where there is something to group.
       size = replicas(members[0][1]) if len(members) > 1 else 1
     size = max(1, int(size))
-    groups += [members[start:start + size] for start in range(0, len(members), size)]
+    groups += [members[start : start + size] for start in range(0, len(members), size)]
   return groups
 
 
@@ -435,17 +491,23 @@ def parse_replicas(value) -> Any:
   except ValueError:
     count = 0
   if count < 1:
-    raise SweepError(f"--replicas={value}: give a positive integer (1: one run at a time) or "
-                     "auto.")
+    raise SweepError(f"--replicas={value}: give a positive integer (1: one run at a time) or auto.")
   return count
 
 
-def run_comparison(config, algorithms: Sequence[str], workdir: str,
-                   data: Optional[data_lib.FederatedData] = None,
-                   command: Optional[str] = None, seeds: Optional[Sequence[int]] = None,
-                   sweeps: Sequence[Tuple[str, Sequence[Any]]] = (),
-                   sweep_metric: str = "test/acc_mean", model=None,
-                   start_over: bool = False, replicas: Any = 1) -> List[Result]:
+def run_comparison(
+  config,
+  algorithms: Sequence[str],
+  workdir: str,
+  data: Optional[data_lib.FederatedData] = None,
+  command: Optional[str] = None,
+  seeds: Optional[Sequence[int]] = None,
+  sweeps: Sequence[Tuple[str, Sequence[Any]]] = (),
+  sweep_metric: str = "test/acc_mean",
+  model=None,
+  start_over: bool = False,
+  replicas: Any = 1,
+) -> List[Result]:
   """Runs each setting x algorithm x seed on `config`, writes the table and plots.
 
   `seeds`: None runs `config.seed` in <algorithm>/ (today's layout); a list runs each in
@@ -463,8 +525,12 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
   replicas = parse_replicas(replicas)
   run_seeds = [None] if seeds is None else parse_seeds(seeds)
   settings = sweep_settings(sweeps)
-  runs = [(setting, name, seed, configured(config, name, setting, seed))
-          for setting in settings for name in algorithms for seed in run_seeds]  # Validates all first.
+  runs = [
+    (setting, name, seed, configured(config, name, setting, seed))
+    for setting in settings
+    for name in algorithms
+    for seed in run_seeds
+  ]  # Validates all first.
   os.makedirs(workdir, exist_ok=True)
   loaded: Dict[str, data_lib.FederatedData] = {}
   summaries: Dict[int, Dict[str, Any]] = {}
@@ -492,35 +558,48 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
   size = replicas
   if replicas == "auto":
     size = lambda c: replicas_lib.auto_replicas(c, data_of(c), model)
-  kwargs = dict({} if model is None else {"model": model},
-                **({"start_over": True} if start_over else {}))
+  kwargs = dict(
+    {} if model is None else {"model": model}, **({"start_over": True} if start_over else {})
+  )
   for group in replica_groups(pending, size):
     indices = [i for i, _ in group]
     configs = [c for _, c in group]
     dirs = [run_dirs[i] for i in indices]
     if len(group) == 1:
       logging.info("Run %d/%d: %s in %s", indices[0] + 1, len(runs), configs[0].algorithm, dirs[0])
-      summaries[indices[0]] = train.train_and_evaluate(configs[0], dirs[0],
-                                                       data=data_of(configs[0]), **kwargs)
+      summaries[indices[0]] = train.train_and_evaluate(
+        configs[0], dirs[0], data=data_of(configs[0]), **kwargs
+      )
       continue
-    logging.info("Runs %s of %d: %s as one program of %d replicas, in %s",
-                 ", ".join(str(i + 1) for i in indices), len(runs), configs[0].algorithm,
-                 len(group), ", ".join(dirs))
-    for i, summary in zip(indices, replicas_lib.train_and_evaluate_many(
-        configs, dirs, data=data_of(configs[0]), **kwargs)):
+    logging.info(
+      "Runs %s of %d: %s as one program of %d replicas, in %s",
+      ", ".join(str(i + 1) for i in indices),
+      len(runs),
+      configs[0].algorithm,
+      len(group),
+      ", ".join(dirs),
+    )
+    for i, summary in zip(
+      indices,
+      replicas_lib.train_and_evaluate_many(configs, dirs, data=data_of(configs[0]), **kwargs),
+    ):
       summaries[i] = summary
-  results = [Result(name, run_dirs[i], summaries[i], read_history(run_dirs[i]), setting, seed)
-             for i, (setting, name, seed, _) in enumerate(runs)]
-  command = command or (f"run_comparison(config, algorithms={list(algorithms)!r}, "
-                        f"workdir={workdir!r})")
+  results = [
+    Result(name, run_dirs[i], summaries[i], read_history(run_dirs[i]), setting, seed)
+    for i, (setting, name, seed, _) in enumerate(runs)
+  ]
+  command = command or (
+    f"run_comparison(config, algorithms={list(algorithms)!r}, workdir={workdir!r})"
+  )
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(comparison_report(results, config, command))
   curves = {}
   for group in grouped(results):
     label = " ".join([group[0].algorithm] + [f"{p}={v}" for p, v in group[0].setting])
     curves[label] = [r.history for r in group]
-  plot_accuracy(curves, os.path.join(workdir, "comparison.png"),
-                title=comparison_title(results, config))
+  plot_accuracy(
+    curves, os.path.join(workdir, "comparison.png"), title=comparison_title(results, config)
+  )
   if sweeps:
     plot_sweep(results, sweep_metric, os.path.join(workdir, "comparison_sweep.png"))
   return results
@@ -528,17 +607,32 @@ def run_comparison(config, algorithms: Sequence[str], workdir: str,
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_list("algorithms", list(algorithms_lib.ALGORITHM_NAMES),
-                  f"Comma-separated algorithms to compare, from {algorithms_lib.ALGORITHM_NAMES} "
-                  "and any that --imports registers.")
-flags.DEFINE_string("workdir", "/tmp/fedmerge_compare",
-                    "Where each run and comparison.md/.png are written.")
-flags.DEFINE_list("seeds", None, "Comma-separated seeds (config.seed), e.g. 0,1,2: every "
-                  "algorithm runs once per seed on the same data; the table shows mean ± std.")
-flags.DEFINE_multi_string("sweep", [], "<config field>=<v1>,<v2>,...: one run per value, e.g. "
-                          "num_global_models=1,2,4,8. Repeat for a grid.")
-flags.DEFINE_string("sweep_metric", "test/acc_mean",
-                    "The summary metric comparison_sweep.png plots against the swept field.")
+flags.DEFINE_list(
+  "algorithms",
+  list(algorithms_lib.ALGORITHM_NAMES),
+  f"Comma-separated algorithms to compare, from {algorithms_lib.ALGORITHM_NAMES} "
+  "and any that --imports registers.",
+)
+flags.DEFINE_string(
+  "workdir", "/tmp/fedmerge_compare", "Where each run and comparison.md/.png are written."
+)
+flags.DEFINE_list(
+  "seeds",
+  None,
+  "Comma-separated seeds (config.seed), e.g. 0,1,2: every "
+  "algorithm runs once per seed on the same data; the table shows mean ± std.",
+)
+flags.DEFINE_multi_string(
+  "sweep",
+  [],
+  "<config field>=<v1>,<v2>,...: one run per value, e.g. "
+  "num_global_models=1,2,4,8. Repeat for a grid.",
+)
+flags.DEFINE_string(
+  "sweep_metric",
+  "test/acc_mean",
+  "The summary metric comparison_sweep.png plots against the swept field.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -562,11 +656,19 @@ flags.register_validator("algorithms", _valid_algorithms)
 flags.register_validator("seeds", _valid_seeds)
 
 
-flags.DEFINE_string("replicas", "auto", "Runs that differ only in seed, client_lr, prox_mu, server "
-                    "learning rates or ditto_lambda run as one program, up to this many at once "
-                    "(auto: as many as memory allows, up to 16; 1: one run at a time).")
-flags.DEFINE_bool("start_over", False, "Rerun every run from round 0, deleting the results "
-                  "and checkpoints its folder holds (of another experiment, or this one).")
+flags.DEFINE_string(
+  "replicas",
+  "auto",
+  "Runs that differ only in seed, client_lr, prox_mu, server "
+  "learning rates or ditto_lambda run as one program, up to this many at once "
+  "(auto: as many as memory allows, up to 16; 1: one run at a time).",
+)
+flags.DEFINE_bool(
+  "start_over",
+  False,
+  "Rerun every run from round 0, deleting the results "
+  "and checkpoints its folder holds (of another experiment, or this one).",
+)
 
 
 def main(argv):
@@ -580,15 +682,27 @@ def main(argv):
     parse_replicas(FLAGS.replicas)
   except (config_lib.ConfigError, SweepError) as e:
     cli.fatal(f"{type(e).__name__}: {e}")
-  kept = (f"the finished runs in {FLAGS.workdir} are kept and the one in progress keeps its "
-          "checkpoints; rerun the same command to go on.")
+  kept = (
+    f"the finished runs in {FLAGS.workdir} are kept and the one in progress keeps its "
+    "checkpoints; rerun the same command to go on."
+  )
   interrupted = lambda: f"FATAL interrupted; {kept}"
   stopped = lambda signal_name: f"stopped by {signal_name}; {kept}"
-  results = failures.reporting_run_failures(lambda: run_comparison(
-      FLAGS.config, FLAGS.algorithms, FLAGS.workdir, command=command, seeds=FLAGS.seeds,
-      sweeps=sweeps, sweep_metric=FLAGS.sweep_metric, start_over=FLAGS.start_over,
-      replicas=FLAGS.replicas), interrupted,
-      stopped)
+  results = failures.reporting_run_failures(
+    lambda: run_comparison(
+      FLAGS.config,
+      FLAGS.algorithms,
+      FLAGS.workdir,
+      command=command,
+      seeds=FLAGS.seeds,
+      sweeps=sweeps,
+      sweep_metric=FLAGS.sweep_metric,
+      start_over=FLAGS.start_over,
+      replicas=FLAGS.replicas,
+    ),
+    interrupted,
+    stopped,
+  )
   print(comparison_table(results), end="", flush=True)
 
 

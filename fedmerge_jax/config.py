@@ -57,7 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedfomo_downloads = 4  # fedfomo: other clients' models a client downloads (M).
   c.fedfomo_epsilon = 0.3  # fedfomo: chance of exploring (a random model instead of a top one)...
   c.fedfomo_epsilon_decay = 0.05  # fedfomo: ...less this much per round.
-  c.fedfomo_val_fraction = 0.2  # fedfomo: share of each client's training data held out to weigh models.
+  c.fedfomo_val_fraction = (
+    0.2  # fedfomo: share of each client's training data held out to weigh models.
+  )
   c.fedamp_alpha = 1.0  # fedamp: alpha_k, step of the attention (xi_ij = alpha e^{-d/sigma}/sigma).
   c.fedamp_lambda = 1.0  # fedamp: local loss F_i(w) + lambda/(2 alpha) ||w - u_i||^2.
   c.fedamp_sigma = 1.0  # fedamp: scale of the squared model distance d in the attention.
@@ -66,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.cfl_warmup_rounds = 20  # cfl: ... and more than this many rounds are done.
   c.cfl_max_clusters = 8  # cfl: most clusters (static shapes); a full set splits no more.
   c.eval_every = 10
-  c.client_chunk_size = 0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
+  c.client_chunk_size = (
+    0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
+  )
   c.client_parallelism = "auto"  # 'auto' | 'vmap' | 'sequential': how clients run (parallel.py).
   # Evaluation (and the gap's) in chunks: clients at once (0: enough for about 2,048 examples,
   # at most client_chunk_size where set) and examples of one client at once (0: 256).
@@ -167,32 +171,61 @@ def femnist_training() -> ml_collections.ConfigDict:
 def _choices() -> dict:
   """The valid names of each choice field (the registries' as they are now)."""
   return {
-      "algorithm": registry.ALGORITHMS.names(),
-      "update_mode": choices.UPDATE_MODES,
-      "logit_step": choices.LOGIT_STEPS,
-      "model.name": registry.MODELS.names(),
-      "model.conv_impl": choices.CONV_IMPLS,
-      "client_parallelism": choices.CLIENT_PARALLELISMS,
-      "local_batching": choices.LOCAL_BATCHINGS,
-      "perfedavg_variant": choices.PERFEDAVG_VARIANTS,
-      "local_loop": choices.LOCAL_LOOP_CHOICES,
-      "compute_dtype": choices.COMPUTE_DTYPES,
-      "command_buffers": tuple(choices.COMMAND_BUFFERS),
+    "algorithm": registry.ALGORITHMS.names(),
+    "update_mode": choices.UPDATE_MODES,
+    "logit_step": choices.LOGIT_STEPS,
+    "model.name": registry.MODELS.names(),
+    "model.conv_impl": choices.CONV_IMPLS,
+    "client_parallelism": choices.CLIENT_PARALLELISMS,
+    "local_batching": choices.LOCAL_BATCHINGS,
+    "perfedavg_variant": choices.PERFEDAVG_VARIANTS,
+    "local_loop": choices.LOCAL_LOOP_CHOICES,
+    "compute_dtype": choices.COMPUTE_DTYPES,
+    "command_buffers": tuple(choices.COMMAND_BUFFERS),
   }
 
 
-_POSITIVE = ("num_global_models", "num_rounds", "local_epochs", "batch_size", "eval_every",
-             "checkpoint_keep", "local_unroll",
-             "pfedme_inner_steps", "fedfomo_downloads", "fedamp_alpha", "fedamp_sigma",
-             "cfl_max_clusters")
-_NON_NEGATIVE = ("clients_per_round", "client_chunk_size", "eval_chunk_size", "eval_batch_size",
-                 "num_devices", "prox_mu", "client_lr",
-                 "checkpoint_every", "checkpoint_every_minutes",
-                 "finetune_epochs", "ditto_lambda", "fedrep_head_epochs", "perfedavg_alpha",
-                 "pfedme_lambda", "pfedme_personal_lr", "pfedme_beta", "pfedme_l2",
-                 "fedfomo_epsilon", "fedfomo_epsilon_decay", "fedamp_lambda",
-                 "cfl_eps1", "cfl_eps2", "cfl_warmup_rounds",
-                 "server_lr_globals", "server_lr_logits")
+_POSITIVE = (
+  "num_global_models",
+  "num_rounds",
+  "local_epochs",
+  "batch_size",
+  "eval_every",
+  "checkpoint_keep",
+  "local_unroll",
+  "pfedme_inner_steps",
+  "fedfomo_downloads",
+  "fedamp_alpha",
+  "fedamp_sigma",
+  "cfl_max_clusters",
+)
+_NON_NEGATIVE = (
+  "clients_per_round",
+  "client_chunk_size",
+  "eval_chunk_size",
+  "eval_batch_size",
+  "num_devices",
+  "prox_mu",
+  "client_lr",
+  "checkpoint_every",
+  "checkpoint_every_minutes",
+  "finetune_epochs",
+  "ditto_lambda",
+  "fedrep_head_epochs",
+  "perfedavg_alpha",
+  "pfedme_lambda",
+  "pfedme_personal_lr",
+  "pfedme_beta",
+  "pfedme_l2",
+  "fedfomo_epsilon",
+  "fedfomo_epsilon_decay",
+  "fedamp_lambda",
+  "cfl_eps1",
+  "cfl_eps2",
+  "cfl_warmup_rounds",
+  "server_lr_globals",
+  "server_lr_logits",
+)
 _FRACTIONS = ("data.test_fraction", "data.val_fraction", "fedfomo_val_fraction")
 _UNIT_INTERVAL = ("apfl_alpha",)
 
@@ -225,8 +258,11 @@ def unknown_key_message(path: str) -> str:
   schema = dict(flatten(base_config()))
   close = difflib.get_close_matches(path, schema, n=3, cutoff=0.6)
   head = path.rsplit(".", 1)[0] + "." if "." in path else ""
-  close += [k for k in schema if head and k.startswith(head) and k not in close
-            and path.rsplit(".", 1)[1] in k][:3 - len(close)]
+  close += [
+    k
+    for k in schema
+    if head and k.startswith(head) and k not in close and path.rsplit(".", 1)[1] in k
+  ][: 3 - len(close)]
   hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
   return f"Unknown config key {path!r}.{hint}"
 
@@ -272,10 +308,17 @@ def data_warnings(config, num_clients: int, data_name: str = "") -> list:
   """
   found = []
   if config.clients_per_round > num_clients:
-    found.append(f"config.clients_per_round={config.clients_per_round} but the dataset has only "
-                 f"{num_clients} clients: every round trains all {num_clients}.")
-  if (data_name == config.data.name and data_name in _SPLIT_INTO_NUM_CLIENTS
-      and num_clients < config.data.num_clients):
-    found.append(f"config.data.num_clients={config.data.num_clients} but the dataset "
-                 f"{data_name} has only {num_clients} clients.")
+    found.append(
+      f"config.clients_per_round={config.clients_per_round} but the dataset has only "
+      f"{num_clients} clients: every round trains all {num_clients}."
+    )
+  if (
+    data_name == config.data.name
+    and data_name in _SPLIT_INTO_NUM_CLIENTS
+    and num_clients < config.data.num_clients
+  ):
+    found.append(
+      f"config.data.num_clients={config.data.num_clients} but the dataset "
+      f"{data_name} has only {num_clients} clients."
+    )
   return found

@@ -62,8 +62,9 @@ def chunk_sizes(config, data) -> Tuple[int, int]:
   return min(clients, data.num_clients), examples
 
 
-def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
-              prefix: str) -> Dict[str, float]:
+def summarize(
+  correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray, prefix: str
+) -> Dict[str, float]:
   """The paper's unweighted mean over clients, plus weighted, spread and bottom decile.
 
   Clients without examples in this split are left out of the per-client statistics.
@@ -72,11 +73,11 @@ def summarize(correct: np.ndarray, loss_sum: np.ndarray, counts: np.ndarray,
   acc = correct[has] / counts[has]
   loss = loss_sum[has] / counts[has]
   return {
-      f"{prefix}/acc_mean": float(np.mean(acc)),
-      f"{prefix}/acc_weighted": float(correct[has].sum() / counts[has].sum()),
-      f"{prefix}/acc_std": float(np.std(acc)),
-      f"{prefix}/acc_p10": float(np.percentile(acc, 10)),
-      f"{prefix}/loss": float(np.mean(loss)),
+    f"{prefix}/acc_mean": float(np.mean(acc)),
+    f"{prefix}/acc_weighted": float(correct[has].sum() / counts[has].sum()),
+    f"{prefix}/acc_std": float(np.std(acc)),
+    f"{prefix}/acc_p10": float(np.percentile(acc, 10)),
+    f"{prefix}/loss": float(np.mean(loss)),
   }
 
 
@@ -86,8 +87,12 @@ def chunk_program(algorithm, example_chunk: int, mesh, compiler_options=None):
   its examples evaluated `example_chunk` at a time (`evaluate_client`)."""
   clients = parallel.client_sharding(mesh)
 
-  @functools.partial(jax.jit, in_shardings=(None, clients, clients, clients),
-                     out_shardings=parallel.replicated(mesh), compiler_options=compiler_options)
+  @functools.partial(
+    jax.jit,
+    in_shardings=(None, clients, clients, clients),
+    out_shardings=parallel.replicated(mesh),
+    compiler_options=compiler_options,
+  )
   def eval_chunk(state, client_ids, train: ClientData, batches):
     personal = algorithm.personalized(state, client_ids, train)
     evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d, example_chunk))
@@ -96,8 +101,9 @@ def chunk_program(algorithm, example_chunk: int, mesh, compiler_options=None):
   return eval_chunk
 
 
-def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options=None,
-                   example_chunk: int = 0):
+def make_evaluator(
+  algorithm, data, chunk_size: int, mesh=None, compiler_options=None, example_chunk: int = 0
+):
   """Returns evaluate(state) -> metrics for the test (and val) split of every client.
 
   Besides the summary scalars, `clients/<split>_acc` holds every client's accuracy
@@ -124,8 +130,10 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
   every = {"train": data.train, **splits}
   sizes = sum(arrays.counts.astype(np.int64) for arrays in every.values())
   order = parallel.largest_first(np.arange(n), sizes).astype(np.int32)
-  chunks = [(ids, real, {name: arrays.padded_length(ids, 8) for name, arrays in every.items()})
-            for ids, real in parallel.padded_chunks(order, chunk)]
+  chunks = [
+    (ids, real, {name: arrays.padded_length(ids, 8) for name, arrays in every.items()})
+    for ids, real in parallel.padded_chunks(order, chunk)
+  ]
 
   def gather(ids, lengths):
     """A chunk's ids, train data and evaluation splits (NumPy), each padded to its length."""
@@ -146,7 +154,8 @@ def make_evaluator(algorithm, data, chunk_size: int, mesh=None, compiler_options
       metrics.update(summarize(correct[name], loss_sum[name], arrays.counts, name))
       with np.errstate(invalid="ignore", divide="ignore"):
         metrics[f"clients/{name}_acc"] = np.where(
-            arrays.counts > 0, correct[name] / arrays.counts, np.nan)
+          arrays.counts > 0, correct[name] / arrays.counts, np.nan
+        )
     return metrics
 
   return evaluate

@@ -24,25 +24,30 @@ class OutOfMemoryError(MemoryError):
 
 
 def non_finite_message(round_metrics, round_index: int, client_ids, saved: str) -> str:
-  losses = np.asarray(round_metrics["clients/train_loss"])[:len(client_ids)]
+  losses = np.asarray(round_metrics["clients/train_loss"])[: len(client_ids)]
   bad = np.asarray(client_ids)[~np.isfinite(losses)].tolist()
   where = f"for clients {bad}" if bad else "in the updated model (the losses were finite)"
-  return (f"Non-finite training loss at round {round_index} {where}. {saved} Lower "
-          "config.client_lr, or check those clients' data.")
+  return (
+    f"Non-finite training loss at round {round_index} {where}. {saved} Lower "
+    "config.client_lr, or check those clients' data."
+  )
 
 
 def is_out_of_memory(error: BaseException) -> bool:
   text = str(error)
   return isinstance(error, MemoryError) or (
-      isinstance(error, jax.errors.JaxRuntimeError)
-      and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
+    isinstance(error, jax.errors.JaxRuntimeError)
+    and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+  )
 
 
 def out_of_memory_message(config, round_index: int, clients: int, saved: str) -> str:
   at_once = config.client_chunk_size or clients
-  return (f"Out of memory at round {round_index} with {at_once} clients on the device at once. "
-          f"Set --config.client_chunk_size={max(1, at_once // 4)} (clients are then trained "
-          f"and evaluated that many at a time; results are identical). {saved}")
+  return (
+    f"Out of memory at round {round_index} with {at_once} clients on the device at once. "
+    f"Set --config.client_chunk_size={max(1, at_once // 4)} (clients are then trained "
+    f"and evaluated that many at a time; results are identical). {saved}"
+  )
 
 
 class Guard:
@@ -56,7 +61,11 @@ class Guard:
 
   def __init__(self, config, rounds, checkpointing, progress):
     self.config, self.rounds, self.checkpointing, self.progress = (
-        config, rounds, checkpointing, progress)
+      config,
+      rounds,
+      checkpointing,
+      progress,
+    )
     self.done = self.round = checkpointing.start_round  # done: rounds whose outputs are written.
     self.stops = preemption.StopRequests()
 
@@ -66,8 +75,9 @@ class Guard:
 
   def save(self, round_index: int) -> str:
     """Checkpoints the state as that of `round_index` where it is; says what is saved."""
-    return self.checkpointing.save(round_index, self.rounds.known_good(), self.rounds.state,
-                                   self.progress)
+    return self.checkpointing.save(
+      round_index, self.rounds.known_good(), self.rounds.state, self.progress
+    )
 
   def check(self, failure) -> None:
     """A round found non-finite stops the run: the round before it saved, FloatingPointError."""
@@ -76,10 +86,11 @@ class Guard:
     where = self.save(failure.round - 1)
     start_round = self.checkpointing.start_round
     if 0 < start_round == failure.round - 1:  # Resumed from the round before and failed at once.
-      where += (f" Resuming cannot help: the saved round {start_round} itself leads to a "
-                "non-finite loss; start over with a new --workdir.")
-    raise FloatingPointError(non_finite_message(failure.metrics, failure.round, failure.ids,
-                                                where))
+      where += (
+        f" Resuming cannot help: the saved round {start_round} itself leads to a "
+        "non-finite loss; start over with a new --workdir."
+      )
+    raise FloatingPointError(non_finite_message(failure.metrics, failure.round, failure.ids, where))
 
   def stop_if_asked(self, round_index: int) -> None:
     """Before round `round_index`: a scheduler's stop request saves the finished rounds,
@@ -90,8 +101,9 @@ class Guard:
       self.check(self.rounds.confirm())
       self.save(self.done)
       self.checkpointing.wait()
-      raise preemption.Stopped(signal_name, self.stops.signal_number,
-                               self.checkpointing.stopped_saying())
+      raise preemption.Stopped(
+        signal_name, self.stops.signal_number, self.checkpointing.stopped_saying()
+      )
 
   def round_done(self, round_index: int) -> None:
     """Round `round_index`'s outputs are written; checkpointed if due (flags read first)."""
@@ -106,8 +118,11 @@ class Guard:
         self._settle()
         where = self.save(self.done)
         if is_out_of_memory(error):
-          raise OutOfMemoryError(out_of_memory_message(
-              self.config, self.round, self.checkpointing.layout.num_sampled, where)) from error
+          raise OutOfMemoryError(
+            out_of_memory_message(
+              self.config, self.round, self.checkpointing.layout.num_sampled, where
+            )
+          ) from error
     finally:
       self.stops.uninstall()
       self.checkpointing.close()
@@ -142,9 +157,14 @@ def reporting_run_failures(run, interrupted_line, stopped_line):
     _exit_now(stopped_line(e.signal_name), e.exit_status)
   except KeyboardInterrupt:
     _exit_now(interrupted_line(), 130)
-  except (config_lib.ConfigError, data_lib.DataError, FloatingPointError,
-          OutOfMemoryError, checkpoint_lib.CheckpointError,
-          checkpoint_lib.CheckpointWriteError) as e:
+  except (
+    config_lib.ConfigError,
+    data_lib.DataError,
+    FloatingPointError,
+    OutOfMemoryError,
+    checkpoint_lib.CheckpointError,
+    checkpoint_lib.CheckpointWriteError,
+  ) as e:
     cli.fatal(f"{type(e).__name__}: {e}")
 
 

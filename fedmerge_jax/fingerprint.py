@@ -21,15 +21,36 @@ from fedmerge_jax import config as config_lib
 
 FILE = "experiment.json"
 # Config fields that never change a round's results; everything else identifies the run.
-NOT_RESULT_CHANGING = ("num_rounds", "checkpoint_every", "checkpoint_every_minutes",
-                       "checkpoint_keep", "tensorboard", "client_chunk_size",
-                       "client_parallelism", "num_devices", "data.data_dir",
-                       # How clients and convolutions execute: same results (tested equal).
-                       "local_loop", "local_unroll", "command_buffers", "model.conv_impl",
-                       "eval_chunk_size", "eval_batch_size")
+NOT_RESULT_CHANGING = (
+  "num_rounds",
+  "checkpoint_every",
+  "checkpoint_every_minutes",
+  "checkpoint_keep",
+  "tensorboard",
+  "client_chunk_size",
+  "client_parallelism",
+  "num_devices",
+  "data.data_dir",
+  # How clients and convolutions execute: same results (tested equal).
+  "local_loop",
+  "local_unroll",
+  "command_buffers",
+  "model.conv_impl",
+  "eval_chunk_size",
+  "eval_batch_size",
+)
 # A run's own files in its workdir, removed when it starts over there.
-RUN_FILES = ("metrics.jsonl", "summary.json", "clients.npz", "config.json", FILE,
-             "accuracy.png", "client_accuracy.png", "merging_weights.png", "gap.png")
+RUN_FILES = (
+  "metrics.jsonl",
+  "summary.json",
+  "clients.npz",
+  "config.json",
+  FILE,
+  "accuracy.png",
+  "client_accuracy.png",
+  "merging_weights.png",
+  "gap.png",
+)
 SAMPLED_ROWS = 4096  # Rows of x hashed per split: the labels and counts are hashed in full.
 
 
@@ -54,19 +75,28 @@ def _digest(*arrays) -> str:
 
 def data_fingerprint(data) -> Dict[str, Any]:
   """Clients, counts, shapes, dtypes and a hash of each split (labels in full, x sampled)."""
-  found = {"name": data.name, "clients": data.num_clients, "classes": data.num_classes,
-           "example_shape": list(data.example_shape), "client_ids": _digest(
-               np.asarray(data.client_ids, dtype=str))}
+  found = {
+    "name": data.name,
+    "clients": data.num_clients,
+    "classes": data.num_classes,
+    "example_shape": list(data.example_shape),
+    "client_ids": _digest(np.asarray(data.client_ids, dtype=str)),
+  }
   for split in ("train", "test", "val"):
     arrays = getattr(data, split)
     if arrays is None:
       found[split] = None
       continue
-    rows = np.unique(np.linspace(0, len(arrays.y) - 1, min(len(arrays.y), SAMPLED_ROWS),
-                                 dtype=np.int64))
-    found[split] = {"examples": int(len(arrays.y)), "x_dtype": str(arrays.x.dtype),
-                    "counts": _digest(arrays.offsets), "labels": _digest(arrays.y),
-                    "x": _digest(arrays.x[rows])}
+    rows = np.unique(
+      np.linspace(0, len(arrays.y) - 1, min(len(arrays.y), SAMPLED_ROWS), dtype=np.int64)
+    )
+    found[split] = {
+      "examples": int(len(arrays.y)),
+      "x_dtype": str(arrays.x.dtype),
+      "counts": _digest(arrays.offsets),
+      "labels": _digest(arrays.y),
+      "x": _digest(arrays.x[rows]),
+    }
   return found
 
 
@@ -79,8 +109,11 @@ def model_fingerprint(model, example_shape) -> Dict[str, str]:
 
 
 def fingerprint(config, data, model) -> Dict[str, Any]:
-  return {"config": config_fingerprint(config), "data": data_fingerprint(data),
-          "model": model_fingerprint(model, data.example_shape)}
+  return {
+    "config": config_fingerprint(config),
+    "data": data_fingerprint(data),
+    "model": model_fingerprint(model, data.example_shape),
+  }
 
 
 def _flat(tree, prefix=""):
@@ -124,9 +157,11 @@ def recorded(workdir: str) -> Optional[Dict[str, Any]]:
 
 def mismatch_message(workdir: str, found: List[str]) -> str:
   shown = "; ".join(found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
-  return (f"--workdir={workdir} holds a different experiment ({shown}). Use a new --workdir, "
-          "or start over there (deleting its results): --start_over on the command line, "
-          "start_over=True in train_and_evaluate.")
+  return (
+    f"--workdir={workdir} holds a different experiment ({shown}). Use a new --workdir, "
+    "or start over there (deleting its results): --start_over on the command line, "
+    "start_over=True in train_and_evaluate."
+  )
 
 
 def check(workdir: str, current: Dict[str, Any]) -> None:

@@ -40,8 +40,9 @@ def probe(metrics: dict, predict, trained_model, data) -> dict:
   (`evaluation.EVAL_EXAMPLES` examples at a time)."""
   if not isinstance(data, WithTest):
     return metrics
-  correct, loss_sum = evaluation.evaluate_client(predict, trained_model, data.test,
-                                                 evaluation.EVAL_EXAMPLES)
+  correct, loss_sum = evaluation.evaluate_client(
+    predict, trained_model, data.test, evaluation.EVAL_EXAMPLES
+  )
   return dict(metrics, gap_trained_correct=correct, gap_trained_loss_sum=loss_sum)
 
 
@@ -50,8 +51,11 @@ def forward(client_metrics: dict) -> dict:
   return {f"clients/{k}": client_metrics[k] for k in TRAINED_KEYS if k in client_metrics}
 
 
-def summarize(trained: Tuple[np.ndarray, np.ndarray], received: Tuple[np.ndarray, np.ndarray],
-              test_counts: np.ndarray) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+def summarize(
+  trained: Tuple[np.ndarray, np.ndarray],
+  received: Tuple[np.ndarray, np.ndarray],
+  test_counts: np.ndarray,
+) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
   """(scalars, per-client acc and loss gaps) from (correct, loss_sum) of (a) and (b).
 
   Clients without test examples are left out (their per-client gaps are NaN).
@@ -64,17 +68,22 @@ def summarize(trained: Tuple[np.ndarray, np.ndarray], received: Tuple[np.ndarray
   acc_gap = np.where(has, acc_a - acc_b, np.nan)
   loss_gap = np.where(has, loss_b - loss_a, np.nan)
   mean = lambda v: float(np.mean(v[has])) if has.any() else float("nan")
-  scalars = {"gap/acc_mean": mean(acc_gap), "gap/loss_mean": mean(loss_gap),
-             "gap/trained_acc_mean": mean(acc_a), "gap/received_acc_mean": mean(acc_b)}
+  scalars = {
+    "gap/acc_mean": mean(acc_gap),
+    "gap/loss_mean": mean(loss_gap),
+    "gap/trained_acc_mean": mean(acc_a),
+    "gap/received_acc_mean": mean(acc_b),
+  }
   return scalars, {"acc": acc_gap, "loss": loss_gap}
 
 
-def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=None,
-                       example_chunk: int = 0):
+def make_gap_evaluator(
+  algorithm, data, chunk_size: int = 0, compiler_options=None, example_chunk: int = 0
+):
   """Returns gap(state, client_ids, round_metrics) -> (scalars, per-client arrays over all N).
 
-  `state` is the state after the round that trained `client_ids` (real ids, in the round's order) with
-  `WithTest` data; round_metrics holds its 'clients/gap_trained_*' (phantoms after the
+  `state` is the state after the round that trained `client_ids` (real ids, in the round's order)
+  with `WithTest` data; round_metrics holds its 'clients/gap_trained_*' (phantoms after the
   real clients). (b) is evaluated `chunk_size` clients at a time (all if 0), each client's
   examples `example_chunk` at a time (all if 0); the per-client arrays are NaN for clients
   not trained in the round.
@@ -83,8 +92,9 @@ def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=No
 
   def evaluate_chunk(state, client_ids, train: ClientData, test: ClientData):
     models = received(state, client_ids, train)
-    return jax.vmap(lambda m, d: evaluation.evaluate_client(algorithm.predict, m, d,
-                                                            example_chunk))(models, test)
+    return jax.vmap(
+      lambda m, d: evaluation.evaluate_client(algorithm.predict, m, d, example_chunk)
+    )(models, test)
 
   evaluate_chunk = jax.jit(evaluate_chunk, compiler_options=compiler_options)
 
@@ -94,11 +104,16 @@ def make_gap_evaluator(algorithm, data, chunk_size: int = 0, compiler_options=No
     chunk = c if chunk_size <= 0 else min(chunk_size, c)
     correct, loss_sum = np.zeros(c), np.zeros(c)
     for start, (padded, real) in zip(range(0, c, chunk), parallel.padded_chunks(ids, chunk)):
-      got = jax.device_get(evaluate_chunk(
-          state, padded, data.train.gather(padded, data.train.padded_length(padded, 8)),
-          data.test.gather(padded, data.test.padded_length(padded, 8))))
-      correct[start:start + real] = got[0][:real]
-      loss_sum[start:start + real] = got[1][:real]
+      got = jax.device_get(
+        evaluate_chunk(
+          state,
+          padded,
+          data.train.gather(padded, data.train.padded_length(padded, 8)),
+          data.test.gather(padded, data.test.padded_length(padded, 8)),
+        )
+      )
+      correct[start : start + real] = got[0][:real]
+      loss_sum[start : start + real] = got[1][:real]
     trained = tuple(np.asarray(round_metrics[f"clients/{k}"])[:c] for k in TRAINED_KEYS)
     scalars, per_client = summarize(trained, (correct, loss_sum), data.test.counts[ids])
     full = {}

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 def all_finite(tree) -> jax.Array:
   """Whether every float of every inexact leaf of `tree` is finite (a scalar bool)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else \
-      jnp.array(True)
+  return (
+    jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+  )
 
 
 def keep_finite(round_fn, client_rows=None):
@@ -26,13 +27,17 @@ def keep_finite(round_fn, client_rows=None):
   rows are clients and which a round changes only at its `client_ids` rows; those rows
   alone are saved, checked and restored. None: every leaf whole.
   """
+
   def guarded(state, client_ids, data, rng):
     leaves, treedef = jax.tree.flatten(state)
-    by_rows = (jax.tree.leaves(client_rows(state)) if client_rows is not None
-               else [False] * len(leaves))
+    by_rows = (
+      jax.tree.leaves(client_rows(state)) if client_rows is not None else [False] * len(leaves)
+    )
     if len(by_rows) != len(leaves):
-      raise ValueError(f"client_rows gave {len(by_rows)} flags for a state of {len(leaves)} "
-                       "leaves; it must return one bool per leaf (a tree shaped like the state).")
+      raise ValueError(
+        f"client_rows gave {len(by_rows)} flags for a state of {len(leaves)} "
+        "leaves; it must return one bool per leaf (a tree shaped like the state)."
+      )
     rows = lambda leaf, flag: leaf[client_ids] if flag else leaf
     old = [rows(leaf, flag) for leaf, flag in zip(leaves, by_rows)]
     new_state, metrics = round_fn(state, client_ids, data, rng)
@@ -43,6 +48,8 @@ def keep_finite(round_fn, client_rows=None):
     def keep(leaf, flag, new_part, old_part):
       kept = jnp.where(finite, new_part, old_part)
       return leaf.at[client_ids].set(kept) if flag else kept
+
     kept = map(keep, new_leaves, by_rows, new, old)
     return jax.tree.unflatten(treedef, list(kept)), dict(metrics, finite=finite)
+
   return guarded

@@ -20,8 +20,14 @@ import numpy as np
 from fedmerge_jax import config as config_lib
 
 # The config fields that are values of the state (`ValuedState.values`), not constants.
-VALUE_FIELDS = ("seed", "client_lr", "prox_mu", "server_lr_globals", "server_lr_logits",
-                "ditto_lambda")
+VALUE_FIELDS = (
+  "seed",
+  "client_lr",
+  "prox_mu",
+  "server_lr_globals",
+  "server_lr_logits",
+  "ditto_lambda",
+)
 
 
 class ConfigWithValues:
@@ -53,8 +59,10 @@ class ConfigWithValues:
 
 def values_of(config) -> Dict[str, np.ndarray]:
   """A config's `VALUE_FIELDS` as NumPy scalars: the seed int32, the others float32."""
-  return {name: np.asarray(getattr(config, name), np.int32 if name == "seed" else np.float32)
-          for name in VALUE_FIELDS}
+  return {
+    name: np.asarray(getattr(config, name), np.int32 if name == "seed" else np.float32)
+    for name in VALUE_FIELDS
+  }
 
 
 def stacked_values(configs) -> Dict[str, np.ndarray]:
@@ -75,6 +83,7 @@ def program_key(config) -> str:
 @flax.struct.dataclass
 class ValuedState:
   """An algorithm's state with the hyper-parameter values it runs with."""
+
   inner: Any  # The algorithm's own state (what checkpoints hold).
   values: Dict[str, jax.Array]  # VALUE_FIELDS -> scalar arrays.
 
@@ -86,8 +95,9 @@ def valued(build_algorithm: Callable[[Any], Any], config):
   is traced, so values are arguments of the compiled program. `init` takes (rng, values).
   """
   host = build_algorithm(config)  # For what does not depend on the values: predict, sizes.
-  at = lambda values: build_algorithm(ConfigWithValues(config.copy_and_resolve_references(),
-                                                       values))
+  at = lambda values: build_algorithm(
+    ConfigWithValues(config.copy_and_resolve_references(), values)
+  )
 
   def init(rng_and_values) -> ValuedState:
     rng, values = rng_and_values
@@ -107,6 +117,11 @@ def valued(build_algorithm: Callable[[Any], Any], config):
   def merging_weights(state: ValuedState, client_ids, train_data):
     return at(state.values).merging_weights(state.inner, client_ids, train_data)
 
-  return host._replace(init=init, round=round_fn, personalized=personalized, received=received,
-                       merging_weights=merging_weights if host.merging_weights else None,
-                       stages=None)
+  return host._replace(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    received=received,
+    merging_weights=merging_weights if host.merging_weights else None,
+    stages=None,
+  )

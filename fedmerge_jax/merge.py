@@ -23,8 +23,9 @@ def merging_weights(logits: jax.Array) -> jax.Array:
 def merge(stacked_params, weights: jax.Array):
   """theta_c = sum_k weights[c, k] * Theta_k, for every leaf: `[K, ...]` -> `[C, ...]`."""
   return jax.tree.map(
-      lambda leaf: jnp.einsum("ck,k...->c...", weights.astype(leaf.dtype), leaf, precision=HIGHEST),
-      stacked_params)
+    lambda leaf: jnp.einsum("ck,k...->c...", weights.astype(leaf.dtype), leaf, precision=HIGHEST),
+    stacked_params,
+  )
 
 
 def surrogate_loss(stacked_params, logits, deltas, sample_weights):
@@ -32,8 +33,9 @@ def surrogate_loss(stacked_params, logits, deltas, sample_weights):
   merged = merge(stacked_params, merging_weights(logits))
   deltas = jax.lax.stop_gradient(deltas)
   per_client = sum(
-      jnp.sum((d * m).reshape(d.shape[0], -1), axis=1)
-      for d, m in zip(jax.tree.leaves(deltas), jax.tree.leaves(merged)))
+    jnp.sum((d * m).reshape(d.shape[0], -1), axis=1)
+    for d, m in zip(jax.tree.leaves(deltas), jax.tree.leaves(merged))
+  )
   return jnp.sum(sample_weights * per_client)
 
 
@@ -57,12 +59,15 @@ def logit_gradients(stacked_params, logits, deltas, sample_weights):
   rows = [leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree.leaves(deltas)]
 
   def against(theta_j):  # [C, K]: <Delta_i, Theta_j - Theta_k>; one j at a time, K x P memory.
-    return sum(jnp.einsum("cp,kp->ck", d, t_j - t, precision=HIGHEST)
-               for d, t, t_j in zip(rows, thetas, theta_j))
+    return sum(
+      jnp.einsum("cp,kp->ck", d, t_j - t, precision=HIGHEST)
+      for d, t, t_j in zip(rows, thetas, theta_j)
+    )
 
   inner = jax.lax.map(against, thetas)  # [K (j), C, K (k)]
-  return sample_weights[:, None] * weights * jnp.einsum("jck,ck->cj", inner, weights,
-                                                         precision=HIGHEST)
+  return (
+    sample_weights[:, None] * weights * jnp.einsum("jck,ck->cj", inner, weights, precision=HIGHEST)
+  )
 
 
 def server_gradients(stacked_params, logits, deltas, sample_weights):
@@ -77,5 +82,7 @@ def server_gradients(stacked_params, logits, deltas, sample_weights):
   Returns:
     (grad_params with leaves `[K, ...]`, grad_logits `[C, K]`).
   """
-  return (globals_gradients(stacked_params, logits, deltas, sample_weights),
-          logit_gradients(stacked_params, logits, deltas, sample_weights))
+  return (
+    globals_gradients(stacked_params, logits, deltas, sample_weights),
+    logit_gradients(stacked_params, logits, deltas, sample_weights),
+  )

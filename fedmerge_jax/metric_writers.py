@@ -45,8 +45,9 @@ class JsonlWriter:
     kept = []
     if resume_round and os.path.exists(self.path):
       kept = [m for m in read_jsonl(self.path) if m["round"] <= resume_round]
-    write_atomically(self.path, lambda f: f.write("".join(json.dumps(m) + "\n"
-                                                          for m in kept).encode()))
+    write_atomically(
+      self.path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode())
+    )
 
   def write(self, metrics: Dict[str, float]) -> None:
     line = (json.dumps(metrics) + "\n").encode()
@@ -54,7 +55,7 @@ class JsonlWriter:
       size = f.tell()
       try:
         while line:
-          line = line[f.write(line):]
+          line = line[f.write(line) :]
       except OSError:
         f.truncate(size)
         raise
@@ -65,11 +66,17 @@ class TensorBoardWriter:
 
   def __init__(self, workdir: str, resume_round: int = 0):
     # purge_step hides events a killed session wrote after the checkpoint it resumes from.
-    self._writer = SummaryWriter(workdir, purge_step=resume_round + 1 if resume_round else None,
-                                 flush_secs=30)
+    self._writer = SummaryWriter(
+      workdir, purge_step=resume_round + 1 if resume_round else None, flush_secs=30
+    )
 
-  def write(self, round_index: int, scalars: Dict[str, float],
-            per_client: Dict[str, np.ndarray], merging_weights: Optional[np.ndarray]) -> None:
+  def write(
+    self,
+    round_index: int,
+    scalars: Dict[str, float],
+    per_client: Dict[str, np.ndarray],
+    merging_weights: Optional[np.ndarray],
+  ) -> None:
     for name, value in scalars.items():
       if name != "round":
         self._writer.add_scalar(name, value, round_index)
@@ -79,18 +86,24 @@ class TensorBoardWriter:
         self._writer.add_histogram(name, values, round_index)
     if merging_weights is not None:
       for k in range(merging_weights.shape[1]):
-        self._writer.add_histogram(f"merging_weights/model_{k}", merging_weights[:, k],
-                                   round_index)
-      self._writer.add_image("merging_weights/clients_x_models", merging_weights.T,
-                             round_index, dataformats="HW")
+        self._writer.add_histogram(f"merging_weights/model_{k}", merging_weights[:, k], round_index)
+      self._writer.add_image(
+        "merging_weights/clients_x_models", merging_weights.T, round_index, dataformats="HW"
+      )
     self._writer.flush()
 
   def close(self) -> None:
     self._writer.close()
 
 
-def write_clients_npz(workdir: str, round_index: int, client_ids, per_client: Dict[str, np.ndarray],
-                      merging_weights: Optional[np.ndarray], groups: Optional[np.ndarray]) -> None:
+def write_clients_npz(
+  workdir: str,
+  round_index: int,
+  client_ids,
+  per_client: Dict[str, np.ndarray],
+  merging_weights: Optional[np.ndarray],
+  groups: Optional[np.ndarray],
+) -> None:
   """The latest evaluation's per-client arrays, for `fedmerge_jax.plot`.
 
   Keys: round, client_ids, <split>_acc (e.g. test_acc), and merging_weights [N, K] and

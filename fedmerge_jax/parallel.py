@@ -41,8 +41,7 @@ COMMAND_BUFFERS = choices.COMMAND_BUFFERS  # config.command_buffers -> XLA:GPU's
 MIN_REAL_FRACTION = 0.85  # The chosen chunk keeps real / computed steps at least this.
 
 
-def resolve_local_loop(loop: str, parallelism: str, chunk_size: int,
-                       backend: str = "") -> str:
+def resolve_local_loop(loop: str, parallelism: str, chunk_size: int, backend: str = "") -> str:
   """'auto' -> 'static' where a GPU/TPU vmaps each round as one chunk (`chunk_size` 0), else
   'while': one client at a time runs no padded step then, and with several chunks each
   stops at its own largest member's count, while 'static' runs the round's for every chunk."""
@@ -76,8 +75,12 @@ def computed_steps(steps, chunk: int) -> int:
   return int(np.sum(np.maximum.reduceat(steps, starts) * sizes))
 
 
-def choose_chunk_size(sorted_steps, bytes_per_member: float, free_bytes: float,
-                      min_real_fraction: float = MIN_REAL_FRACTION) -> int:
+def choose_chunk_size(
+  sorted_steps,
+  bytes_per_member: float,
+  free_bytes: float,
+  min_real_fraction: float = MIN_REAL_FRACTION,
+) -> int:
   """The largest chunk that fits `free_bytes` at `bytes_per_member` each and keeps the real
   fraction (real / computed steps, `computed_steps`) of clients with `sorted_steps` (largest
   first) at least `min_real_fraction`; 1 where nothing larger does."""
@@ -125,10 +128,16 @@ def map_clients(fn, args, chunk_size: int = 0, parallelism: str = "auto", reduce
 
   # Closed-over arrays (the global models, the whole state) enter every device whole.
   # check_vma off: the scan's zero totals start device-invariant and become per-device.
-  out_specs = (PartitionSpec(CLIENTS) if reduce is None
-               else (PartitionSpec(), PartitionSpec(CLIENTS)))
-  return jax.shard_map(per_device, in_specs=(PartitionSpec(CLIENTS),), out_specs=out_specs,
-                       axis_names={CLIENTS}, check_vma=False)(args)
+  out_specs = (
+    PartitionSpec(CLIENTS) if reduce is None else (PartitionSpec(), PartitionSpec(CLIENTS))
+  )
+  return jax.shard_map(
+    per_device,
+    in_specs=(PartitionSpec(CLIENTS),),
+    out_specs=out_specs,
+    axis_names={CLIENTS},
+    check_vma=False,
+  )(args)
 
 
 def client_devices(num: int) -> int:
@@ -162,8 +171,7 @@ def _map_chunks(fn, args, chunk_size: int, parallelism: str, reduce):
     full = num_chunks * chunk
     # Contiguous chunks sliced inside the loop: reshaping the inputs to [chunks, chunk, ...]
     # (or striding them) makes XLA copy them all, and un-striding would copy the outputs.
-    take = lambda i: jax.tree.map(
-        lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk), args)
+    take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk), args)
     shapes, _ = jax.eval_shape(run, take(0))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -185,11 +193,13 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   available = jax.device_count()
   n = num_devices or available
   if n > available:
-    raise ValueError(f"config.num_devices={num_devices} but only {available} devices exist; "
-                     "use 0 for all of them.")
+    raise ValueError(
+      f"config.num_devices={num_devices} but only {available} devices exist; use 0 for all of them."
+    )
   if jax.process_count() > 1 and n != available:
-    raise ValueError(f"config.num_devices={num_devices}: a multi-host run uses every device "
-                     "(set it to 0).")
+    raise ValueError(
+      f"config.num_devices={num_devices}: a multi-host run uses every device (set it to 0)."
+    )
   return jax.make_mesh((n,), (CLIENTS,), (AxisType.Auto,), devices=jax.devices()[:n])
 
 
@@ -218,6 +228,7 @@ class ClientLayout:
     device count with room for a round's phantom ids, so no id repeats in a round.
   eval_chunk: clients evaluated per call, a multiple of the device count.
   """
+
   num_devices: int
   num_clients: int  # Real clients; num_devices: the mesh size.
   num_sampled: int
@@ -232,8 +243,9 @@ class ClientLayout:
     return np.concatenate([np.asarray(client_ids), phantoms]).astype(np.int32)
 
 
-def client_layout(num_devices: int, num_clients: int, clients_per_round: int,
-                  chunk_size: int) -> ClientLayout:
+def client_layout(
+  num_devices: int, num_clients: int, clients_per_round: int, chunk_size: int
+) -> ClientLayout:
   """The padded counts for `num_clients` clients, `clients_per_round` a round (0: all).
 
   On one device nothing is padded: chunks need not divide a round there (`map_clients`
@@ -245,8 +257,7 @@ def client_layout(num_devices: int, num_clients: int, clients_per_round: int,
   round_size = round_up(sampled, chunk if sharded_chunks else num_devices)
   population = round_up(num_clients + round_size - sampled, num_devices)
   eval_chunk = round_up(min(chunk or num_clients, num_clients), num_devices)
-  return ClientLayout(num_devices, num_clients, sampled, chunk, round_size, population,
-                      eval_chunk)
+  return ClientLayout(num_devices, num_clients, sampled, chunk, round_size, population, eval_chunk)
 
 
 def state_shardings(mesh: Mesh, abstract_state, population: int):
@@ -255,8 +266,10 @@ def state_shardings(mesh: Mesh, abstract_state, population: int):
   Everything else (the global models, optimizer scalars) is replicated. Should K equal the
   padded population, the global models are split too: another layout, same results.
   """
+
   def one(leaf):
     return client_sharding(mesh) if is_per_client(leaf, population) else replicated(mesh)
+
   return jax.tree.map(one, abstract_state)
 
 
@@ -279,16 +292,22 @@ def jit_round(round_fn, mesh: Mesh, shardings, compiler_options=None):
   metrics come back replicated, readable on every host.
   """
   clients, copies = client_sharding(mesh), replicated(mesh)
-  return jax.jit(on_mesh(round_fn, mesh), donate_argnums=0,
-                 in_shardings=(shardings, clients, clients, copies),
-                 out_shardings=(shardings, copies), compiler_options=compiler_options)
+  return jax.jit(
+    on_mesh(round_fn, mesh),
+    donate_argnums=0,
+    in_shardings=(shardings, clients, clients, copies),
+    out_shardings=(shardings, copies),
+    compiler_options=compiler_options,
+  )
 
 
 def on_mesh(fn, mesh: Mesh):
   """`fn` traced with `mesh` as the abstract mesh, so that `map_clients` maps per device."""
+
   def traced(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args)
+
   return traced
 
 
@@ -296,8 +315,10 @@ def padded_chunks(client_ids, chunk: int):
   """`client_ids` in consecutive chunks of `chunk`, the last filled with repeats of its first
   id so that every chunk has one shape: [(chunk's ids, how many of them are real)]."""
   ids = np.asarray(client_ids, np.int32)
-  return [(np.concatenate([part, np.full(chunk - len(part), part[0], np.int32)]), len(part))
-          for part in (ids[start:start + chunk] for start in range(0, len(ids), chunk))]
+  return [
+    (np.concatenate([part, np.full(chunk - len(part), part[0], np.int32)]), len(part))
+    for part in (ids[start : start + chunk] for start in range(0, len(ids), chunk))
+  ]
 
 
 def largest_first(client_ids, counts) -> np.ndarray:
@@ -334,8 +355,10 @@ class RoundGatherer:
     shape = (length,) if test_arrays is None else (length, test_arrays.padded_length(ids, 8))
     if shape not in self.lengths:
       self.lengths.add(shape)
-      logging.info("Rounds padded to %s examples per client (new shape: compiling).",
-                   " + ".join(map(str, shape)))
+      logging.info(
+        "Rounds padded to %s examples per client (new shape: compiling).",
+        " + ".join(map(str, shape)),
+      )
 
     def gather(block):
       train = self.arrays.gather(block, length)
@@ -367,6 +390,7 @@ def client_arrays(mesh: Mesh, client_ids, gather):
   def build(i):
     arrays = [jax.device_put(leaves[i], device) for device, (leaves, _) in parts.items()]
     return jax.make_array_from_single_device_arrays(
-        (len(ids),) + arrays[0].shape[1:], sharding, arrays)
+      (len(ids),) + arrays[0].shape[1:], sharding, arrays
+    )
 
   return jax.tree.unflatten(treedef, [build(i) for i in range(treedef.num_leaves)])

@@ -37,8 +37,9 @@ def read_metrics(workdir: str):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"{path} not found: run `python launch.py --config=configs/default.py "
-        f"--workdir={workdir}` first (or point --workdir at a run's workdir).")
+      f"{path} not found: run `python launch.py --config=configs/default.py "
+      f"--workdir={workdir}` first (or point --workdir at a run's workdir)."
+    )
   metrics = metric_writers.read_jsonl(path)  # A torn last line (a killed run) is left out.
   summary_path = os.path.join(workdir, "summary.json")
   if not os.path.exists(summary_path):
@@ -69,8 +70,10 @@ def what_ran(config, data, model=None) -> dict:
 def ran_names(config: dict) -> dict:
   """What a config.json says ran: its `ran` record, else (older runs) its config's names."""
   recorded = config.get(RAN) or {}
-  return {"data": recorded.get("data", config.get("data", {}).get("name", "?")),
-          "model": recorded.get("model", config.get("model", {}).get("name"))}
+  return {
+    "data": recorded.get("data", config.get("data", {}).get("name", "?")),
+    "model": recorded.get("model", config.get("model", {}).get("name")),
+  }
 
 
 def run_name(workdir: str, clients=None) -> str:
@@ -89,8 +92,10 @@ def run_name(workdir: str, clients=None) -> str:
   if clients is not None and "merging_weights" in clients:
     k = int(np.shape(clients["merging_weights"])[1])
   ran = ran_names(config)
-  return ", ".join([f"{config.get('algorithm', '?')}", f"K = {k}", ran["data"]]
-                   + ([ran["model"]] if ran["model"] else []))
+  return ", ".join(
+    [f"{config.get('algorithm', '?')}", f"K = {k}", ran["data"]]
+    + ([ran["model"]] if ran["model"] else [])
+  )
 
 
 def _titled(title: str, run: str) -> str:
@@ -115,22 +120,35 @@ def accuracy_figure(metrics, summary, run: str = "") -> Figure:
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
   rounds = sorted({m["round"] for m in metrics})
-  for key, label, style in (("test/acc_mean", "test accuracy, mean over clients", "-o"),
-                            ("test/acc_p10", "test accuracy, 10th percentile", "--s")):
+  for key, label, style in (
+    ("test/acc_mean", "test accuracy, mean over clients", "-o"),
+    ("test/acc_p10", "test accuracy, 10th percentile", "--s"),
+  ):
     rows = [m for m in metrics if key in m]
-    ax.plot([m["round"] for m in rows], [m[key] for m in rows], style, markersize=4,
-            label=label)
+    ax.plot([m["round"] for m in rows], [m[key] for m in rows], style, markersize=4, label=label)
     if len(rows) == 1:
-      ax.annotate(f"{rows[0][key]:.3f}", (rows[0]["round"], rows[0][key]),
-                  textcoords="offset points", xytext=(6, 4))
+      ax.annotate(
+        f"{rows[0][key]:.3f}",
+        (rows[0]["round"], rows[0][key]),
+        textcoords="offset points",
+        xytext=(6, 4),
+      )
   if "best/round" in summary:
-    ax.axvline(summary["best/round"], color="gray", linestyle=":",
-               label=f"best by validation loss (round {summary['best/round']})")
+    ax.axvline(
+      summary["best/round"],
+      color="gray",
+      linestyle=":",
+      label=f"best by validation loss (round {summary['best/round']})",
+    )
   if len(rounds) == 1:  # One evaluation: centre it instead of a degenerate axis.
     ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02),
-         title=_titled("Personalised test accuracy", run))
+  ax.set(
+    xlabel="round",
+    ylabel="accuracy",
+    ylim=(0, 1.02),
+    title=_titled("Personalised test accuracy", run),
+  )
   ax.grid(alpha=0.3)
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small")  # Off the curves.
   return fig
@@ -163,14 +181,27 @@ def plot_gap(metrics, path: str, run: str = "") -> str:
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
   rounds = [m["round"] for m in rows]
-  ax.plot(rounds, [m["gap/acc_mean"] for m in rows], marker=".", color="C0",
-          label="accuracy: trained - received")
+  ax.plot(
+    rounds,
+    [m["gap/acc_mean"] for m in rows],
+    marker=".",
+    color="C0",
+    label="accuracy: trained - received",
+  )
   ax.axhline(0, color="gray", linewidth=0.8)
-  ax.set(xlabel="round", ylabel="accuracy gap (mean over trained clients)",
-         title=_titled("Local-global gap on the clients' own test data", run))
+  ax.set(
+    xlabel="round",
+    ylabel="accuracy gap (mean over trained clients)",
+    title=_titled("Local-global gap on the clients' own test data", run),
+  )
   loss_ax = ax.twinx()
-  loss_ax.plot(rounds, [m["gap/loss_mean"] for m in rows], marker=".", color="C1",
-               label="loss: received - trained")
+  loss_ax.plot(
+    rounds,
+    [m["gap/loss_mean"] for m in rows],
+    marker=".",
+    color="C1",
+    label="loss: received - trained",
+  )
   loss_ax.set_ylabel("loss gap")
   share_zero(ax, loss_ax)
   handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
@@ -190,8 +221,11 @@ def client_accuracy_figure(test_acc, round_index=None, run: str = "") -> Figure:
     ax.axvline(acc.mean(), color="black", linestyle="--", label=f"mean {acc.mean():.3f}")
     ax.legend(loc="upper left")
   ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set(xlabel="test accuracy", ylabel="clients",
-         title=_titled(f"Per-client test accuracy{_at(round_index)} ({acc.size} clients)", run))
+  ax.set(
+    xlabel="test accuracy",
+    ylabel="clients",
+    title=_titled(f"Per-client test accuracy{_at(round_index)} ({acc.size} clients)", run),
+  )
   return fig
 
 
@@ -213,17 +247,29 @@ def merging_weights_figure(weights, groups=None, round_index=None, run: str = ""
     strip, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 12], "wspace": 0.05})
     groups = np.asarray(groups)
     vmax = max(9, groups.max())
-    strip.imshow(groups[order][:, None], aspect="auto", cmap="tab10", vmin=0, vmax=vmax,
-                 interpolation="nearest")
+    strip.imshow(
+      groups[order][:, None],
+      aspect="auto",
+      cmap="tab10",
+      vmin=0,
+      vmax=vmax,
+      interpolation="nearest",
+    )
     strip.set(xticks=[], yticks=[], xlabel="group", ylabel="clients (by dominant model)")
     cmap = matplotlib.colormaps["tab10"]
     handles = [Patch(color=cmap(g / vmax), label=f"group {g}") for g in np.unique(groups)]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.45, 0.0),
-               ncol=min(len(handles), 6), title="known client group (left strip)",
-               fontsize="small")
+    fig.legend(
+      handles=handles,
+      loc="upper center",
+      bbox_to_anchor=(0.45, 0.0),
+      ncol=min(len(handles), 6),
+      title="known client group (left strip)",
+      fontsize="small",
+    )
     title += f"; ARI with known groups {dominant_model_ari(weights, groups):.2f}"
-  image = ax.imshow(weights[order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
-                    interpolation="nearest")
+  image = ax.imshow(
+    weights[order], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
+  )
   ax.set_xticks(range(weights.shape[1]))
   ax.set(xlabel="global model k", title=_titled(title, run))
   if groups is None:
@@ -250,11 +296,12 @@ def write_plots(workdir: str) -> dict:
   if clients is not None:
     round_index = int(clients["round"]) if "round" in clients else None
     paths["client_accuracy"] = plot_client_accuracy(
-        clients["test_acc"], out("client_accuracy"), round_index, run)
+      clients["test_acc"], out("client_accuracy"), round_index, run
+    )
     if "merging_weights" in clients:
       paths["merging_weights"] = plot_merging_weights(
-          clients["merging_weights"], out("merging_weights"), clients.get("groups"),
-          round_index, run)
+        clients["merging_weights"], out("merging_weights"), clients.get("groups"), round_index, run
+      )
   return paths
 
 
@@ -279,6 +326,7 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not on import, so that importing this module never clashes with
   # launch.py's own --workdir.
-  flags.DEFINE_string("workdir", None, "A run's workdir (the --workdir given to launch.py).",
-                      required=True)
+  flags.DEFINE_string(
+    "workdir", None, "A run's workdir (the --workdir given to launch.py).", required=True
+  )
   app.run(main, flags_parser=cli.parse_flags)  # One-line flag errors; quiet logs.

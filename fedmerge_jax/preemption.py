@@ -37,6 +37,7 @@ def multihost_sync_point(round_index: int) -> bool:
   """JAX's preemption sync point: True on every process at the same round once any was
   told to stop. Called once per round by every process, rounds increasing."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return multihost_utils.reached_preemption_sync_point(round_index)
 
 
@@ -48,8 +49,11 @@ class StopRequests:
   (Python allows no other) and restored on exit.
   """
 
-  def __init__(self, process_count: Optional[int] = None,
-               sync_point: Callable[[int], bool] = multihost_sync_point):
+  def __init__(
+    self,
+    process_count: Optional[int] = None,
+    sync_point: Callable[[int], bool] = multihost_sync_point,
+  ):
     self.multihost = (jax.process_count() if process_count is None else process_count) > 1
     self._sync_point = sync_point
     self.received: Optional[int] = None

@@ -18,8 +18,14 @@ class Progress:
 
   def __init__(self, num_rounds: int, start_round: int = 0, enabled: bool = True):
     self._enabled = enabled
-    self._bar = tqdm(total=num_rounds, initial=start_round, unit="round", dynamic_ncols=True,
-                     disable=None if enabled else True, file=sys.stderr)
+    self._bar = tqdm(
+      total=num_rounds,
+      initial=start_round,
+      unit="round",
+      dynamic_ncols=True,
+      disable=None if enabled else True,
+      file=sys.stderr,
+    )
 
   def advance(self) -> None:
     self._bar.update(1)

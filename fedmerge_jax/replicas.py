@@ -54,18 +54,25 @@ class GroupError(ValueError):
 def check_group(configs, workdirs) -> None:
   """Raises GroupError unless the resolved `configs` differ only in their value fields."""
   if not configs or len(configs) != len(workdirs):
-    raise GroupError(f"train_and_evaluate_many: {len(configs)} configs for {len(workdirs)} "
-                     "workdirs; give one workdir per config.")
+    raise GroupError(
+      f"train_and_evaluate_many: {len(configs)} configs for {len(workdirs)} "
+      "workdirs; give one workdir per config."
+    )
   if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
     raise GroupError("train_and_evaluate_many: two configs share a workdir; give each its own.")
   first = dict(config_lib.flatten(configs[0]))
   for i, config in enumerate(configs[1:], 1):
     if hyperparams.program_key(config) != hyperparams.program_key(configs[0]):
-      changed = sorted(k for k, v in config_lib.flatten(config)
-                       if k not in hyperparams.VALUE_FIELDS and first.get(k) != v)
-      raise GroupError(f"train_and_evaluate_many: config {i} differs from config 0 in "
-                       f"{', '.join(changed)}; replicas may differ only in "
-                       f"{', '.join(hyperparams.VALUE_FIELDS)} (run the others as another group).")
+      changed = sorted(
+        k
+        for k, v in config_lib.flatten(config)
+        if k not in hyperparams.VALUE_FIELDS and first.get(k) != v
+      )
+      raise GroupError(
+        f"train_and_evaluate_many: config {i} differs from config 0 in "
+        f"{', '.join(changed)}; replicas may differ only in "
+        f"{', '.join(hyperparams.VALUE_FIELDS)} (run the others as another group)."
+      )
 
 
 def stack(trees):
@@ -81,11 +88,13 @@ class Member:
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
-    schedule = checkpoint_lib.Schedule(config.checkpoint_every, config.checkpoint_every_minutes,
-                                       config.num_rounds)
+    schedule = checkpoint_lib.Schedule(
+      config.checkpoint_every, config.checkpoint_every_minutes, config.num_rounds
+    )
     self.schedule = schedule
-    self.checkpoints = (checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep)
-                        if schedule.enabled else None)
+    self.checkpoints = (
+      checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep) if schedule.enabled else None
+    )
     init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
     self.init_rng = init_rng
     self.rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))
@@ -97,7 +106,8 @@ class Member:
   def restore(self, fresh_inner):
     """The state to start from: the latest checkpoint's, or `fresh_inner` (round 0)."""
     restored = self.checkpoints and self.checkpoints.restore_latest(
-        {"algorithm": fresh_inner, "rngs": self.rng_data})
+      {"algorithm": fresh_inner, "rngs": self.rng_data}
+    )
     inner = fresh_inner
     if restored:
       self.done, saved, progress = restored
@@ -105,8 +115,9 @@ class Member:
       self.best, self.metrics = progress["best"], progress["metrics"]
       if not bool(train.all_finite(inner)):
         raise FloatingPointError(
-            f"The checkpoint of round {self.done} in {self.checkpoints.directory} holds "
-            "non-finite values; resuming cannot help: start over with a new --workdir.")
+          f"The checkpoint of round {self.done} in {self.checkpoints.directory} holds "
+          "non-finite values; resuming cannot help: start over with a new --workdir."
+        )
       logging.info("Resuming %s from the checkpoint of round %d.", self.workdir, self.done)
     self.start_round = self.state_round = self.done
     self.sample_rng, self.round_rng = jax.random.wrap_key_data(self.rng_data)
@@ -118,10 +129,17 @@ class Member:
 
   def save(self, round_index: int, inner) -> None:
     """Checkpoints `inner` as this replica's state after `round_index` (as train.py's save)."""
-    if (self.checkpoints is not None and self.start_round < round_index == self.state_round
-        and inner is not None and restore.alive(inner)):
-      self.checkpoints.save(round_index, {"algorithm": inner, "rngs": self.rng_data},
-                            {"round": round_index, "best": self.best, "metrics": self.metrics})
+    if (
+      self.checkpoints is not None
+      and self.start_round < round_index == self.state_round
+      and inner is not None
+      and restore.alive(inner)
+    ):
+      self.checkpoints.save(
+        round_index,
+        {"algorithm": inner, "rngs": self.rng_data},
+        {"round": round_index, "best": self.best, "metrics": self.metrics},
+      )
       self.schedule.saved()
 
   def close(self) -> None:
@@ -131,8 +149,13 @@ class Member:
       self.tensorboard.close()
 
 
-def round_batches(data: data_lib.FederatedData, layout, client_ids: Sequence[np.ndarray],
-                  batch_size: int, evaluating: bool):
+def round_batches(
+  data: data_lib.FederatedData,
+  layout,
+  client_ids: Sequence[np.ndarray],
+  batch_size: int,
+  evaluating: bool,
+):
   """Every replica's round data, stacked [R, C, ...], padded to the longest replica's bucket.
 
   Each replica's clients go largest first, as `parallel.RoundGatherer` orders them; padding
@@ -143,8 +166,9 @@ def round_batches(data: data_lib.FederatedData, layout, client_ids: Sequence[np.
   train_part = [data.train.gather(ids, length) for ids in padded]
   if evaluating:
     test_length = max(data.test.padded_length(ids, 8) for ids in ordered)
-    batches = [gap.WithTest(t, data.test.gather(ids, test_length))
-               for t, ids in zip(train_part, padded)]
+    batches = [
+      gap.WithTest(t, data.test.gather(ids, test_length)) for t, ids in zip(train_part, padded)
+    ]
   else:
     batches = train_part
   return ordered, np.stack(padded), jax.tree.map(lambda *xs: np.stack(xs), *batches)
@@ -160,12 +184,17 @@ def make_group_round(algorithm, config):
     new, metrics = guarded(states, client_ids, data, rngs)
     keep = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
     return jax.tree.map(keep, new, states), metrics
+
   return jax.jit(group_round, donate_argnums=0, compiler_options=train.compiler_options(config))
 
 
-def train_and_evaluate_many(configs, workdirs: Sequence[str],
-                            data: Optional[data_lib.FederatedData] = None, model=None,
-                            start_over: bool = False) -> List[Dict]:
+def train_and_evaluate_many(
+  configs,
+  workdirs: Sequence[str],
+  data: Optional[data_lib.FederatedData] = None,
+  model=None,
+  start_over: bool = False,
+) -> List[Dict]:
   """Runs `configs` as one replica group; returns their summaries, as `train_and_evaluate`'s.
 
   The configs may differ only in `hyperparams.VALUE_FIELDS` (GroupError names the field
@@ -193,8 +222,13 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
   algorithm = hyperparams.valued(lambda c: train.build(c, data, layout, model)[1], first)
   for config, workdir in zip(configs, workdirs):
     restore.record_experiment(config, workdir, data, model, start_over, True, ran)
-  logging.info("%s on %s: %d replicas as one program (%s).", first.algorithm, data.name,
-               len(configs), ", ".join(workdirs))
+  logging.info(
+    "%s on %s: %d replicas as one program (%s).",
+    first.algorithm,
+    data.name,
+    len(configs),
+    ", ".join(workdirs),
+  )
 
   members = [Member(c, w) for c, w in zip(configs, workdirs)]
   values = hyperparams.stacked_values(configs)
@@ -226,11 +260,16 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
         for m in members:
           if m.checkpoints:
             m.checkpoints.wait()
-        raise preemption.Stopped(signal_name, stops.signal_number,
-                                 restore.stopped_saying(members[0].checkpoints))
+        raise preemption.Stopped(
+          signal_name, stops.signal_number, restore.stopped_saying(members[0].checkpoints)
+        )
       active = np.array([m.done < r for m in members])
-      sampled = [sampling.sample_clients(jax.random.fold_in(m.sample_rng, r), data.num_clients,
-                                      first.clients_per_round) for m in members]
+      sampled = [
+        sampling.sample_clients(
+          jax.random.fold_in(m.sample_rng, r), data.num_clients, first.clients_per_round
+        )
+        for m in members
+      ]
       evaluating = r % first.eval_every == 0 or r == num_rounds
       ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
       keys = jnp.stack([jax.random.fold_in(m.round_rng, r) for m in members])
@@ -241,12 +280,17 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
           continue
         if not finite[i]:
           m.save(r - 1, row(states.inner, i))  # The guarded round kept its last good state.
-          raise FloatingPointError(f"{m.workdir}: " + failures.non_finite_message(
-              row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."))
+          raise FloatingPointError(
+            f"{m.workdir}: "
+            + failures.non_finite_message(
+              row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."
+            )
+          )
         m.state_round = r
         if evaluating:
-          record_evaluation(m, r, data, lambda i=i: evaluate(row(states, i), r, ordered[i],
-                                                             row(round_metrics, i)))
+          record_evaluation(
+            m, r, data, lambda i=i: evaluate(row(states, i), r, ordered[i], row(round_metrics, i))
+          )
         m.done = r
         if m.checkpoints and m.schedule.due(r):
           m.save(r, row(states.inner, i))
@@ -254,9 +298,10 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
     save_all()
     if failures.is_out_of_memory(e):
       raise failures.OutOfMemoryError(
-          f"Out of memory at round {r} with {len(members)} replicas at once: run fewer "
-          "(compare --replicas) or " + failures.out_of_memory_message(
-              first, r, first.clients_per_round or data.num_clients, "")) from e
+        f"Out of memory at round {r} with {len(members)} replicas at once: run fewer "
+        "(compare --replicas) or "
+        + failures.out_of_memory_message(first, r, first.clients_per_round or data.num_clients, "")
+      ) from e
     raise
   finally:
     stops.uninstall()
@@ -268,8 +313,10 @@ def train_and_evaluate_many(configs, workdirs: Sequence[str],
     summary = dict(m.metrics)
     summary.update(m.best or {})
     summary["wall_time_s"] = wall
-    metric_writers.write_atomically(os.path.join(m.workdir, "summary.json"),
-                                    lambda f, s=summary: f.write(json.dumps(s, indent=2).encode()))
+    metric_writers.write_atomically(
+      os.path.join(m.workdir, "summary.json"),
+      lambda f, s=summary: f.write(json.dumps(s, indent=2).encode()),
+    )
     plot.write_plots(m.workdir)
     summaries.append(summary)
   return summaries
@@ -286,8 +333,9 @@ def record_evaluation(member: Member, r: int, data, evaluate) -> None:
   member.jsonl.write(metrics)
   if member.tensorboard:
     member.tensorboard.write(r, metrics, per_client, weights)
-  metric_writers.write_clients_npz(member.workdir, r, data.client_ids, per_client, weights,
-                                   data.groups)
+  metric_writers.write_clients_npz(
+    member.workdir, r, data.client_ids, per_client, weights, data.groups
+  )
   logging.info("%s: %s", member.workdir, reporting.format_metrics(metrics))
   member.last_time, member.last_round = time.perf_counter(), r
 
@@ -317,8 +365,9 @@ def replica_bytes(config, data: data_lib.FederatedData, model=None) -> int:
   return 4 * state_bytes + 2 * round_bytes
 
 
-def auto_replicas(config, data: data_lib.FederatedData, model=None,
-                  free_bytes: Optional[int] = None) -> int:
+def auto_replicas(
+  config, data: data_lib.FederatedData, model=None, free_bytes: Optional[int] = None
+) -> int:
   """`compare --replicas=auto`: how many replicas of `config` fit in `MEMORY_SHARE` of the free
   memory (`free_bytes` where given), 1 to `MAX_AUTO_REPLICAS`; 1 on several devices (there
   the client axis keeps the mesh: a separate run uses all devices, a group one)."""

@@ -15,8 +15,14 @@ from fedmerge_jax import plot
 from fedmerge_jax import progress as progress_lib
 
 SUMMARY_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_p10", "loss")
-SHOWN = ("train/loss", "test/acc_mean", "test/acc_weighted", "test/acc_p10", "val/loss",
-         "gap/acc_mean")  # In the line printed per evaluation.
+SHOWN = (
+  "train/loss",
+  "test/acc_mean",
+  "test/acc_weighted",
+  "test/acc_p10",
+  "val/loss",
+  "gap/acc_mean",
+)  # In the line printed per evaluation.
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
@@ -48,14 +54,25 @@ class Reporter:
   `data`: the run's FederatedData (client ids and groups name clients.npz's rows).
   """
 
-  def __init__(self, workdir: str, config, data, start_round: int, best: Optional[dict],
-               metrics: dict, enabled: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    config,
+    data,
+    start_round: int,
+    best: Optional[dict],
+    metrics: dict,
+    enabled: bool = True,
+  ):
     self.workdir, self.data, self.enabled = workdir, data, enabled
     self.num_rounds, self.start_round = config.num_rounds, start_round
     self.best, self.metrics = best, metrics
     self.jsonl = metric_writers.JsonlWriter(workdir, start_round) if enabled else None
-    self.tensorboard = (metric_writers.TensorBoardWriter(workdir, start_round)
-                        if enabled and config.tensorboard else None)
+    self.tensorboard = (
+      metric_writers.TensorBoardWriter(workdir, start_round)
+      if enabled and config.tensorboard
+      else None
+    )
     self.bar = progress_lib.Progress(config.num_rounds, start_round, enabled=enabled)
     self.start = self.last_time = time.perf_counter()
     self.last_round = start_round
@@ -78,8 +95,9 @@ class Reporter:
       self.jsonl.write(metrics)
       if self.tensorboard:
         self.tensorboard.write(round_index, metrics, per_client, weights)
-      metric_writers.write_clients_npz(self.workdir, round_index, self.data.client_ids,
-                                       per_client, weights, self.data.groups)
+      metric_writers.write_clients_npz(
+        self.workdir, round_index, self.data.client_ids, per_client, weights, self.data.groups
+      )
     self.bar.show(metrics)
     self.bar.print(format_metrics(metrics))
     self.last_time, self.last_round = time.perf_counter(), round_index
@@ -103,7 +121,9 @@ class Reporter:
     summary.update(self.best or {})
     summary["wall_time_s"] = time.perf_counter() - self.start
     if self.enabled:
-      metric_writers.write_atomically(os.path.join(self.workdir, "summary.json"),
-                                      lambda f: f.write(json.dumps(summary, indent=2).encode()))
+      metric_writers.write_atomically(
+        os.path.join(self.workdir, "summary.json"),
+        lambda f: f.write(json.dumps(summary, indent=2).encode()),
+      )
       plot.write_plots(self.workdir)
     return summary

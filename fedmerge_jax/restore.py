@@ -26,8 +26,7 @@ def stopped_saying(checkpoints) -> str:
   """The end of the line a stop request prints: which rounds are safe, and what to do."""
   latest = checkpoints.latest_round() if checkpoints else None
   if latest is None:
-    return ("no round is saved (checkpoints are off or none finished yet); rerun to start "
-            "again.")
+    return "no round is saved (checkpoints are off or none finished yet); rerun to start again."
   return f"rounds up to {latest} are saved in {checkpoints.directory}; rerun to resume."
 
 
@@ -42,19 +41,24 @@ def claim_workdir(config, workdir: str, start_over: bool, main_process: bool) ->
   fingerprint_lib.check(workdir, {"config": fingerprint_lib.config_fingerprint(config)})
 
 
-def record_experiment(config, workdir: str, data, model, start_over: bool,
-                      main_process: bool, ran=None) -> None:
+def record_experiment(
+  config, workdir: str, data, model, start_over: bool, main_process: bool, ran=None
+) -> None:
   """Checks the data and model against what `workdir` holds, then records config and all;
   config.json's `ran` (plot.RAN) names the data and model that ran (`plot.what_ran`)."""
   current = fingerprint_lib.fingerprint(config, data, model)
   if not start_over:  # (Starting over, other processes may still see the old record.)
     fingerprint_lib.check(workdir, current)
   if main_process:  # experiment.json first: a config.json with `ran` is never read as the record.
-    metric_writers.write_atomically(os.path.join(workdir, fingerprint_lib.FILE),
-                                    lambda f: f.write(json.dumps(current, indent=1).encode()))
+    metric_writers.write_atomically(
+      os.path.join(workdir, fingerprint_lib.FILE),
+      lambda f: f.write(json.dumps(current, indent=1).encode()),
+    )
     recorded = dict(json.loads(config.to_json()), **{plot.RAN: ran or {}})
-    metric_writers.write_atomically(os.path.join(workdir, "config.json"),
-                                    lambda f: f.write(json.dumps(recorded, indent=2).encode()))
+    metric_writers.write_atomically(
+      os.path.join(workdir, "config.json"),
+      lambda f: f.write(json.dumps(recorded, indent=2).encode()),
+    )
 
 
 def without_phantoms(state, layout: parallel.ClientLayout, for_restore: bool = False):
@@ -70,7 +74,8 @@ def without_phantoms(state, layout: parallel.ClientLayout, for_restore: bool = F
       return leaf
     if for_restore:
       return np.empty((layout.num_clients, *leaf.shape[1:]), leaf.dtype)
-    return leaf[:layout.num_clients]
+    return leaf[: layout.num_clients]
+
   return jax.tree.map(cut, state)
 
 
@@ -82,13 +87,15 @@ def with_phantoms(saved, state, shardings, layout: parallel.ClientLayout):
   def pad(restored, fresh, sharding):
     if not parallel.is_per_client(fresh, layout.population):
       return restored
-    concatenate = lambda real, all_rows: jnp.concatenate([real, all_rows[layout.num_clients:]])
+    concatenate = lambda real, all_rows: jnp.concatenate([real, all_rows[layout.num_clients :]])
     return jax.jit(concatenate, out_shardings=sharding)(restored, fresh)
+
   return jax.tree.map(pad, saved, state, shardings)
 
 
 class Start(NamedTuple):
   """Where a run starts: after `round` (0: fresh), with its state, keys and reports so far."""
+
   round: int
   state: Any
   shardings: Any
@@ -109,10 +116,12 @@ class Checkpointing:
   """
 
   def __init__(self, config, workdir: str, layout: parallel.ClientLayout):
-    self.schedule = checkpoint_lib.Schedule(config.checkpoint_every,
-                                            config.checkpoint_every_minutes, config.num_rounds)
-    self.checkpoints = (checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep)
-                        if self.schedule.enabled else None)
+    self.schedule = checkpoint_lib.Schedule(
+      config.checkpoint_every, config.checkpoint_every_minutes, config.num_rounds
+    )
+    self.checkpoints = (
+      checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep) if self.schedule.enabled else None
+    )
     self.layout, self.seed = layout, config.seed
     self.start_round, self.rng_data = 0, None
 
@@ -127,18 +136,26 @@ class Checkpointing:
     self.rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))  # Host: multi-host safe.
     state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population, init_rng)
     restored = checkpoints and checkpoints.restore_latest(
-        {"algorithm": without_phantoms(state, layout, for_restore=True), "rngs": self.rng_data})
+      {"algorithm": without_phantoms(state, layout, for_restore=True), "rngs": self.rng_data}
+    )
     if not restored:
       return Start(0, state, shardings, self.rng_data, None, {})
     done, saved, progress = restored
     if not bool(is_finite(saved["algorithm"])):
       raise FloatingPointError(
-          f"The checkpoint of round {done} in {checkpoints.directory} holds non-finite values; "
-          "resuming cannot help: start over with a new --workdir.")
+        f"The checkpoint of round {done} in {checkpoints.directory} holds non-finite values; "
+        "resuming cannot help: start over with a new --workdir."
+      )
     logging.info("Resuming from the checkpoint of round %d in %s.", done, checkpoints.directory)
     self.start_round, self.rng_data = done, saved["rngs"]
-    return Start(done, with_phantoms(saved["algorithm"], state, shardings, layout), shardings,
-                 self.rng_data, progress["best"], progress["metrics"])
+    return Start(
+      done,
+      with_phantoms(saved["algorithm"], state, shardings, layout),
+      shardings,
+      self.rng_data,
+      progress["best"],
+      progress["metrics"],
+    )
 
   def save(self, round_index: int, state_round: Optional[int], state, progress) -> str:
     """Checkpoints `state` as the state after `round_index`; says where, for messages.
@@ -151,14 +168,19 @@ class Checkpointing:
       return "Checkpoints are off (config.checkpoint_every=0)."
     if self.start_round < round_index == state_round and alive(state):
       best, metrics = progress()
-      checkpoints.save(round_index, {"algorithm": without_phantoms(state, self.layout),
-                                     "rngs": self.rng_data},
-                       {"round": round_index, "best": best, "metrics": metrics})
+      checkpoints.save(
+        round_index,
+        {"algorithm": without_phantoms(state, self.layout), "rngs": self.rng_data},
+        {"round": round_index, "best": best, "metrics": metrics},
+      )
       self.schedule.saved()
     latest = checkpoints.latest_round()
-    return ("No round finished yet." if latest is None else
-            f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
-            "same command resumes from there.")
+    return (
+      "No round finished yet."
+      if latest is None
+      else f"Rounds up to {latest} are checkpointed in {checkpoints.directory}; rerunning the "
+      "same command resumes from there."
+    )
 
   def due(self, round_index: int) -> bool:
     return bool(self.checkpoints) and self.schedule.due(round_index)

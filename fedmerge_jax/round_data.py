@@ -14,6 +14,7 @@ from fedmerge_jax.client import ClientData
 class WithTest:
   """A round's client data (`train`, read through as its attributes) with each client's test
   split."""
+
   train: ClientData
   test: ClientData
 

@@ -21,6 +21,7 @@ from fedmerge_jax import parallel
 
 class Failure(NamedTuple):
   """A round whose loss or state was not finite."""
+
   round: int
   ids: np.ndarray  # Its real client ids, in the round's order.
   metrics: dict  # Its round metrics ('clients/train_loss' names the clients).
@@ -28,8 +29,9 @@ class Failure(NamedTuple):
 
 def on_devices(tree, sharding):
   """`tree`'s host arrays sent to `sharding` now (asynchronously); device arrays stay put."""
-  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding),
-                      tree)
+  return jax.tree.map(
+    lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding), tree
+  )
 
 
 class Rounds:
@@ -40,9 +42,19 @@ class Rounds:
   `with_test(r)`: whether round r's data carries the test split (evaluation rounds).
   """
 
-  def __init__(self, round_fn, gather, clients: Callable[[int], np.ndarray], round_rng,
-               state, start_round: int, last_round: int, with_test: Callable[[int], bool],
-               test_arrays, mesh):
+  def __init__(
+    self,
+    round_fn,
+    gather,
+    clients: Callable[[int], np.ndarray],
+    round_rng,
+    state,
+    start_round: int,
+    last_round: int,
+    with_test: Callable[[int], bool],
+    test_arrays,
+    mesh,
+  ):
     self.round_fn, self.gather, self.clients, self.round_rng = round_fn, gather, clients, round_rng
     self.with_test, self.test_arrays, self.last_round = with_test, test_arrays, last_round
     self.sharding = parallel.client_sharding(mesh)
@@ -55,8 +67,9 @@ class Rounds:
     self.latest = None  # (ids, metrics) of the last dispatched round.
 
   def _prepare(self, r: int):
-    ids, sharded_ids, data = self.gather(self.clients(r),
-                                         self.test_arrays if self.with_test(r) else None)
+    ids, sharded_ids, data = self.gather(
+      self.clients(r), self.test_arrays if self.with_test(r) else None
+    )
     return r, ids, on_devices(sharded_ids, self.sharding), on_devices(data, self.sharding)
 
   def run(self, r: int) -> Optional[Failure]:

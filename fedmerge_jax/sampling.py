@@ -27,12 +27,12 @@ class ClientSchedule:
   reaching a block dispatches the next one's draw, which runs while this block is used.
   """
 
-  def __init__(self, sample_rng, num_clients: int, clients_per_round: int,
-               ahead: int = AHEAD):
+  def __init__(self, sample_rng, num_clients: int, clients_per_round: int, ahead: int = AHEAD):
     self.num_clients, self.clients_per_round, self.ahead = num_clients, clients_per_round, ahead
     self.everyone = not 0 < clients_per_round < num_clients
-    draw = lambda r: jax.random.choice(jax.random.fold_in(sample_rng, r), num_clients,
-                                       (clients_per_round,), replace=False)
+    draw = lambda r: jax.random.choice(
+      jax.random.fold_in(sample_rng, r), num_clients, (clients_per_round,), replace=False
+    )
     self._draw = jax.jit(jax.vmap(draw))
     self._blocks = {}  # Block index -> its [ahead, C] ids (a device array until first read).
 

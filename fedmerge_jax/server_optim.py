@@ -31,8 +31,9 @@ def scale_by_inverse_max_abs() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def authors_logit_step(learning_rate: float, inner_lr: float = 0.01,
-                       max_inner_steps: int = 10_000) -> optax.GradientTransformationExtraArgs:
+def authors_logit_step(
+  learning_rate: float, inner_lr: float = 0.01, max_inner_steps: int = 10_000
+) -> optax.GradientTransformationExtraArgs:
   """The authors' update_W in closed form, on the [N, K] logit gradient (extra arg `row_weights`).
 
   Theirs: G = dL/dA with the p_i factored out, G <- G / sum|G|, then repeat
@@ -50,8 +51,9 @@ def authors_logit_step(learning_rate: float, inner_lr: float = 0.01,
     l1 = jnp.sum(jnp.abs(g))
     step = inner_lr * updates / jnp.where(l1 > 0, l1, 1.0)
     largest = jnp.max(jnp.abs(step))
-    n = jnp.minimum(jnp.floor(learning_rate / jnp.where(largest > 0, largest, 1.0)) + 1,
-                    max_inner_steps + 1)
+    n = jnp.minimum(
+      jnp.floor(learning_rate / jnp.where(largest > 0, largest, 1.0)) + 1, max_inner_steps + 1
+    )
     return jnp.where(largest > 0, -n * step, 0.0), state
 
   return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update_fn)
@@ -82,6 +84,7 @@ class ServerUpdate(NamedTuple):
 
   `globals_tx.update` receives the extra argument `model_mass` (see above).
   """
+
   globals_tx: optax.GradientTransformationExtraArgs
   logits_tx: optax.GradientTransformation  # May take the extra argument `row_weights` (p).
   logit_gradient_params: str  # 'head' or 'all' (trainable 'params' only): what feeds dL/dA.
@@ -98,8 +101,9 @@ def init_logits_state(server: ServerUpdate, logits):
   return server.logits_tx.init(logits)
 
 
-def sparse_logits_step(server: ServerUpdate, logits, opt_state, client_ids, grad_rows,
-                       row_weights=None):
+def sparse_logits_step(
+  server: ServerUpdate, logits, opt_state, client_ids, grad_rows, row_weights=None
+):
   """(new logits, new state) after the logit step of the clients `client_ids` (distinct).
 
   Row-wise (lazy, as sparse optimizers): gather the sampled rows and their state rows,
@@ -115,10 +119,12 @@ def sparse_logits_step(server: ServerUpdate, logits, opt_state, client_ids, grad
     grad = jnp.zeros_like(logits).at[client_ids].add(grad_rows)
     extra = {}
     if row_weights is not None:
-      extra["row_weights"] = jnp.zeros(logits.shape[0], row_weights.dtype).at[client_ids].add(
-          row_weights)
+      extra["row_weights"] = (
+        jnp.zeros(logits.shape[0], row_weights.dtype).at[client_ids].add(row_weights)
+      )
     updates, opt_state = optax.with_extra_args_support(server.logits_tx).update(
-        grad, opt_state, logits, **extra)
+      grad, opt_state, logits, **extra
+    )
     return optax.apply_updates(logits, updates), opt_state
   rows = logits[client_ids]
   state_rows = jax.tree.map(lambda s: s[client_ids], opt_state)
@@ -151,16 +157,19 @@ def make_server_update(config) -> ServerUpdate:
     # The authors' released code: their logit step from the head only, first; then
     # per-model normalised weighted averaging of the deltas (server lr 1 in the paper).
     return ServerUpdate(
-        globals_tx=optax.chain(scale_by_inverse_model_mass(), optax.sgd(config.server_lr_globals)),
-        logits_tx=official_logits_tx(config),
-        logit_gradient_params="head",
-        logits_first=True)
+      globals_tx=optax.chain(scale_by_inverse_model_mass(), optax.sgd(config.server_lr_globals)),
+      logits_tx=official_logits_tx(config),
+      logit_gradient_params="head",
+      logits_first=True,
+    )
   if config.update_mode == "gradient":
     return ServerUpdate(
-        globals_tx=optax.with_extra_args_support(
-            named_optimizer(config.server_optimizer_globals, config.server_lr_globals)),
-        logits_tx=named_optimizer(config.server_optimizer_logits, config.server_lr_logits),
-        logit_gradient_params="all",
-        logits_first=False,
-        logits_rowwise=True)
+      globals_tx=optax.with_extra_args_support(
+        named_optimizer(config.server_optimizer_globals, config.server_lr_globals)
+      ),
+      logits_tx=named_optimizer(config.server_optimizer_logits, config.server_lr_logits),
+      logit_gradient_params="all",
+      logits_first=False,
+      logits_rowwise=True,
+    )
   raise ValueError(f"update_mode={config.update_mode!r}; expected one of {UPDATE_MODES}.")

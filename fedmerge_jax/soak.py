@@ -77,8 +77,7 @@ def schedule(seed: int, kills: int, timed: bool = False, max_seconds: float = 30
   """`kills` kill moments drawn from `seed`: every signal and phase, in a random order."""
   rng = random.Random(seed)
   if timed:
-    return [Kill(rng.choice(SIGNALS), "timed", rng.uniform(1.0, max_seconds))
-            for _ in range(kills)]
+    return [Kill(rng.choice(SIGNALS), "timed", rng.uniform(1.0, max_seconds)) for _ in range(kills)]
   return [Kill(rng.choice(SIGNALS), rng.choice(PHASES), rng.randint(1, 3)) for _ in range(kills)]
 
 
@@ -88,11 +87,19 @@ def launch_args(config: str, workdir: str, overrides: Sequence[str]) -> List[str
 
 def run_child(args: Sequence[str], kill: Optional[Kill], timeout: float = 600):
   """Runs launch.py with `args`, killed as `kill` says; (exit status, stderr)."""
-  hook = (kill.signal, kill.phase, int(kill.at)) if kill and kill.phase != "timed" else (
-      None, None, None)
+  hook = (
+    (kill.signal, kill.phase, int(kill.at))
+    if kill and kill.phase != "timed"
+    else (None, None, None)
+  )
   script = CHILD.format(args=list(args), kill=hook, launch=os.path.join(ROOT, "launch.py"))
-  child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+  child = subprocess.Popen(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   if kill and kill.phase == "timed":
     try:
       child.wait(kill.at)
@@ -107,6 +114,7 @@ def read_scalars(workdir: str) -> Dict[Tuple[str, int], float]:
   purge step (SessionLog START) hiding what earlier sessions wrote from that step on, a
   torn last record ignored. A (tag, step) seen twice is an error."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   scalars: Dict[Tuple[str, int], float] = {}
   for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
     with open(path, "rb") as f:
@@ -114,10 +122,10 @@ def read_scalars(workdir: str) -> Dict[Tuple[str, int], float]:
     seen_here = set()
     offset = 0
     while offset + 12 <= len(data):
-      length, = struct.unpack("<Q", data[offset:offset + 8])
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
       if offset + 12 + length + 4 > len(data):
         break  # Torn: the writer died mid-record.
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       offset += 12 + length + 4
       if event.HasField("session_log") and event.session_log.status == event.session_log.START:
         scalars = {k: v for k, v in scalars.items() if k[1] < event.step}
@@ -134,11 +142,13 @@ def read_scalars(workdir: str) -> Dict[Tuple[str, int], float]:
 def _final_state(workdir: str):
   """The last checkpoint's arrays (no target needed: restored as NumPy)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   import jax  # pylint: disable=import-outside-toplevel
+
   return step, jax.tree_util.tree_flatten_with_path(restored["state"])[0]
 
 
@@ -157,9 +167,11 @@ def compare_runs(workdir: str, reference: str) -> List[str]:
   lines = [drop(m) for m in metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
   expected = [drop(m) for m in metric_writers.read_jsonl(os.path.join(reference, "metrics.jsonl"))]
   if lines != expected:
-    found.append(f"metrics.jsonl: rounds {[m['round'] for m in lines]} vs "
-                 f"{[m['round'] for m in expected]}" if len(lines) != len(expected) else
-                 "metrics.jsonl: values differ")
+    found.append(
+      f"metrics.jsonl: rounds {[m['round'] for m in lines]} vs {[m['round'] for m in expected]}"
+      if len(lines) != len(expected)
+      else "metrics.jsonl: values differ"
+    )
   raw = open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8").read()
   if raw and not raw.endswith("\n"):
     found.append("metrics.jsonl: a partial last line")
@@ -175,15 +187,18 @@ def compare_runs(workdir: str, reference: str) -> List[str]:
       found.append("clients.npz differs")
   try:
     scalars, expected_scalars = (
-        {k: v for k, v in read_scalars(d).items() if k[0] not in TIMING}
-        for d in (workdir, reference))
+      {k: v for k, v in read_scalars(d).items() if k[0] not in TIMING} for d in (workdir, reference)
+    )
     if scalars != expected_scalars:
       found.append(f"TensorBoard scalars differ ({len(scalars)} vs {len(expected_scalars)})")
   except AssertionError as e:
     found.append(str(e))
   (step, leaves), (want_step, want_leaves) = _final_state(workdir), _final_state(reference)
-  if step != want_step or len(leaves) != len(want_leaves) or any(
-      not same(a, b) for (_, a), (_, b) in zip(leaves, want_leaves)):
+  if (
+    step != want_step
+    or len(leaves) != len(want_leaves)
+    or any(not same(a, b) for (_, a), (_, b) in zip(leaves, want_leaves))
+  ):
     found.append(f"final state differs (checkpoint {step} vs {want_step})")
   return found
 
@@ -195,8 +210,9 @@ def expected_statuses(kill: Kill) -> Tuple[int, ...]:
   return (-number,) if number == signal.SIGKILL else (128 + number, -number)
 
 
-def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print,
-         finish=None) -> Dict:
+def soak(
+  args: Sequence[str], kills: Sequence[Kill], reference: str, log=print, finish=None
+) -> Dict:
   """Kills the run `args` names once per `kills`, resumes it each time, finishes it and
   compares with `reference` (a finished uninterrupted run). Returns the figures.
 
@@ -212,8 +228,10 @@ def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print,
     statuses.append((str(kill), status, last))
     log(f"kill {i + 1}/{len(kills)}: {kill}: exit status {status}: {last[:160]}")
     if status == 0:
-      log(f"  the run finished before this kill came; the remaining {len(kills) - i - 1} are "
-          "not drawn")
+      log(
+        f"  the run finished before this kill came; the remaining {len(kills) - i - 1} are "
+        "not drawn"
+      )
       finished = True
       break
     if status not in expected_statuses(kill):
@@ -226,8 +244,13 @@ def soak(args: Sequence[str], kills: Sequence[Kill], reference: str, log=print,
       raise RuntimeError(f"the final resume failed (exit status {status}):\n{stderr[-3000:]}")
   differences += compare_runs(_workdir_of(args), reference)
   survived = sum(1 for (_, s, _), kill in zip(statuses, kills) if s in expected_statuses(kill))
-  return {"kills": len(kills), "drawn": len(statuses) - finished, "survived": survived,
-          "statuses": statuses, "differences": differences}
+  return {
+    "kills": len(kills),
+    "drawn": len(statuses) - finished,
+    "survived": survived,
+    "statuses": statuses,
+    "differences": differences,
+  }
 
 
 def _workdir_of(args: Sequence[str]) -> str:
@@ -236,23 +259,36 @@ def _workdir_of(args: Sequence[str]) -> str:
 
 def summary_line(figures: Dict, seconds: float) -> str:
   """The soak's last line: kills survived, whether the run outlasted the schedule, what differed."""
-  ended = (f"the run finished after {figures['drawn']} of {figures['kills']} kills"
-           if figures["drawn"] < figures["kills"] else f"all {figures['kills']} kills drawn")
-  return (f"survived {figures['survived']} of {figures['drawn']} kills ({ended}); differences: "
-          f"{'; '.join(figures['differences']) or 'none'} ({seconds:.0f} s)")
+  ended = (
+    f"the run finished after {figures['drawn']} of {figures['kills']} kills"
+    if figures["drawn"] < figures["kills"]
+    else f"all {figures['kills']} kills drawn"
+  )
+  return (
+    f"survived {figures['survived']} of {figures['drawn']} kills ({ended}); differences: "
+    f"{'; '.join(figures['differences']) or 'none'} ({seconds:.0f} s)"
+  )
 
 
 def main(argv: Sequence[str]) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
+
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--workdir", default="/tmp/fedmerge_soak")
   parser.add_argument("--kills", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--timed", action="store_true",
-                      help="Kill after random times (any moment) instead of at hooked moments.")
-  parser.add_argument("--max_seconds", type=float, default=30.0,
-                      help="--timed: kills come 1 to this many seconds after each start.")
+  parser.add_argument(
+    "--timed",
+    action="store_true",
+    help="Kill after random times (any moment) instead of at hooked moments.",
+  )
+  parser.add_argument(
+    "--max_seconds",
+    type=float,
+    default=30.0,
+    help="--timed: kills come 1 to this many seconds after each start.",
+  )
   known, overrides = parser.parse_known_args(argv)
   if os.path.exists(known.workdir):
     sys.exit(f"FATAL --workdir={known.workdir} exists; give a new folder (the soak fills it).")
@@ -260,11 +296,14 @@ def main(argv: Sequence[str]) -> int:
   started = time.perf_counter()
   status, stderr = run_child(launch_args(known.config, reference, overrides), None)
   if status != 0:
-    sys.exit(f"FATAL the uninterrupted run failed (exit status {status}): "
-             f"{stderr.strip().splitlines()[-1:]}")
+    sys.exit(
+      f"FATAL the uninterrupted run failed (exit status {status}): "
+      f"{stderr.strip().splitlines()[-1:]}"
+    )
   kills = schedule(known.seed, known.kills, known.timed, known.max_seconds)
-  figures = soak(launch_args(known.config, os.path.join(known.workdir, "killed"), overrides),
-                 kills, reference)
+  figures = soak(
+    launch_args(known.config, os.path.join(known.workdir, "killed"), overrides), kills, reference
+  )
   print(summary_line(figures, time.perf_counter() - started))
   return 1 if figures["differences"] else 0
 

@@ -36,8 +36,9 @@ OutOfMemoryError = failures.OutOfMemoryError  # Where users and the mains have c
 sample_clients = sampling.sample_clients
 
 
-def build(config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None,
-          model=None):
+def build(
+  config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None, model=None
+):
   """The (model, algorithm) that a resolved `config` names, for `data`'s clients and inputs.
 
   With a `layout`, for its padded population and device-aligned chunks (and, on several
@@ -52,8 +53,12 @@ def build(config, data: data_lib.FederatedData, layout: Optional[parallel.Client
       config.client_parallelism = "vmap"  # One client at a time would idle all devices but one.
   model = model if model is not None else models.get_model(config.model, data.num_classes)
   algorithm = algorithms.get_algorithm(
-      model, config, num_clients, jnp.zeros(data.example_shape, jnp.float32),
-      total_train_examples=int(data.train.counts.sum()))
+    model,
+    config,
+    num_clients,
+    jnp.zeros(data.example_shape, jnp.float32),
+    total_train_examples=int(data.train.counts.sum()),
+  )
   return model, algorithm
 
 
@@ -69,8 +74,9 @@ CHUNK_PROBE_MEMBERS = 8  # Clients in the program whose memory analysis sizes a 
 CHUNK_MEMORY_SHARE = 0.8  # Of the free device memory, what chunks may take.
 
 
-def chosen_chunk_size(config, data: data_lib.FederatedData, mesh, backend: str = "",
-                      free_bytes: Optional[int] = None) -> int:
+def chosen_chunk_size(
+  config, data: data_lib.FederatedData, mesh, backend: str = "", free_bytes: Optional[int] = None
+) -> int:
   """`config.client_chunk_size`; where it is 0 and a GPU/TPU vmaps clients, the chosen chunk
   (0 where that is the whole round), logged: `parallel.choose_chunk_size` over a round's
   step counts (the population's, largest first, at the round's size), bytes per client from
@@ -85,9 +91,14 @@ def chosen_chunk_size(config, data: data_lib.FederatedData, mesh, backend: str =
     return config.client_chunk_size
   n = data.num_clients
   sampled = config.clients_per_round if 0 < config.clients_per_round < n else n
-  local = client_lib.LocalConfig(config.local_epochs, config.batch_size, config.client_lr,
-                                 config.prox_mu, config.local_batching,
-                                 compute_dtype=config.compute_dtype)
+  local = client_lib.LocalConfig(
+    config.local_epochs,
+    config.batch_size,
+    config.client_lr,
+    config.prox_mu,
+    config.local_batching,
+    compute_dtype=config.compute_dtype,
+  )
   by_size = np.sort(data.train.counts)[::-1]
   picked = by_size[np.linspace(0, n - 1, sampled).round().astype(np.int64)]
   steps = [client_lib.num_local_steps(int(c), local) for c in picked]
@@ -98,15 +109,21 @@ def chosen_chunk_size(config, data: data_lib.FederatedData, mesh, backend: str =
   one = jax.eval_shape(lambda: flax.core.unfreeze(model.init(jax.random.key(0), example)))
   stack = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct((m, *s.shape), s.dtype), tree)
   batch = client_lib.ClientData(
-      jax.ShapeDtypeStruct((m, length, *data.example_shape), data.train.x.dtype),
-      jax.ShapeDtypeStruct((m, length), data.train.y.dtype), jax.ShapeDtypeStruct((m,), jnp.int32))
+    jax.ShapeDtypeStruct((m, length, *data.example_shape), data.train.x.dtype),
+    jax.ShapeDtypeStruct((m, length), data.train.y.dtype),
+    jax.ShapeDtypeStruct((m,), jnp.int32),
+  )
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), m))
   train_chunk = jax.vmap(lambda v, d, k: client_lib.local_train(model.apply, v, d, k, local))
-  compiled = jax.jit(train_chunk, compiler_options=compiler_options(config, backend)).lower(
-      stack(one), batch, keys).compile()
+  compiled = (
+    jax.jit(train_chunk, compiler_options=compiler_options(config, backend))
+    .lower(stack(one), batch, keys)
+    .compile()
+  )
   memory = compiled.memory_analysis()
-  per_member = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                + memory.output_size_in_bytes) / m
+  per_member = (
+    memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+  ) / m
   if free_bytes is None:
     stats = jax.local_devices()[0].memory_stats() or {}
     free_bytes = (stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)) * mesh.size
@@ -114,8 +131,15 @@ def chosen_chunk_size(config, data: data_lib.FederatedData, mesh, backend: str =
   budget = CHUNK_MEMORY_SHARE * free_bytes - sampled * length * example_bytes
   chunk = parallel.choose_chunk_size(steps, per_member, budget)
   real = sum(steps) / parallel.computed_steps(steps, chunk)
-  logging.info("client_chunk_size=0: chose %d of %d clients a chunk (%.1f MB each, %.1f GB free;"
-               " real fraction %.2f).", chunk, sampled, per_member / 1e6, free_bytes / 1e9, real)
+  logging.info(
+    "client_chunk_size=0: chose %d of %d clients a chunk (%.1f MB each, %.1f GB free;"
+    " real fraction %.2f).",
+    chunk,
+    sampled,
+    per_member / 1e6,
+    free_bytes / 1e9,
+    real,
+  )
   return 0 if chunk >= sampled else chunk
 
 
@@ -124,11 +148,13 @@ def after_a_finite_round(round_fn):
   flag: False makes this round's loss NaN, so `keep_finite` keeps the state it was given.
   A round dispatched before the previous one's flag was read thus changes nothing after a
   failure (rounds.py). A plain key runs the round as it is."""
+
   def round_after(state, client_ids, data, rng):
     key, healthy = rng if isinstance(rng, tuple) else (rng, True)
     new_state, metrics = round_fn(state, client_ids, data, key)
     loss = jnp.where(healthy, metrics["train/loss"], jnp.nan)
     return new_state, dict(metrics, **{"train/loss": loss})
+
   return round_after
 
 
@@ -147,9 +173,11 @@ def accelerator_line() -> str:
   """What this run computes on, e.g. 'JAX backend gpu: 1 device (NVIDIA H200), 1 process'."""
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
-  return (f"JAX backend {jax.default_backend()}: {len(devices)} device"
-          f"{'s' if len(devices) != 1 else ''} ({', '.join(kinds)}), "
-          f"{jax.process_count()} process{'es' if jax.process_count() != 1 else ''}")
+  return (
+    f"JAX backend {jax.default_backend()}: {len(devices)} device"
+    f"{'s' if len(devices) != 1 else ''} ({', '.join(kinds)}), "
+    f"{jax.process_count()} process{'es' if jax.process_count() != 1 else ''}"
+  )
 
 
 def all_merging_weights(algorithm, data: data_lib.FederatedData, chunk_size: int, mesh):
@@ -172,10 +200,9 @@ def all_merging_weights(algorithm, data: data_lib.FederatedData, chunk_size: int
   return weights
 
 
-
-
 class Run(NamedTuple):
   """A run's resolved config, its data, devices and client layout, model and algorithm."""
+
   config: object
   workdir: str
   data: data_lib.FederatedData
@@ -200,12 +227,20 @@ def set_up(config, workdir: str, data=None, model=None, start_over: bool = False
   mesh = parallel.make_mesh(config.num_devices)
   eval_chunks = evaluation.chunk_sizes(config, data)  # Before training's choice.
   config.client_chunk_size = chosen_chunk_size(config, data, mesh)  # 0 on CPU: as given.
-  layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
-                                  config.client_chunk_size)
+  layout = parallel.client_layout(
+    mesh.size, data.num_clients, config.clients_per_round, config.client_chunk_size
+  )
   ran = plot.what_ran(config, data, model)  # Before build: whether `model` is the user's.
   model, algorithm = build(config, data, layout, model)
-  logging.info("%s on %s: %d clients, %d classes, model %s, %d devices used", config.algorithm,
-               data.name, data.num_clients, data.num_classes, type(model).__name__, mesh.size)
+  logging.info(
+    "%s on %s: %d clients, %d classes, model %s, %d devices used",
+    config.algorithm,
+    data.name,
+    data.num_clients,
+    data.num_classes,
+    type(model).__name__,
+    mesh.size,
+  )
   restore.record_experiment(config, workdir, data, model, start_over, main_process, ran)
   return Run(config, workdir, data, mesh, layout, model, algorithm, main_process, eval_chunks)
 
@@ -222,12 +257,17 @@ def round_evaluator(algorithm, data, config, mesh, eval_chunks):
   weights' agreement with known groups, and the communication per round. `eval_chunks`:
   evaluation's (clients, examples) at once (evaluation.chunk_sizes)."""
   eval_clients, eval_examples = eval_chunks
-  measure_gap = gap.make_gap_evaluator(algorithm, data, eval_clients, compiler_options(config),
-                                       eval_examples)
-  evaluate_clients = evaluation.make_evaluator(algorithm, data, eval_clients, mesh,
-                                               compiler_options(config), eval_examples)
-  merging_weights = (all_merging_weights(algorithm, data, eval_clients, mesh)
-                     if algorithm.merging_weights is not None else None)
+  measure_gap = gap.make_gap_evaluator(
+    algorithm, data, eval_clients, compiler_options(config), eval_examples
+  )
+  evaluate_clients = evaluation.make_evaluator(
+    algorithm, data, eval_clients, mesh, compiler_options(config), eval_examples
+  )
+  merging_weights = (
+    all_merging_weights(algorithm, data, eval_clients, mesh)
+    if algorithm.merging_weights is not None
+    else None
+  )
   down, up = algorithm.communication
 
   def evaluate(state, round_index: int, ids, round_metrics):
@@ -242,15 +282,25 @@ def round_evaluator(algorithm, data, config, mesh, eval_chunks):
     weights = merging_weights(state) if merging_weights else None
     if weights is not None and data.groups is not None:
       metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
-    metrics.update({"comm/params_down_per_client": down, "comm/params_up_per_client": up,
-                    "comm/params_per_round": len(ids) * (down + up)})
+    metrics.update(
+      {
+        "comm/params_down_per_client": down,
+        "comm/params_up_per_client": up,
+        "comm/params_per_round": len(ids) * (down + up),
+      }
+    )
     return metrics, per_client, weights
 
   return evaluate
 
 
-def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedData] = None,
-                       model=None, start_over: bool = False):
+def train_and_evaluate(
+  config,
+  workdir: str,
+  data: Optional[data_lib.FederatedData] = None,
+  model=None,
+  start_over: bool = False,
+):
   """Runs `config` and returns the final metrics and the best-by-validation ones.
 
   `model`: any flax.linen module called as `apply(variables, x, train=...)` (and `mask=`
@@ -274,13 +324,21 @@ def train_and_evaluate(config, workdir: str, data: Optional[data_lib.FederatedDa
   sample_rng, round_rng = jax.random.wrap_key_data(start.rng_data)
   evaluating = lambda r: r % config.eval_every == 0 or r == config.num_rounds
   rounds = rounds_lib.Rounds(
-      compile_round(run.algorithm, config, run.mesh, start.shardings),
-      parallel.RoundGatherer(data.train, run.layout, run.mesh, config.batch_size),
-      sampling.ClientSchedule(sample_rng, data.num_clients, config.clients_per_round),
-      round_rng, start.state, start.round, config.num_rounds, evaluating, data.test, run.mesh)
+    compile_round(run.algorithm, config, run.mesh, start.shardings),
+    parallel.RoundGatherer(data.train, run.layout, run.mesh, config.batch_size),
+    sampling.ClientSchedule(sample_rng, data.num_clients, config.clients_per_round),
+    round_rng,
+    start.state,
+    start.round,
+    config.num_rounds,
+    evaluating,
+    data.test,
+    run.mesh,
+  )
   evaluate = make_round_evaluator(run)  # Evaluation rounds also measure the local-global gap.
-  reporter = reporting.Reporter(workdir, config, data, start.round, start.best, start.metrics,
-                                run.main_process)
+  reporter = reporting.Reporter(
+    workdir, config, data, start.round, start.best, start.metrics, run.main_process
+  )
   with reporter, failures.Guard(config, rounds, checkpointing, reporter.progress) as guard:
     for r in range(start.round + 1, config.num_rounds + 1):
       guard.stop_if_asked(r)

@@ -34,6 +34,7 @@ from fedmerge_jax.models.layers import BatchNorm
 class TinyBN(nn.Module):
   """Dense -> BatchNorm (PyTorch's running variance, masked) -> relu -> head: a small BatchNorm
   model that compiles in a blink."""
+
   num_classes: int = 3
 
   @nn.compact
@@ -45,6 +46,7 @@ class TinyBN(nn.Module):
 
 class TinyDropout(nn.Module):
   """Dense -> dropout 0.5 -> head: a small model whose training draws random masks."""
+
   num_classes: int = 3
 
   @nn.compact
@@ -53,14 +55,19 @@ class TinyDropout(nn.Module):
     return nn.Dense(self.num_classes, name="head")(nn.Dropout(0.5, deterministic=not train)(x))
 
 
-def make_federation(num_clients=5, sizes=None, example_shape=(4, 4, 1), num_classes=3, seed=0,
-                    test_size=6, val_size=4):
+def make_federation(
+  num_clients=5, sizes=None, example_shape=(4, 4, 1), num_classes=3, seed=0, test_size=6, val_size=4
+):
   """Random federation with uneven client sizes (default 3..3+2*(N-1) examples)."""
   rng = np.random.default_rng(seed)
   sizes = sizes or [3 + 2 * i for i in range(num_clients)]
+
   def split(n):
-    return (rng.normal(size=(n, *example_shape)).astype(np.float32),
-            rng.integers(0, num_classes, n).astype(np.int32))
+    return (
+      rng.normal(size=(n, *example_shape)).astype(np.float32),
+      rng.integers(0, num_classes, n).astype(np.int32),
+    )
+
   train = {f"c{i}": split(n) for i, n in enumerate(sizes)}
   test = {f"c{i}": split(test_size) for i in range(len(sizes))}
   val = {f"c{i}": split(val_size) for i in range(len(sizes))} if val_size else None
@@ -71,8 +78,10 @@ def one_example_federation(sizes):
   """Clients whose examples are copies of one (x, y) each: any batching gives the same
   batch gradient, so the papers' plain gradient loops are exact references."""
   rng = np.random.default_rng(3)
-  one = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
-                   np.full(n, rng.integers(0, 3), np.int32))
+  one = lambda n: (
+    np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
+    np.full(n, rng.integers(0, 3), np.int32),
+  )
   train = {f"c{i}": one(n) for i, n in enumerate(sizes)}
   test = {f"c{i}": one(2) for i in range(len(sizes))}
   return FederatedData.from_arrays(train, test, num_classes=3)

@@ -22,8 +22,9 @@ def _build(config, data, algorithm):
 
 
 def _local(config, prox_mu=0.0, epochs=None):
-  return client.LocalConfig(epochs or config.local_epochs, config.batch_size, config.client_lr,
-                            prox_mu)
+  return client.LocalConfig(
+    epochs or config.local_epochs, config.batch_size, config.client_lr, prox_mu
+  )
 
 
 def _one(tree, i):
@@ -72,10 +73,12 @@ def test_fedavg_and_fedprox_match_their_papers(tiny_config, algorithm):
     x, y = (a[:1] for a in data.train.client(c))
     w = w_t
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, x), y).mean()
+      model.apply({"params": p}, x), y
+    ).mean()
     for _ in range(steps):  # The proximal gradient mu (w - w^t), written out.
-      w = jax.tree.map(lambda v, g, a: v - config.client_lr * (g + mu * (v - a)), w,
-                       jax.grad(loss)(w), w_t)
+      w = jax.tree.map(
+        lambda v, g, a: v - config.client_lr * (g + mu * (v - a)), w, jax.grad(loss)(w), w_t
+      )
     trained.append(w)
   n = data.train.counts[IDS].astype(np.float64)
   expected = jax.tree.map(lambda *ws: sum(nk / n.sum() * wk for nk, wk in zip(n, ws)), *trained)
@@ -93,8 +96,10 @@ def test_fedprox_differs_from_fedavg_only_by_the_prox_term(tiny_config, tiny_dat
   state = avg.init(jax.random.key(0))
   a, _ = avg.round(state, IDS, tiny_data.train.gather(IDS), RNG)
   b, _ = prox.round(state, IDS, tiny_data.train.gather(IDS), RNG)
-  drift = lambda s: sum(float(jnp.sum((x - y) ** 2)) for x, y in
-                        zip(jax.tree.leaves(s.globals), jax.tree.leaves(state.globals)))
+  drift = lambda s: sum(
+    float(jnp.sum((x - y) ** 2))
+    for x, y in zip(jax.tree.leaves(s.globals), jax.tree.leaves(state.globals))
+  )
   assert drift(b) < drift(a)
 
 
@@ -106,8 +111,13 @@ def test_fedavg_ft_fine_tunes_the_global_model_per_client(tiny_config, tiny_data
   models = alg.personalized(state, ids, tiny_data.train.gather(ids))
   rng = jax.random.fold_in(jax.random.key(config.seed), fedavg_ft.FINETUNE_STREAM)
   for c in ids:
-    expected = _trained(model, _one(state.globals, 0), _client_data(tiny_data, c),
-                        jax.random.fold_in(rng, c), _local(config, 0.0, epochs=3))
+    expected = _trained(
+      model,
+      _one(state.globals, 0),
+      _client_data(tiny_data, c),
+      jax.random.fold_in(rng, c),
+      _local(config, 0.0, epochs=3),
+    )
     _close(_one(models, c), expected)
 
 
@@ -115,13 +125,21 @@ def test_local_trains_only_the_sampled_clients_own_models(tiny_config, tiny_data
   config, model, alg = _build(tiny_config, tiny_data, "local")
   state = alg.init(jax.random.key(0))
   # Give every client a different model so that mixing them up would show.
-  state = state.replace(personal=jax.tree.map(
-      lambda x: x + jnp.arange(5.0).reshape((5,) + (1,) * (x.ndim - 1)), state.personal))
+  state = state.replace(
+    personal=jax.tree.map(
+      lambda x: x + jnp.arange(5.0).reshape((5,) + (1,) * (x.ndim - 1)), state.personal
+    )
+  )
   new, _ = jax.jit(alg.round)(state, IDS, tiny_data.train.gather(IDS), RNG)
   for c in range(5):
     if c in IDS:
-      expected = _trained(model, _one(state.personal, c), _client_data(tiny_data, c),
-                          jax.random.fold_in(RNG, c), _local(config))
+      expected = _trained(
+        model,
+        _one(state.personal, c),
+        _client_data(tiny_data, c),
+        jax.random.fold_in(RNG, c),
+        _local(config),
+      )
       _close(_one(new.personal, c), expected)
     else:
       _close(_one(new.personal, c), _one(state.personal, c), rtol=0, atol=0)
@@ -146,10 +164,13 @@ def test_ditto_matches_its_paper(tiny_config):
       continue
     x, y = (a[:1] for a in data.train.client(c))
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, x), y).mean()
+      model.apply({"params": p}, x), y
+    ).mean()
     v = _one(state.personal, c)["params"]
     for _ in range(int(data.train.counts[c]) * config.local_epochs // config.batch_size):
-      v = jax.tree.map(lambda vi, g, wi: vi - eta * (g + lam * (vi - wi)), v, jax.grad(loss)(v), w_t)
+      v = jax.tree.map(
+        lambda vi, g, wi: vi - eta * (g + lam * (vi - wi)), v, jax.grad(loss)(v), w_t
+      )
     _close(_one(new.personal, c)["params"], v, rtol=2e-4, atol=2e-6)
   # The global model: FedAvg's w <- sum_k n_k / m w_k of plain local SGD from w^t.
   n = data.train.counts[IDS].astype(np.float64)
@@ -157,7 +178,8 @@ def test_ditto_matches_its_paper(tiny_config):
   for c in IDS:
     x, y = (a[:1] for a in data.train.client(c))
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, x), y).mean()
+      model.apply({"params": p}, x), y
+    ).mean()
     w = w_t
     for _ in range(int(data.train.counts[c]) * config.local_epochs // config.batch_size):
       w = jax.tree.map(lambda wi, g: wi - eta * g, w, jax.grad(loss)(w))
@@ -187,15 +209,26 @@ def test_ifca_assigns_argmin_loss_model_and_averages_per_cluster(tiny_config, ti
     if len(members) == 0:
       _close(_one(new.globals, k), _one(state.globals, k), rtol=0, atol=0)
       continue
-    trained = [_trained(model, _one(state.globals, k), _client_data(tiny_data, c),
-                        jax.random.fold_in(RNG, c), _local(config)) for c in members]
+    trained = [
+      _trained(
+        model,
+        _one(state.globals, k),
+        _client_data(tiny_data, c),
+        jax.random.fold_in(RNG, c),
+        _local(config),
+      )
+      for c in members
+    ]
     w = p[members] / p[members].sum()
     expected = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *trained)
     _close(_one(new.globals, k), expected, rtol=1e-4, atol=1e-5)
   # Each client predicts with the cluster model that fits its training data best.
   models = alg.personalized(new, ids, tiny_data.train.gather(ids))
-  train_losses = np.asarray(jax.jit(lambda s, d: ifca.training_losses(model, s.globals, d))(
-      new, tiny_data.train.gather(ids)))
+  train_losses = np.asarray(
+    jax.jit(lambda s, d: ifca.training_losses(model, s.globals, d))(
+      new, tiny_data.train.gather(ids)
+    )
+  )
   for c in ids:
     _close(_one(models, c), _one(new.globals, int(train_losses[c].argmin())), rtol=0, atol=0)
   assert alg.communication[0] == 3 * alg.communication[1]
@@ -205,10 +238,15 @@ def test_ifca_assigns_clusters_from_real_examples_only(tiny_config):
   """Cluster 1 predicts class 0 at any input: right on the padded rows (zeros, label 0), wrong
   on the client's real rows (labels 1, 2). Counting padding, cluster 1 would win."""
   rng = np.random.default_rng(0)
-  split = lambda labels: (rng.normal(size=(len(labels), 4, 4, 1)).astype(np.float32),
-                          np.asarray(labels, np.int32))
-  data = FederatedData.from_arrays({"small": split([1, 2, 1]), "other": split([0, 1, 2, 0])},
-                                   {"small": split([1]), "other": split([0])}, num_classes=3)
+  split = lambda labels: (
+    rng.normal(size=(len(labels), 4, 4, 1)).astype(np.float32),
+    np.asarray(labels, np.int32),
+  )
+  data = FederatedData.from_arrays(
+    {"small": split([1, 2, 1]), "other": split([0, 1, 2, 0])},
+    {"small": split([1]), "other": split([0])},
+    num_classes=3,
+  )
   tiny_config.num_global_models = 2
   _, model, alg = _build(tiny_config, data, "ifca")
   state = alg.init(jax.random.key(0))
@@ -218,13 +256,27 @@ def test_ifca_assigns_clusters_from_real_examples_only(tiny_config):
   state = state.replace(globals=jax.tree.map(lambda a, b: jnp.stack([a, b]), one, biased))
   ids = np.array([0])
   padded = data.train.gather(ids, 32)  # 3 real rows, 29 padded ones.
-  losses = np.asarray(jax.jit(lambda s, d: ifca.training_losses(model, s.globals, d))(state, padded))
+  losses = np.asarray(
+    jax.jit(lambda s, d: ifca.training_losses(model, s.globals, d))(state, padded)
+  )
   x, y = data.train.client(0)
-  expected = [float(optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(_one(state.globals, k), x), y).mean()) for k in range(2)]
+  expected = [
+    float(
+      optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(_one(state.globals, k), x), y
+      ).mean()
+    )
+    for k in range(2)
+  ]
   np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
-  padded_rows_mean = [float(optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(_one(state.globals, k), padded.x[0]), padded.y[0]).mean()) for k in range(2)]
+  padded_rows_mean = [
+    float(
+      optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(_one(state.globals, k), padded.x[0]), padded.y[0]
+      ).mean()
+    )
+    for k in range(2)
+  ]
   assert np.argmin(expected) == 0 and np.argmin(padded_rows_mean) == 1, "the case needs both"
   np.testing.assert_array_equal(np.asarray(alg.merging_weights(state, ids, padded)), [[1, 0]])
 
@@ -239,8 +291,15 @@ def test_fedem_e_step_follows_the_likelihoods_of_real_examples_only(tiny_config,
   prior = jnp.array([0.5, 0.3, 0.2])
   q, pi = fedem.e_step(model, state.components, prior, d)
   # Reference: q_k(x) = pi_k p_k(y|x) / sum_j pi_j p_j(y|x), pi_new = mean of q over real x.
-  lik = np.stack([np.asarray(jax.nn.softmax(model.apply(_one(state.components, k), d.x[:n])))
-                  [np.arange(n), np.asarray(d.y[:n])] for k in range(3)], 1)
+  lik = np.stack(
+    [
+      np.asarray(jax.nn.softmax(model.apply(_one(state.components, k), d.x[:n])))[
+        np.arange(n), np.asarray(d.y[:n])
+      ]
+      for k in range(3)
+    ],
+    1,
+  )
   joint = lik * np.asarray(prior)
   expected_q = joint / joint.sum(1, keepdims=True)
   np.testing.assert_allclose(q[:n], expected_q, rtol=1e-4)
@@ -257,11 +316,14 @@ def _fedem_reference(model, config, data, components, mixture, ids, rng):
   for c in ids:
     d = _client_data(data, c)
     q, _ = fedem.e_step(model, components, mixture[c], d)
+
     def loss(outputs, labels, idx, q=q):
       ce = jax.vmap(lambda o: optax.softmax_cross_entropy_with_integer_labels(o, labels))(outputs)
       return jnp.sum(q[idx].T * ce, axis=0)
-    delta, _ = client.local_train(stacked_apply, components, d, jax.random.fold_in(rng, c),
-                                  _local(config), example_loss=loss)
+
+    delta, _ = client.local_train(
+      stacked_apply, components, d, jax.random.fold_in(rng, c), _local(config), example_loss=loss
+    )
     deltas.append(delta)
   return jax.tree.map(lambda s, *ds: s - sum(w * x for w, x in zip(p, ds)), components, *deltas)
 
@@ -271,8 +333,9 @@ def test_fedem_round_as_the_reference_implementation(tiny_config, tiny_data, ids
   tiny_config.num_global_models = 2
   config, model, alg = _build(tiny_config, tiny_data, "fedem")
   state = alg.init(jax.random.key(1))
-  state = state.replace(mixture=jnp.asarray(np.random.default_rng(0).dirichlet([1, 1], 5),
-                                            jnp.float32))
+  state = state.replace(
+    mixture=jnp.asarray(np.random.default_rng(0).dirichlet([1, 1], 5), jnp.float32)
+  )
   new, _ = jax.jit(alg.round)(state, ids, tiny_data.train.gather(ids), RNG)
   for c in range(5):
     if c in ids:
@@ -294,8 +357,10 @@ def test_fedem_predicts_the_mixture_of_its_components_probabilities(tiny_config,
   personal = alg.personalized(state, ids, tiny_data.train.gather(ids))
   for i, c in enumerate(ids):
     x = tiny_data.test.client(c)[0]
-    probs = [np.asarray(jax.nn.softmax(model.apply(_one(state.components, k), x)), np.float64)
-             for k in range(3)]
+    probs = [
+      np.asarray(jax.nn.softmax(model.apply(_one(state.components, k), x)), np.float64)
+      for k in range(3)
+    ]
     expected = sum(mixture[c, k] * probs[k] for k in range(3))
     got = np.asarray(jax.nn.softmax(alg.predict(_one(personal, i), x)))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -322,8 +387,10 @@ def test_fedem_components_draw_their_own_dropout_masks(tiny_config, tiny_data):
   state = state.replace(components=same)
   new, _ = jax.jit(alg.round)(state, IDS, tiny_data.train.gather(IDS), RNG)
   moved = [jax.tree.map(lambda a, b: a[k] - b[k], new.components, same) for k in range(2)]
-  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-            zip(jax.tree.leaves(moved[0]), jax.tree.leaves(moved[1])))
+  gap = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(moved[0]), jax.tree.leaves(moved[1]))
+  )
   assert gap > 1e-3
   # And in eval mode (no dropout) identical components give identical outputs.
   out = fedem.component_apply(model, 2)(same, tiny_data.test.client(0)[0], train=False)

@@ -20,8 +20,14 @@ from conftest import make_federation, tiny_base_config
 
 CLIENTS = 3
 # (kernel, strides, padding): 1x1 shortcuts, 3x3 at strides 1 and 2, each padding kind.
-CASES = [((1, 1), 1, "VALID"), ((1, 1), 2, 0), ((5, 5), 1, "SAME"), ((3, 3), 2, 1),
-         ((3, 3), 2, "VALID"), ((2, 3), 1, "SAME")]
+CASES = [
+  ((1, 1), 1, "VALID"),
+  ((1, 1), 2, 0),
+  ((5, 5), 1, "SAME"),
+  ((3, 3), 2, 1),
+  ((3, 3), 2, "VALID"),
+  ((2, 3), 1, "SAME"),
+]
 # The dtype handling (f32 accumulation, results cast back) does not depend on the shape: one
 # bf16 case, 3x3 at stride 2 with padding, the most general one.
 BF16_CASES = [CASES[3]]
@@ -32,15 +38,23 @@ TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 def _reference(x, kernels, cotangents, strides, pads):
   """Client by client (a Python loop of XLA's convolution) in f32, on the same numbers."""
+
   @jax.jit
   def one_client(x, kernel, cotangent):
     def loss(x, kernel):
-      y = jax.lax.conv_general_dilated(x, kernel, (strides,) * 2, pads,
-                                       dimension_numbers=layers.NHWC,
-                                       precision=jax.lax.Precision.HIGHEST)
+      y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (strides,) * 2,
+        pads,
+        dimension_numbers=layers.NHWC,
+        precision=jax.lax.Precision.HIGHEST,
+      )
       return jnp.sum(y * cotangent), y
+
     (dx, dk), y = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, kernel)
     return y, dx, dk
+
   f32 = lambda a: np.asarray(a, np.float32)
   outs = [one_client(f32(x[i]), f32(kernels[i]), f32(cotangents[i])) for i in range(CLIENTS)]
   return tuple(np.stack(parts) for parts in zip(*outs))
@@ -48,12 +62,15 @@ def _reference(x, kernels, cotangents, strides, pads):
 
 def _assert_close(actual, expected, dtype):
   scale = np.max(np.abs(expected))
-  np.testing.assert_allclose(np.asarray(actual, np.float32), expected,
-                             rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float32), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale
+  )
 
 
-@pytest.mark.parametrize("kernel_size,strides,padding,dtype",
-                         [(*c, jnp.float32) for c in CASES] + [(*c, jnp.bfloat16) for c in BF16_CASES])
+@pytest.mark.parametrize(
+  "kernel_size,strides,padding,dtype",
+  [(*c, jnp.float32) for c in CASES] + [(*c, jnp.bfloat16) for c in BF16_CASES],
+)
 def test_per_client_kernels_equal_xla_conv_client_by_client(kernel_size, strides, padding, dtype):
   """Both forms' outputs and gradients under vmap (the batched-matmul rule) and for one
   client (XLA's convolutions), on odd 9x7 images."""
@@ -61,8 +78,9 @@ def test_per_client_kernels_equal_xla_conv_client_by_client(kernel_size, strides
   x = jax.random.normal(keys[0], (CLIENTS, 2, 9, 7, 3)).astype(dtype)
   kernels = jax.random.normal(keys[1], (CLIENTS, *kernel_size, 3, 4)).astype(dtype)
   pads = layers.explicit_padding(padding, kernel_size, strides)
-  out_shape = jax.eval_shape(lambda x, k: layers.batched_matmul_conv(x, k, strides, pads),
-                             x[0], kernels[0]).shape
+  out_shape = jax.eval_shape(
+    lambda x, k: layers.batched_matmul_conv(x, k, strides, pads), x[0], kernels[0]
+  ).shape
   cotangents = jax.random.normal(keys[2], (CLIENTS, *out_shape)).astype(dtype)
 
   @jax.jit
@@ -82,8 +100,10 @@ def test_per_client_kernels_equal_xla_conv_client_by_client(kernel_size, strides
     for actual, reference in zip(outs, expected):
       _assert_close(actual, reference if batching == "vmap" else reference[1], dtype)
   # Every batched matmul (forward and both gradients) accumulates in f32, whatever the inputs.
-  products = re.findall(r"stablehlo.dot_general.*-> tensor<[^>]*x(\w+)>",
-                        jax.jit(both_forms).lower(x, kernels, cotangents).as_text())
+  products = re.findall(
+    r"stablehlo.dot_general.*-> tensor<[^>]*x(\w+)>",
+    jax.jit(both_forms).lower(x, kernels, cotangents).as_text(),
+  )
   assert products and set(products) == {"f32"}, set(products)
 
 
@@ -96,7 +116,8 @@ def test_shared_kernel_with_batched_inputs_keeps_per_client_kernel_gradients():
   cotangents = jax.random.normal(jax.random.key(2), (CLIENTS, 2, 4, 4, 4))
   loss = lambda x, k, c: jnp.sum(layers.batched_matmul_conv(x, k, 2, pads) * c)
   dx, dk = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None, 0)))(
-      x, kernel, cotangents)
+    x, kernel, cotangents
+  )
   _, dx_ref, dk_ref = _reference(x, jnp.stack([kernel] * CLIENTS), cotangents, 2, pads)
   _assert_close(dx, dx_ref, jnp.float32)
   _assert_close(dk, dk_ref, jnp.float32)
@@ -127,9 +148,11 @@ def _config(model, conv_impl, parallelism):
 def _round_inputs(config, data, ids, abstract=False):
   """The algorithm and its round's arguments (as shapes only where `abstract`: no init run)."""
   _, alg = train.build(resolve(config), data)
+
   def init(key):  # Non-uniform merging weights, so that every global model matters.
     state = alg.init(key)
     return state.replace(logits=jax.random.normal(jax.random.key(5), state.logits.shape))
+
   state = jax.eval_shape(init, jax.random.key(0)) if abstract else jax.jit(init)(jax.random.key(0))
   batch = data.train.gather(ids, data.train.padded_length(ids, 4))
   return alg, (state, np.asarray(ids, np.int32), batch, jax.random.key(7))
@@ -139,8 +162,11 @@ LOWERED = [(m, s, layers.resolve_conv_impl("auto", backend="gpu"), False) for m,
 LOWERED.append(("emnist_cnn", (8, 8, 1), "xla", True))
 
 
-@pytest.mark.parametrize("model,shape,conv_impl,grouped", LOWERED,
-                         ids=[f"{m}-{'xla' if g else 'accelerator_auto'}" for m, _, _, g in LOWERED])
+@pytest.mark.parametrize(
+  "model,shape,conv_impl,grouped",
+  LOWERED,
+  ids=[f"{m}-{'xla' if g else 'accelerator_auto'}" for m, _, _, g in LOWERED],
+)
 def test_vmapped_round_lowers_to_no_grouped_convolution(model, shape, conv_impl, grouped):
   """A vmapped FedMerge round (per-client kernels from the merge and local steps) with the
   accelerator's `auto` choice holds no convolution grouped over clients; XLA's convolution
@@ -155,6 +181,7 @@ def test_vmapped_round_lowers_to_no_grouped_convolution(model, shape, conv_impl,
 class TinyConvNet(nn.Module):
   """conv3x3 stride 2 -> BatchNorm (masked) -> relu -> conv1x1 -> dropout -> head: ResNet-9's
   layer kinds and dropout in a model whose round compiles in seconds."""
+
   conv_impl: str = "auto"
   num_classes: int = 3
 
@@ -166,8 +193,9 @@ class TinyConvNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
 
 
-models.register_model("test_tiny_conv_net",
-                      lambda cfg, n: TinyConvNet(cfg.conv_impl, num_classes=n))
+models.register_model(
+  "test_tiny_conv_net", lambda cfg, n: TinyConvNet(cfg.conv_impl, num_classes=n)
+)
 
 
 def test_vmapped_round_with_batched_matmuls_equals_one_client_at_a_time():
@@ -177,7 +205,9 @@ def test_vmapped_round_with_batched_matmuls_equals_one_client_at_a_time():
   ids = [0, 1, 2, 3, 5]
   results = []
   for parallelism in ("vmap", "sequential"):
-    alg, args = _round_inputs(_config("test_tiny_conv_net", "batched_matmul", parallelism), data, ids)
+    alg, args = _round_inputs(
+      _config("test_tiny_conv_net", "batched_matmul", parallelism), data, ids
+    )
     results.append(jax.jit(alg.round)(*args))
   (new, metrics), (reference, ref_metrics) = results
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new, reference)

@@ -22,17 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS = [45, 30, 10, 0]
 
 
-@pytest.mark.parametrize("batching, parallelism, chunk, steps", [
+@pytest.mark.parametrize(
+  "batching, parallelism, chunk, steps",
+  [
     ("epoch", "sequential", 0, 6 + 4 + 2),
-    ("epoch", "vmap", 0, 4 * 6),              # One chunk of 4 runs the largest's 6 steps.
-    ("epoch", "vmap", 2, 2 * 6 + 2 * 2),      # [45, 30] -> 6 steps each, [10, 0] -> 2 each.
-    ("epoch", "vmap", 3, 3 * 6 + 1 * 0),      # The remainder [0] is a chunk of its own.
+    ("epoch", "vmap", 0, 4 * 6),  # One chunk of 4 runs the largest's 6 steps.
+    ("epoch", "vmap", 2, 2 * 6 + 2 * 2),  # [45, 30] -> 6 steps each, [10, 0] -> 2 each.
+    ("epoch", "vmap", 3, 3 * 6 + 1 * 0),  # The remainder [0] is a chunk of its own.
     ("stream", "sequential", 0, 5 + 3 + 1),
     ("stream", "vmap", 2, 2 * 5 + 2 * 1),
-])
+  ],
+)
 def test_computed_examples_by_hand(batching, parallelism, chunk, steps):
-  local = LocalConfig(local_epochs=2, batch_size=20, client_lr=0.1, prox_mu=0.0,
-                      batching=batching)
+  local = LocalConfig(local_epochs=2, batch_size=20, client_lr=0.1, prox_mu=0.0, batching=batching)
   assert benchmark.computed_examples(COUNTS, local, parallelism, chunk) == steps * 20
   assert benchmark.useful_examples(COUNTS, 2) == 170
 
@@ -50,15 +52,33 @@ def test_the_static_loop_computes_the_padded_lengths_steps_for_every_member():
 def test_benchmark_flags_for_the_gpu_script_on_a_tiny_cpu_run():
   """bf16, the static loop, unroll, command buffers (ignored on CPU), the kernel profile and
   both dtypes' matmul peaks, as benchmarks/gpu_vmap.sh passes them."""
-  argv = [sys.executable, "-m", "fedmerge_jax.benchmark", "--model=mlp", "--algorithm=fedavg",
-          "--client_sizes=9,3,5", "--batch_size=4", "--rounds=1", "--reference=false",
-          "--peak_size=64", "--client_parallelism=vmap", "--client_chunk_size=2",
-          "--compute_dtype=bfloat16", "--local_loop=static", "--local_unroll=2",
-          "--command_buffers=loops", "--profile_kernels=3"]
+  argv = [
+    sys.executable,
+    "-m",
+    "fedmerge_jax.benchmark",
+    "--model=mlp",
+    "--algorithm=fedavg",
+    "--client_sizes=9,3,5",
+    "--batch_size=4",
+    "--rounds=1",
+    "--reference=false",
+    "--peak_size=64",
+    "--client_parallelism=vmap",
+    "--client_chunk_size=2",
+    "--compute_dtype=bfloat16",
+    "--local_loop=static",
+    "--local_unroll=2",
+    "--command_buffers=loops",
+    "--profile_kernels=3",
+  ]
   result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
   (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   assert (row["compute_dtype"], row["local_loop"], row["local_unroll"], row["command_buffers"]) == (
-      "bfloat16", "static", 2, "loops")
+    "bfloat16",
+    "static",
+    2,
+    "loops",
+  )
   assert set(row["matmul_peaks_gflops"]) == {"float32", "bfloat16"}
   assert row["matmul_peak_gflops"] == row["matmul_peaks_gflops"]["bfloat16"]
   # Padded to 12 rows: 3 steps of 4 rows for every client under the static loop; 17 real.
@@ -132,19 +152,31 @@ def test_synthetic_data_is_ragged_and_its_bytes_are_the_real_examples():
   resnet = benchmark.synthetic_data("resnet9", [2, 1], seed=0)
   assert resnet.train.x.shape == (3, 32, 32, 3) and resnet.train.y.max() < 100
   # --image_shape / --num_classes: the EMNIST CNN on the CIFAR-10 shape.
-  cifar10 = benchmark.synthetic_data("emnist_cnn", [40, 1], seed=0, example_shape=["32", "32", "3"],
-                                     num_classes=10)
+  cifar10 = benchmark.synthetic_data(
+    "emnist_cnn", [40, 1], seed=0, example_shape=["32", "32", "3"], num_classes=10
+  )
   assert cifar10.train.x.shape == (41, 32, 32, 3) and cifar10.num_classes == 10
   assert 5 < cifar10.train.y.max() < 10
 
 
 def _round(algorithm, workload, useful, speedup=3.0, k=1, memory=1.0, clients=100):
-  return {"kind": "round", "algorithm": algorithm, "num_global_models": k,
-          "model": "emnist_cnn", "workload": workload, "clients": clients,
-          "clients_per_round": 10, "batch_size": 20, "local_epochs": 1,
-          "examples_per_client": 200 if workload == "equal" else None,
-          "total_examples": 20_600, "useful_examples_per_s": useful,
-          "speedup_vs_loop": speedup, "fraction_of_peak": 0.4, "memory_ratio": memory}
+  return {
+    "kind": "round",
+    "algorithm": algorithm,
+    "num_global_models": k,
+    "model": "emnist_cnn",
+    "workload": workload,
+    "clients": clients,
+    "clients_per_round": 10,
+    "batch_size": 20,
+    "local_epochs": 1,
+    "examples_per_client": 200 if workload == "equal" else None,
+    "total_examples": 20_600,
+    "useful_examples_per_s": useful,
+    "speedup_vs_loop": speedup,
+    "fraction_of_peak": 0.4,
+    "memory_ratio": memory,
+  }
 
 
 def test_targets_judge_unequal_clients_and_say_what_they_need():
@@ -157,9 +189,11 @@ def test_targets_judge_unequal_clients_and_say_what_they_need():
   assert "--client_sizes=femnist" in none["femnist_host_memory"]["needs"]
   assert "--scaling" in none["round_time_linear_in_clients"]["needs"]
   assert all(c["pass"] is None for n, c in none.items())
-  rows = [_round("fedavg", "equal", 1000.0),
-          _round("fedavg", "femnist", 950.0, speedup=1.5, memory=1.3),
-          _round("fedmerge", "femnist", 900.0, k=5, memory=1.3)]
+  rows = [
+    _round("fedavg", "equal", 1000.0),
+    _round("fedavg", "femnist", 950.0, speedup=1.5, memory=1.3),
+    _round("fedmerge", "femnist", 900.0, k=5, memory=1.3),
+  ]
   judged = checks(rows)
   assert judged["fedavg_femnist_vs_equal_sizes"]["measured"] == pytest.approx(0.95)
   assert judged["fedavg_femnist_vs_equal_sizes"]["pass"] is True
@@ -177,12 +211,22 @@ def test_targets_judge_unequal_clients_and_say_what_they_need():
 
 
 def test_targets_pass_and_fail_on_the_equal_and_scaling_rows():
-  scale = lambda c, rss: {"kind": "scaling", "model": "emnist_cnn", "algorithm": "fedavg",
-                          "num_global_models": 1, "clients": c,
-                          "round_s": 0.1 * c, "peak_rss_bytes": rss, "data_bytes": 1000 * c,
-                          "delta_bytes_per_client": 4_000_000}
-  rows = [scale(100, 2e9), scale(3400, 2e9 + 3300 * 1000),
-          _round("fedavg", "equal", 3000.0, speedup=1.5, clients=10)]  # The 10 x 200 setting.
+  scale = lambda c, rss: {
+    "kind": "scaling",
+    "model": "emnist_cnn",
+    "algorithm": "fedavg",
+    "num_global_models": 1,
+    "clients": c,
+    "round_s": 0.1 * c,
+    "peak_rss_bytes": rss,
+    "data_bytes": 1000 * c,
+    "delta_bytes_per_client": 4_000_000,
+  }
+  rows = [
+    scale(100, 2e9),
+    scale(3400, 2e9 + 3300 * 1000),
+    _round("fedavg", "equal", 3000.0, speedup=1.5, clients=10),
+  ]  # The 10 x 200 setting.
   checks = {c["name"]: c["pass"] for c in benchmark.targets_row(rows)["checks"]}
   assert checks["fedavg_emnist_cnn_vs_fedjax"] is True  # 3,000 >= 2 x 1,400.
   assert checks["fedavg_emnist_cnn_speedup_vs_loop"] is False
@@ -192,21 +236,40 @@ def test_targets_pass_and_fail_on_the_equal_and_scaling_rows():
 
 
 def test_benchmark_prints_every_kind_of_line():
-  argv = [sys.executable, "-m", "fedmerge_jax.benchmark", "--model=mlp",
-          "--algorithm=fedavg", "--client_sizes=9,3,5", "--clients_per_round=2",
-          "--batch_size=4", "--local_batching=stream", "--rounds=1", "--breakdown", "--scaling",
-          "--scaling_clients=2,3", "--examples_per_client=4", "--targets", "--peak_size=64"]
+  argv = [
+    sys.executable,
+    "-m",
+    "fedmerge_jax.benchmark",
+    "--model=mlp",
+    "--algorithm=fedavg",
+    "--client_sizes=9,3,5",
+    "--clients_per_round=2",
+    "--batch_size=4",
+    "--local_batching=stream",
+    "--rounds=1",
+    "--breakdown",
+    "--scaling",
+    "--scaling_clients=2,3",
+    "--examples_per_client=4",
+    "--targets",
+    "--peak_size=64",
+  ]
   result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
   rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   kinds = [r["kind"] for r in rows]
   assert kinds == ["reference", "round", "breakdown", "scaling", "scaling", "targets"]
   reference, row = rows[0], rows[1]
-  assert row["workload"] == "list" and row["sizes"] == {"min": 3, "median": 5.0, "mean": 17 / 3,
-                                                        "max": 9}
+  assert row["workload"] == "list" and row["sizes"] == {
+    "min": 3,
+    "median": 5.0,
+    "mean": 17 / 3,
+    "max": 9,
+  }
   assert row["local_batching"] == reference["local_batching"] == "stream"
   assert row["useful_examples_per_s"] > 0 and 0 < row["real_fraction"] < 1  # 9 -> 3 batches of 4.
   assert row["speedup_vs_loop"] == pytest.approx(
-      row["useful_examples_per_s"] / reference["useful_examples_per_s"])
+    row["useful_examples_per_s"] / reference["useful_examples_per_s"]
+  )
   assert all(rows[2][k] > 0 for k in ("merge_s", "train_s", "server_s", "eval_s", "round_s"))
   assert all(r["round_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows[3:5])
   stages = rows[3]["peak_rss_by_stage_bytes"]  # Each stage's own peak; the row's is the largest.

@@ -37,15 +37,30 @@ def shuffled_labels(order_seed):
 
 
 def paper_cluster(train_labels=TRAIN_LABELS, test_labels=TEST_LABELS, seed=11):
-  return partition.cluster_partition(train_labels, test_labels, num_clients=50, num_clusters=5,
-                                     classes_per_cluster=30, alpha=10.0, val_fraction=0.1,
-                                     seed=seed, num_classes=100)
+  return partition.cluster_partition(
+    train_labels,
+    test_labels,
+    num_clients=50,
+    num_clusters=5,
+    classes_per_cluster=30,
+    alpha=10.0,
+    val_fraction=0.1,
+    seed=seed,
+    num_classes=100,
+  )
 
 
 def paper_personal(labels, seed=11):
-  return partition.personal_partition(labels, num_clients=50, alpha=0.1, min_size=100,
-                                      test_fraction=1 / 6, val_fraction=0.1, seed=seed,
-                                      num_classes=100)
+  return partition.personal_partition(
+    labels,
+    num_clients=50,
+    alpha=0.1,
+    min_size=100,
+    test_fraction=1 / 6,
+    val_fraction=0.1,
+    seed=seed,
+    num_classes=100,
+  )
 
 
 def min_median_max(values):
@@ -54,6 +69,7 @@ def min_median_max(values):
 
 # Partitioners: the authors' statistics (issue 11, from their released generators run on
 # CIFAR-100; they depend only on the class sizes, not on the label order).
+
 
 @pytest.mark.parametrize("order_seed", [None, 0])
 def test_cluster_split_has_the_authors_counts(order_seed):
@@ -87,8 +103,9 @@ def test_cluster_split_assigns_every_example_once_to_its_clusters_classes():
   train_val = np.concatenate(split.train + split.val)
   np.testing.assert_array_equal(np.sort(train_val), np.arange(len(TRAIN_LABELS)))
   np.testing.assert_array_equal(np.sort(np.concatenate(split.test)), np.arange(len(TEST_LABELS)))
-  np.testing.assert_array_equal(np.bincount(TRAIN_LABELS[np.concatenate(split.val)]),
-                                np.full(100, 50))
+  np.testing.assert_array_equal(
+    np.bincount(TRAIN_LABELS[np.concatenate(split.val)]), np.full(100, 50)
+  )
   for client, cluster in enumerate(split.client_cluster):
     expected = sorted(set(split.cluster_classes[cluster]))
     assert np.unique(TRAIN_LABELS[split.train[client]]).tolist() == expected
@@ -97,6 +114,7 @@ def test_cluster_split_assigns_every_example_once_to_its_clusters_classes():
 def test_class_shares_are_scipys_dirichlet_seeded_with_the_class():
   """The authors draw shares with scipy.stats.dirichlet(.., seed=classid).rvs()."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   for cls, holders in [(0, 6), (7, 19), (99, 13)]:
     want = stats.dirichlet([10.0] * holders, seed=cls).rvs()[0]
     np.testing.assert_array_equal(np.random.RandomState(cls).dirichlet([10.0] * holders), want)
@@ -111,6 +129,7 @@ def test_splits_are_deterministic_from_the_seed():
 
 def test_class_picker_refills_and_may_repeat_a_class():
   import random  # pylint: disable=g-import-not-at-top
+
   clusters = partition.cycling_class_clusters(10, [6, 6, 6], random.Random(3))
   assert sorted(clusters[0] + clusters[1][:4]) == list(range(10))  # All before a refill.
   with pytest.raises(ValueError, match="cover all 10 classes"):
@@ -118,6 +137,7 @@ def test_class_picker_refills_and_may_repeat_a_class():
 
 
 # Loaders: mock TFDS and fake original archives.
+
 
 def data_config(name, **overrides):
   c = base_config().data
@@ -155,8 +175,9 @@ def test_cluster_loader_through_the_registry():
 
 
 def test_personal_loader_pools_and_holds_out(mock_arrays):
-  c = data_config("cifar100_personal", num_clients=5, min_client_size=100,
-                  test_fraction=1 / 6, val_fraction=0.1)
+  c = data_config(
+    "cifar100_personal", num_clients=5, min_client_size=100, test_fraction=1 / 6, val_fraction=0.1
+  )
   data = cifar100.personal_federation(mock_arrays, c)
   n = data.train.counts + data.val.counts + data.test.counts
   assert n.sum() == 1200 and n.min() >= 100
@@ -196,8 +217,9 @@ def add_to_tar(tar, name, payload: bytes):
 def python_pickle(x, y) -> bytes:
   """The python archive's format, with the numpy module name of Python 2's pickles."""
   flat = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
-  payload = pickle.dumps({b"data": flat, b"fine_labels": y.tolist(),
-                          b"coarse_labels": (y // 5).tolist()}, protocol=3)
+  payload = pickle.dumps(
+    {b"data": flat, b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist()}, protocol=3
+  )
   return payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
 
 
@@ -223,8 +245,10 @@ def test_python_binary_and_tfds_orders_give_the_same_clients(tmp_path, monkeypat
   """Same examples via the python archive, the binary archive and TFDS (records shuffled,
   numbered by 'id' like TFDS's builder): the same arrays, so the same per-client sets."""
   (train_x, train_y), (test_x, test_y) = fake_cifar(1000), fake_cifar(300)
-  for kind, encode, names in [("python", python_pickle, ("train", "test")),
-                              ("binary", binary_records, ("train.bin", "test.bin"))]:
+  for kind, encode, names in [
+    ("python", python_pickle, ("train", "test")),
+    ("binary", binary_records, ("train.bin", "test.bin")),
+  ]:
     (tmp_path / kind).mkdir()
     with tarfile.open(tmp_path / kind / f"cifar-100-{kind}.tar.gz", "w:gz") as tar:
       for name, (x, y) in zip(names, [(train_x, train_y), (test_x, test_y)]):
@@ -234,19 +258,27 @@ def test_python_binary_and_tfds_orders_give_the_same_clients(tmp_path, monkeypat
     records = [{"id": f"{split}_{i:05d}", "image": x[i], "label": y[i]} for i in range(len(y))]
     return [records[i] for i in np.random.default_rng(0).permutation(len(records))]
 
-  monkeypatch.setattr(tfds, "data_source", lambda *a, **k: [
-      tfds_records("train", train_x, train_y), tfds_records("test", test_x, test_y)])
-  sources = [cifar100.load_arrays(str(tmp_path / "python")),
-             cifar100.load_arrays(str(tmp_path / "binary")), cifar100.load_arrays("")]
+  monkeypatch.setattr(
+    tfds,
+    "data_source",
+    lambda *a, **k: [tfds_records("train", train_x, train_y), tfds_records("test", test_x, test_y)],
+  )
+  sources = [
+    cifar100.load_arrays(str(tmp_path / "python")),
+    cifar100.load_arrays(str(tmp_path / "binary")),
+    cifar100.load_arrays(""),
+  ]
   splits = []
   for arrays in sources:
     for got, want in zip(arrays, (train_x, train_y, test_x, test_y)):
       np.testing.assert_array_equal(got, want)
-    splits.append(partition.cluster_partition(arrays[1], arrays[3], 10, 5, 30, 10.0, 0.1, 11,
-                                              num_classes=100))
+    splits.append(
+      partition.cluster_partition(arrays[1], arrays[3], 10, 5, 30, 10.0, 0.1, 11, num_classes=100)
+    )
   for other in splits[1:]:
-    for a, b in zip(splits[0].train + splits[0].val + splits[0].test,
-                    other.train + other.val + other.test):
+    for a, b in zip(
+      splits[0].train + splits[0].val + splits[0].test, other.train + other.val + other.test
+    ):
       np.testing.assert_array_equal(a, b)
 
 
@@ -260,6 +292,7 @@ def test_python_archive_reader_refuses_code_in_pickles(tmp_path):
 
 # The narrow ResNet-9.
 
+
 def resnet(conv_impl="auto", num_classes=100):
   c = base_config().model
   c.name, c.conv_impl = "resnet9", conv_impl
@@ -272,8 +305,14 @@ def test_resnet9_matches_the_hand_count():
   # stem 3*3*3*8 + BN 2*8; stage 1: 2 * (9*8*8 + 2*8); stage 2: 9*8*16 + 9*16*16 + 8*16
   # (1x1 shortcut) + 3 BN * 2*16; stage 3 and 4 likewise with 16->32 and 32->64;
   # head 64*100 + 100.
-  by_hand = (216 + 16) + 2 * (576 + 16) + (1152 + 2304 + 128 + 96) + \
-      (4608 + 9216 + 512 + 192) + (18432 + 36864 + 2048 + 384) + 6500
+  by_hand = (
+    (216 + 16)
+    + 2 * (576 + 16)
+    + (1152 + 2304 + 128 + 96)
+    + (4608 + 9216 + 512 + 192)
+    + (18432 + 36864 + 2048 + 384)
+    + 6500
+  )
   print(f"resnet9 parameters: {models.count_params(variables)} (by hand {by_hand})")
   assert models.count_params(variables) == by_hand == 83_852
   bn_channels = 8 + 2 * 8 + 3 * (16 + 32 + 64)
@@ -288,8 +327,7 @@ def test_strided_conv_matches_pytorch_padding():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   for size, stride in [(3, 2), (1, 2), (3, 1)]:
     pad = (size - 1) // 2
-    reference = nn.Conv(4, (size, size), (stride, stride), ((pad, pad), (pad, pad)),
-                        use_bias=False)
+    reference = nn.Conv(4, (size, size), (stride, stride), ((pad, pad), (pad, pad)), use_bias=False)
     variables = reference.init(jax.random.key(1), x)
     for impl in ("xla", "canonical", "patches"):
       got = conv(4, size, stride, impl, name=None).apply(variables, x)
@@ -305,8 +343,9 @@ def test_resnet9_patches_equal_xla_in_train_and_eval():
   fit = lambda m: jax.jit(lambda v: m.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
   (out_x, stats_x), (out_p, stats_p) = fit(xla), fit(patches)
   np.testing.assert_allclose(out_x, out_p, rtol=1e-4, atol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-               stats_x, stats_p)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), stats_x, stats_p
+  )
 
 
 def test_resnet9_batch_norm_updates_stats_only_in_training():
@@ -315,21 +354,30 @@ def test_resnet9_batch_norm_updates_stats_only_in_training():
   variables = jax.jit(model.init)(jax.random.key(1, impl=RBG), x)
   _, updated = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
   stem = updated["batch_stats"]["stem_bn"]["mean"]
-  np.testing.assert_allclose(stem, 0.1 * jnp.mean(
+  np.testing.assert_allclose(
+    stem,
+    0.1
+    * jnp.mean(
       conv(8, 3, 1, "xla", name=None).apply({"params": variables["params"]["stem_conv"]}, x),
-      axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)  # momentum 0.9 from zero.
+      axis=(0, 1, 2),
+    ),
+    rtol=1e-4,
+    atol=1e-5,
+  )  # momentum 0.9 from zero.
   # Evaluation uses the running statistics: an example's output ignores its batch.
   evaluate = jax.jit(model.apply)
-  np.testing.assert_allclose(evaluate(variables, x[:1]), evaluate(variables, x)[:1],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    evaluate(variables, x[:1]), evaluate(variables, x)[:1], rtol=1e-4, atol=1e-5
+  )
 
 
 def test_fedmerge_with_resnet9_runs_and_merges_batch_stats(tmp_path, tiny_config):
   config = tiny_config
   config.num_global_models, config.local_epochs, config.client_lr = 2, 1, 0.01
   config.model.name = "resnet9"
-  data = make_federation(num_clients=4, sizes=[8] * 4, example_shape=(32, 32, 3),
-                         num_classes=5, test_size=8, val_size=8)
+  data = make_federation(
+    num_clients=4, sizes=[8] * 4, example_shape=(32, 32, 3), num_classes=5, test_size=8, val_size=8
+  )
   summary = train.train_and_evaluate(config, str(tmp_path), data=data)
   for key in ("test/acc_mean", "test/loss", "val/loss", "train/loss", "best/acc_mean"):
     assert np.isfinite(summary[key]), key
@@ -337,7 +385,8 @@ def test_fedmerge_with_resnet9_runs_and_merges_batch_stats(tmp_path, tiny_config
   model, algorithm = train.build(config_lib.resolve(config), data)
   state = jax.jit(algorithm.init)(jax.random.key(0, impl=RBG))
   ids = np.arange(data.num_clients)
-  new_state, _ = jax.jit(algorithm.round)(state, ids, data.train.gather(ids),
-                                          jax.random.key(1, impl=RBG))
+  new_state, _ = jax.jit(algorithm.round)(
+    state, ids, data.train.gather(ids), jax.random.key(1, impl=RBG)
+  )
   old, new = state.globals["batch_stats"], new_state.globals["batch_stats"]
   assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))

@@ -20,8 +20,9 @@ ACCURACY_MARGIN = 0.05  # bf16's final mean test accuracy within this of float32
 def _default_config(rounds: int):
   """The offline default for `rounds` rounds, evaluating every round: one round program to
   compile (an evaluating round's batch also holds the test split), not two."""
-  spec = importlib.util.spec_from_file_location("default_config",
-                                                os.path.join(ROOT, "configs", "default.py"))
+  spec = importlib.util.spec_from_file_location(
+    "default_config", os.path.join(ROOT, "configs", "default.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -64,21 +65,35 @@ def test_bf16_round_keeps_parameters_optimizer_state_and_statistics_float32(tiny
   new, metrics = jax.jit(alg.round)(state, ids, data.train.gather(ids), jax.random.key(1))
   assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.float32)}
   assert metrics["train/loss"].dtype == jnp.float32
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.globals),
-                                                      jax.tree.leaves(state.globals)))
+  assert not all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(new.globals), jax.tree.leaves(state.globals))
+  )
   model = TinyBN()
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16)))
   one = jax.tree.map(lambda a: a[2], data.train.gather(ids))
-  f32_delta, _ = client.local_train(model.apply, variables, one, jax.random.key(2),
-                                    client.LocalConfig(2, 4, 0.1, 0.01), takes_mask=True)
-  bf16_delta, _ = client.local_train(model.apply, variables, one, jax.random.key(2),
-                                     client.LocalConfig(2, 4, 0.1, 0.01, compute_dtype="bfloat16"),
-                                     takes_mask=True)
+  f32_delta, _ = client.local_train(
+    model.apply,
+    variables,
+    one,
+    jax.random.key(2),
+    client.LocalConfig(2, 4, 0.1, 0.01),
+    takes_mask=True,
+  )
+  bf16_delta, _ = client.local_train(
+    model.apply,
+    variables,
+    one,
+    jax.random.key(2),
+    client.LocalConfig(2, 4, 0.1, 0.01, compute_dtype="bfloat16"),
+    takes_mask=True,
+  )
   for a, b in zip(jax.tree.leaves(f32_delta), jax.tree.leaves(bf16_delta)):
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.1, atol=0.02)  # bf16: 8 bits of mantissa.
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(f32_delta),
-                                                      jax.tree.leaves(bf16_delta)))
+  assert not all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(f32_delta), jax.tree.leaves(bf16_delta))
+  )
 
 
 def test_batchnorm_statistics_of_bf16_inputs_are_computed_in_float32():

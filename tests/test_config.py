@@ -18,7 +18,9 @@ def test_defaults_are_valid():
 def test_unknown_key_is_rejected_with_suggestion():
   config = base_config()
   config.num_global_model = 3
-  with pytest.raises(ConfigError, match="Unknown config key 'num_global_model'.*'num_global_models'"):
+  with pytest.raises(
+    ConfigError, match="Unknown config key 'num_global_model'.*'num_global_models'"
+  ):
     resolve(config)
 
 
@@ -29,14 +31,17 @@ def test_unknown_nested_key_is_rejected():
     resolve(config)
 
 
-@pytest.mark.parametrize("key,value,match", [
+@pytest.mark.parametrize(
+  "key,value,match",
+  [
     ("update_mode", "fast", "update_mode='fast' is not one of"),
     ("algorithm", "fedsgd", "algorithm='fedsgd' is not one of"),
     ("num_rounds", 0, "num_rounds=0 must be > 0"),
     ("client_lr", -1.0, "client_lr=-1.0 must be >= 0"),
     ("apfl_alpha", 1.5, r"apfl_alpha=1.5 must be in \[0, 1\]"),
     ("perfedavg_variant", "so", "perfedavg_variant='so' is not one of"),
-])
+  ],
+)
 def test_bad_values_are_rejected(key, value, match):
   config = base_config()
   config.unlock()
@@ -55,7 +60,11 @@ def test_partial_config_gets_defaults():
 
 def test_launch_rejects_unknown_override():
   result = subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/default.py", "--config.num_roundz=3"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [sys.executable, "launch.py", "--config=configs/default.py", "--config.num_roundz=3"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "num_roundz" in result.stderr

@@ -33,45 +33,109 @@ NAN = np.ones((2, 2), np.float32)
 NAN[1, 0] = np.nan
 
 
-@pytest.mark.parametrize("train,test,kwargs,message", [
-    ({"a": (np.ones((2, 2)), np.array([0]))}, GOOD, {},
-     "from_arrays: train['a']: x has 2 examples but y has 1; give one label per example."),
-    ({**GOOD, "b": (np.ones((1, 2)), np.array([0.5]))}, GOOD, {},
-     "from_arrays: train['b']: labels must be integers, got float64; map the classes"),
-    (GOOD, {**GOOD, "b": (NAN, np.array([0, 1]))}, {},
-     "from_arrays: test['b']: x contains NaN or infinite values (example 1 first); clean or "
-     "drop those examples."),
-    ({**GOOD, "b": (np.array([[np.inf, 0.0]]), np.array([0]))}, GOOD, {},
-     "from_arrays: train['b']: x contains NaN or infinite values"),
-    ({"a": _xy(1)}, {"a": _xy(1), "z": _xy(1)}, {},
-     "from_arrays: test has clients that train lacks: ['z']; every client must be in train."),
-    ({**GOOD, "b": _xy(1, shape=(3,))}, GOOD, {},
-     "from_arrays: train['b']: example shape (3,) differs from (2,) (the first client's); give "
-     "every client and split examples of one shape."),
-    (GOOD, {**GOOD, "b": _xy(2, shape=(2, 1))}, {},
-     "from_arrays: test['b']: example shape (2, 1) differs from (2,)"),
-    ({**GOOD, "b": _xy(2, label=3)}, GOOD, {"num_classes": 3},
-     "from_arrays: train['b']: label 3 is outside [0, 3); fix the labels, or pass a "
-     "num_classes that covers them."),
-    (GOOD, {**GOOD, "a": _xy(2, label=-1)}, {},
-     "from_arrays: test['a']: label -1 is outside [0, 2)"),
-    ({**GOOD, "b": (np.array([["x", "y"]]), np.array([0]))}, GOOD, {},
-     "from_arrays: train['b']: x has dtype <U1, which can be neither an image nor a feature; "
-     "give numbers"),
-    ({**GOOD, "b": (np.ones((1, 2), complex), np.array([0]))}, GOOD, {},
-     "from_arrays: train['b']: x has dtype complex128, which can be neither an image nor a feature"),
-    ({**GOOD, "b": _xy(0)}, GOOD, {},
-     "custom: train['b'] has no training examples, and every sampled client trains: drop it "
-     "(from test and val too) or give each some examples."),
+@pytest.mark.parametrize(
+  "train,test,kwargs,message",
+  [
+    (
+      {"a": (np.ones((2, 2)), np.array([0]))},
+      GOOD,
+      {},
+      "from_arrays: train['a']: x has 2 examples but y has 1; give one label per example.",
+    ),
+    (
+      {**GOOD, "b": (np.ones((1, 2)), np.array([0.5]))},
+      GOOD,
+      {},
+      "from_arrays: train['b']: labels must be integers, got float64; map the classes",
+    ),
+    (
+      GOOD,
+      {**GOOD, "b": (NAN, np.array([0, 1]))},
+      {},
+      "from_arrays: test['b']: x contains NaN or infinite values (example 1 first); clean or "
+      "drop those examples.",
+    ),
+    (
+      {**GOOD, "b": (np.array([[np.inf, 0.0]]), np.array([0]))},
+      GOOD,
+      {},
+      "from_arrays: train['b']: x contains NaN or infinite values",
+    ),
+    (
+      {"a": _xy(1)},
+      {"a": _xy(1), "z": _xy(1)},
+      {},
+      "from_arrays: test has clients that train lacks: ['z']; every client must be in train.",
+    ),
+    (
+      {**GOOD, "b": _xy(1, shape=(3,))},
+      GOOD,
+      {},
+      "from_arrays: train['b']: example shape (3,) differs from (2,) (the first client's); give "
+      "every client and split examples of one shape.",
+    ),
+    (
+      GOOD,
+      {**GOOD, "b": _xy(2, shape=(2, 1))},
+      {},
+      "from_arrays: test['b']: example shape (2, 1) differs from (2,)",
+    ),
+    (
+      {**GOOD, "b": _xy(2, label=3)},
+      GOOD,
+      {"num_classes": 3},
+      "from_arrays: train['b']: label 3 is outside [0, 3); fix the labels, or pass a "
+      "num_classes that covers them.",
+    ),
+    (
+      GOOD,
+      {**GOOD, "a": _xy(2, label=-1)},
+      {},
+      "from_arrays: test['a']: label -1 is outside [0, 2)",
+    ),
+    (
+      {**GOOD, "b": (np.array([["x", "y"]]), np.array([0]))},
+      GOOD,
+      {},
+      "from_arrays: train['b']: x has dtype <U1, which can be neither an image nor a feature; "
+      "give numbers",
+    ),
+    (
+      {**GOOD, "b": (np.ones((1, 2), complex), np.array([0]))},
+      GOOD,
+      {},
+      "from_arrays: train['b']: x has dtype complex128, which can be neither an image nor a "
+      "feature",
+    ),
+    (
+      {**GOOD, "b": _xy(0)},
+      GOOD,
+      {},
+      "custom: train['b'] has no training examples, and every sampled client trains: drop it "
+      "(from test and val too) or give each some examples.",
+    ),
     (GOOD, {}, {}, "from_arrays: test has no clients, and every evaluation needs them"),
-    (GOOD, {"a": _xy(1)}, {},
-     "from_arrays: test lacks 1 of the 2 clients (['b']); give each one a test entry (an "
-     "empty (x, y) for one without test examples), or drop it from train."),
-    (GOOD, {"a": _xy(0), "b": _xy(0)}, {},
-     "custom: the test split has no examples, and every evaluation needs them"),
-    (GOOD, GOOD, {"val": {"a": _xy(1, label=7)}, "num_classes": 2},
-     "from_arrays: val['a']: label 7 is outside [0, 2)"),
-])
+    (
+      GOOD,
+      {"a": _xy(1)},
+      {},
+      "from_arrays: test lacks 1 of the 2 clients (['b']); give each one a test entry (an "
+      "empty (x, y) for one without test examples), or drop it from train.",
+    ),
+    (
+      GOOD,
+      {"a": _xy(0), "b": _xy(0)},
+      {},
+      "custom: the test split has no examples, and every evaluation needs them",
+    ),
+    (
+      GOOD,
+      GOOD,
+      {"val": {"a": _xy(1, label=7)}, "num_classes": 2},
+      "from_arrays: val['a']: label 7 is outside [0, 2)",
+    ),
+  ],
+)
 def test_from_arrays_rejects_bad_data_naming_the_client_and_the_fix(train, test, kwargs, message):
   with pytest.raises(DataError) as info:
     FederatedData.from_arrays(train, test, **kwargs)
@@ -132,8 +196,10 @@ def test_rotation_groups_rotate_images():
 
 def test_ragged_splits_take_their_real_size():
   sizes = [1, 400, 3, 57]
-  train = {f"c{i}": (np.ones((n, 28, 28, 1), np.float16), np.zeros(n, np.int32))
-           for i, n in enumerate(sizes)}
+  train = {
+    f"c{i}": (np.ones((n, 28, 28, 1), np.float16), np.zeros(n, np.int32))
+    for i, n in enumerate(sizes)
+  }
   data = FederatedData.from_arrays(train, train)
   real = sum(sizes) * (28 * 28 * 2 + 4)  # float16 pixels + int32 label per example.
   assert real <= data.train.nbytes <= real + 8 * (len(sizes) + 1)  # + the offsets.

@@ -15,8 +15,15 @@ from fedmerge_jax import preemption
 from fedmerge_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"num_rounds": 1, "eval_every": 1, "checkpoint_every": 1, "tensorboard": False,
-             "model.hidden_sizes": (8,), "data.num_clients": 6, "clients_per_round": 3}
+OVERRIDES = {
+  "num_rounds": 1,
+  "eval_every": 1,
+  "checkpoint_every": 1,
+  "tensorboard": False,
+  "model.hidden_sizes": (8,),
+  "data.num_clients": 6,
+  "clients_per_round": 3,
+}
 
 # launch.py in a fresh interpreter whose `target` (module, function) first writes `marker`,
 # then sleeps: the test signals it there.
@@ -39,10 +46,15 @@ def signalled_launch(tmp_path, workdir, target, number, **changes):
   """(exit status, stderr) of launch.py signalled with `number` inside `target`."""
   marker = str(tmp_path / "entered")
   args = ["--config=configs/default.py", f"--workdir={workdir}"] + [
-      f"--config.{k}={v}".replace(" ", "") for k, v in {**OVERRIDES, **changes}.items()]
+    f"--config.{k}={v}".replace(" ", "") for k, v in {**OVERRIDES, **changes}.items()
+  ]
   child = subprocess.Popen(
-      [sys.executable, "-c", SLOW_CHILD.format(args=args, target=target, marker=marker)],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [sys.executable, "-c", SLOW_CHILD.format(args=args, target=target, marker=marker)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 240
   while not os.path.exists(marker) and child.poll() is None and time.monotonic() < deadline:
     time.sleep(0.1)
@@ -59,10 +71,12 @@ def last_line(stderr):
 
 def test_sigterm_while_loading_data_stops_at_once_saying_nothing_is_saved(tmp_path):
   workdir = tmp_path / "run"
-  status, stderr = signalled_launch(tmp_path, workdir, ("fedmerge_jax.data", "load"),
-                                    signal.SIGTERM)
-  assert last_line(stderr) == ("stopped by SIGTERM before round 1; nothing saved yet; "
-                               "rerun to start.")
+  status, stderr = signalled_launch(
+    tmp_path, workdir, ("fedmerge_jax.data", "load"), signal.SIGTERM
+  )
+  assert last_line(stderr) == (
+    "stopped by SIGTERM before round 1; nothing saved yet; rerun to start."
+  )
   assert status == 128 + signal.SIGTERM
   assert checkpoint_lib.saved_rounds(str(workdir)) == []
 
@@ -72,12 +86,17 @@ def test_sigusr1_while_a_resumed_run_initialises_keeps_the_saved_rounds(tmp_path
   config = runpy.run_path(os.path.join(ROOT, "configs/default.py"))["get_config"]()
   config.update_from_flattened_dict(OVERRIDES)
   train.train_and_evaluate(config, workdir)  # Round 1 saved; the signalled run wants 3.
-  before = {name: open(os.path.join(workdir, name), "rb").read()
-            for name in ("metrics.jsonl", "experiment.json", "summary.json")}
-  status, stderr = signalled_launch(tmp_path, workdir, ("fedmerge_jax.parallel", "sharded_init"),
-                                    signal.SIGUSR1, num_rounds=3)
-  assert last_line(stderr) == (f"stopped by SIGUSR1 before round 2; rounds up to 1 are saved "
-                               f"in {workdir}/checkpoints; rerun to resume.")
+  before = {
+    name: open(os.path.join(workdir, name), "rb").read()
+    for name in ("metrics.jsonl", "experiment.json", "summary.json")
+  }
+  status, stderr = signalled_launch(
+    tmp_path, workdir, ("fedmerge_jax.parallel", "sharded_init"), signal.SIGUSR1, num_rounds=3
+  )
+  assert last_line(stderr) == (
+    f"stopped by SIGUSR1 before round 2; rounds up to 1 are saved "
+    f"in {workdir}/checkpoints; rerun to resume."
+  )
   assert status == 128 + signal.SIGUSR1
   assert checkpoint_lib.saved_rounds(workdir) == [1]
   assert before == {name: open(os.path.join(workdir, name), "rb").read() for name in before}

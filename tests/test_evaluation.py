@@ -22,18 +22,28 @@ VAL_SIZES = [4, 1, 6, 2, 3]
 def _linear_clients(test_sizes=TEST_SIZES):
   """Five clients, each predicting with its own linear map W_c from flattened inputs."""
   rng = np.random.default_rng(0)
-  split = lambda n: (rng.normal(size=(n, 2, 3)).astype(np.float32),
-                     rng.integers(0, 4, n).astype(np.int32))
+  split = lambda n: (
+    rng.normal(size=(n, 2, 3)).astype(np.float32),
+    rng.integers(0, 4, n).astype(np.int32),
+  )
   names = [f"c{i}" for i in range(5)]
   weights = rng.normal(size=(5, 6, 4)).astype(np.float32)
   test = {c: split(n) for c, n in zip(names, test_sizes)}
   x2 = test["c2"][0]  # The largest client is always right: pooled and mean accuracy differ.
   test["c2"] = (x2, (x2.reshape(len(x2), -1) @ weights[2]).argmax(1).astype(np.int32))
-  data = FederatedData.from_arrays({c: split(3) for c in names}, test,
-                                   {c: split(n) for c, n in zip(names, VAL_SIZES)}, num_classes=4)
-  algorithm = Algorithm(init=None, round=None, communication=(0, 0),
-                        personalized=lambda state, ids, train: state[ids],
-                        predict=lambda w, x: x.reshape(x.shape[0], -1) @ w)
+  data = FederatedData.from_arrays(
+    {c: split(3) for c in names},
+    test,
+    {c: split(n) for c, n in zip(names, VAL_SIZES)},
+    num_classes=4,
+  )
+  algorithm = Algorithm(
+    init=None,
+    round=None,
+    communication=(0, 0),
+    personalized=lambda state, ids, train: state[ids],
+    predict=lambda w, x: x.reshape(x.shape[0], -1) @ w,
+  )
   return data, weights, algorithm
 
 
@@ -47,19 +57,26 @@ def _numpy_metrics(weights, split, prefix):
     acc.append(hits / n)
     loss.append(-log_p[np.arange(n), y].mean())
     correct, total = correct + hits, total + n
-  return {f"{prefix}/acc_mean": np.mean(acc), f"{prefix}/acc_weighted": correct / total,
-          f"{prefix}/acc_std": np.std(acc), f"{prefix}/acc_p10": np.percentile(acc, 10),
-          f"{prefix}/loss": np.mean(loss)}, np.array(acc)
+  return {
+    f"{prefix}/acc_mean": np.mean(acc),
+    f"{prefix}/acc_weighted": correct / total,
+    f"{prefix}/acc_std": np.std(acc),
+    f"{prefix}/acc_p10": np.percentile(acc, 10),
+    f"{prefix}/loss": np.mean(loss),
+  }, np.array(acc)
 
 
 # Client 2's 16 test examples fill their bucket (16): in chunks of 3 the last chunk is shifted
 # back to rows 13..15, two of them already counted; in chunks of 4 the chunks tile it exactly.
-@pytest.mark.parametrize("test_sizes, example_chunk", [
-    (TEST_SIZES, 0), ([2, 5, 16, 3, 7], 0), ([2, 5, 16, 3, 7], 3), ([2, 5, 16, 3, 7], 4)])
+@pytest.mark.parametrize(
+  "test_sizes, example_chunk",
+  [(TEST_SIZES, 0), ([2, 5, 16, 3, 7], 0), ([2, 5, 16, 3, 7], 3), ([2, 5, 16, 3, 7], 4)],
+)
 def test_metrics_match_numpy_on_unequal_clients(test_sizes, example_chunk):
   data, weights, algorithm = _linear_clients(test_sizes)
-  metrics = evaluation.make_evaluator(algorithm, data, chunk_size=2,
-                                      example_chunk=example_chunk)(jnp.asarray(weights))
+  metrics = evaluation.make_evaluator(algorithm, data, chunk_size=2, example_chunk=example_chunk)(
+    jnp.asarray(weights)
+  )
   for prefix, split in (("test", data.test), ("val", data.val)):
     expected, acc = _numpy_metrics(weights, split, prefix)
     for key, value in expected.items():
@@ -91,30 +108,35 @@ def batchnorm_run():
   splits (bucketed to 16 and 8: partial last chunks of 5)."""
   data = make_federation(sizes=[3, 9, 6, 4], val_size=0)
   rng = np.random.default_rng(1)
-  split = lambda n: (rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
-                     rng.integers(0, 3, n).astype(np.int32))
+  split = lambda n: (
+    rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
+    rng.integers(0, 3, n).astype(np.int32),
+  )
   train_split = {f"c{i}": data.train.client(i) for i in range(4)}
-  data = FederatedData.from_arrays(train_split, {f"c{i}": split(n) for i, n in
-                                                 enumerate([13, 2, 7, 16])},
-                                   {f"c{i}": split(n) for i, n in enumerate([5, 11, 1, 3])},
-                                   num_classes=3)
+  data = FederatedData.from_arrays(
+    train_split,
+    {f"c{i}": split(n) for i, n in enumerate([13, 2, 7, 16])},
+    {f"c{i}": split(n) for i, n in enumerate([5, 11, 1, 3])},
+    num_classes=3,
+  )
   config = tiny_base_config()
   config.algorithm, config.num_global_models = "fedavg", 1
   model = TinyBN()
   _, alg = train.build(resolve(config), data, model=model)
   state = alg.init(jax.random.key(0))
   stats = lambda x: jnp.abs(x + jnp.asarray(rng.normal(size=x.shape), x.dtype))  # Var >= 0.
-  state = state.replace(globals={**state.globals,
-                                 "batch_stats": jax.tree.map(stats, state.globals["batch_stats"])})
+  state = state.replace(
+    globals={**state.globals, "batch_stats": jax.tree.map(stats, state.globals["batch_stats"])}
+  )
   return data, model, alg, state
 
 
 @pytest.mark.parametrize("example_chunk", [0, 5])
-def test_batchnorm_model_in_eval_mode_in_chunks_matches_a_direct_computation(batchnorm_run,
-                                                                             example_chunk):
+def test_batchnorm_model_in_eval_mode_in_chunks_matches_a_direct_computation(
+  batchnorm_run, example_chunk
+):
   data, model, alg, state = batchnorm_run
-  metrics = evaluation.make_evaluator(alg, data, chunk_size=3,
-                                      example_chunk=example_chunk)(state)
+  metrics = evaluation.make_evaluator(alg, data, chunk_size=3, example_chunk=example_chunk)(state)
   variables = jax.tree.map(lambda x: np.asarray(x[0]), state.globals)
   for name, split in (("test", data.test), ("val", data.val)):
     acc, loss = [], []
@@ -132,8 +154,10 @@ def test_chunk_sizes_follow_the_config_or_bound_the_examples_at_once():
   data = make_federation(num_clients=40, test_size=300, val_size=20)
   config = tiny_base_config()
   config.eval_chunk_size, config.eval_batch_size = 0, 0
-  assert evaluation.chunk_sizes(config, data) == (evaluation.EVAL_ROWS // evaluation.EVAL_EXAMPLES,
-                                                  evaluation.EVAL_EXAMPLES)
+  assert evaluation.chunk_sizes(config, data) == (
+    evaluation.EVAL_ROWS // evaluation.EVAL_EXAMPLES,
+    evaluation.EVAL_EXAMPLES,
+  )
   config.client_chunk_size = 3  # A user's training chunk also bounds evaluation's.
   assert evaluation.chunk_sizes(config, data) == (3, evaluation.EVAL_EXAMPLES)
   config.eval_chunk_size, config.eval_batch_size = 64, 50  # At most every client.
@@ -146,10 +170,13 @@ def test_chunk_sizes_follow_the_config_or_bound_the_examples_at_once():
 def _temp_bytes(alg, state, length: int, example_chunk: int) -> int:
   """XLA's temporaries of the compiled evaluation of 2 clients with `length` test rows."""
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-  split = lambda n: ClientData(spec((2, n, 4, 4, 1), jnp.float32), spec((2, n), jnp.int32),
-                               spec((2,), jnp.int32))
+  split = lambda n: ClientData(
+    spec((2, n, 4, 4, 1), jnp.float32), spec((2, n), jnp.int32), spec((2,), jnp.int32)
+  )
   program = evaluation.chunk_program(alg, example_chunk, parallel.make_mesh(1))
-  compiled = program.lower(state, spec((2,), jnp.int32), split(8), {"test": split(length)}).compile()
+  compiled = program.lower(
+    state, spec((2,), jnp.int32), split(8), {"test": split(length)}
+  ).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -41,8 +41,10 @@ def encode_row(pixels, label, bytes_keys=False):
 def write_sqlite(path, writers, corrupt=None):
   """A FedJAX federated_data file; `corrupt` maps writer -> replacement `data` cell."""
   conn = sqlite3.connect(path)
-  conn.execute("CREATE TABLE federated_data (client_id BLOB NOT NULL PRIMARY KEY, "
-               "data BLOB NOT NULL, num_examples INTEGER NOT NULL)")
+  conn.execute(
+    "CREATE TABLE federated_data (client_id BLOB NOT NULL PRIMARY KEY, "
+    "data BLOB NOT NULL, num_examples INTEGER NOT NULL)"
+  )
   for i, (cid, (pixels, label)) in enumerate(writers.items()):
     blob = (corrupt or {}).get(cid) or encode_row(pixels, label, bytes_keys=i % 2 == 1)
     conn.execute("INSERT INTO federated_data VALUES (?, ?, ?)", (cid.encode(), blob, len(label)))
@@ -53,9 +55,13 @@ def write_sqlite(path, writers, corrupt=None):
 def make_writers(seed, sizes, num_classes=62):
   """Writers with FedJAX-style ids (high-school and census NIST sources) and random data."""
   rng = np.random.default_rng(seed)
-  return {f"{i:016x}:f{2000 + 100 * i:04d}_{i:02d}": (
+  return {
+    f"{i:016x}:f{2000 + 100 * i:04d}_{i:02d}": (
       rng.uniform(size=(n, 28, 28)).astype(np.float32),
-      rng.integers(0, num_classes, n).astype(np.int32)) for i, n in enumerate(sizes)}
+      rng.integers(0, num_classes, n).astype(np.int32),
+    )
+    for i, n in enumerate(sizes)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +69,9 @@ def fedjax_files(tmp_path_factory):
   """A directory with small train and test SQLite files, and the arrays written to them."""
   directory = tmp_path_factory.mktemp("fedjax")
   train_w = make_writers(0, SIZES)
-  test_w = {cid: (p[:len(p) // 3], y[:len(y) // 3])
-            for cid, (p, y) in make_writers(1, SIZES).items()}
+  test_w = {
+    cid: (p[: len(p) // 3], y[: len(y) // 3]) for cid, (p, y) in make_writers(1, SIZES).items()
+  }
   write_sqlite(directory / TRAIN, train_w)
   write_sqlite(directory / TEST, test_w)
   return directory, train_w, test_w
@@ -83,6 +90,7 @@ def data_config(data_dir, **overrides):
 def no_download(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("tried to download")
+
   monkeypatch.setattr(tfds.download.DownloadManager, "download", fail)
 
 
@@ -122,10 +130,10 @@ def test_load_through_tfds_from_local_files(fedjax_files, no_download):
 
 def test_builder_download_and_prepare_then_read_back(fedjax_files, tmp_path):
   directory, train_w, _ = fedjax_files
-  builder = femnist.FemnistFedjax(config="full", data_dir=str(tmp_path),
-                                  file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(directory)))
+  builder = femnist.FemnistFedjax(config="full", data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(directory))
+  )
   assert builder.info.splits["train"].num_examples == len(train_w)
   source = tfds.data_source("femnist_fedjax/full", data_dir=str(tmp_path), split="train")
   read = {ex["client_id"].decode(): ex for ex in source}
@@ -141,8 +149,9 @@ def test_client_fraction_keeps_a_fixed_seeded_subset(fedjax_files):
   assert half.num_clients == 4 and set(half.client_ids) <= set(train_w)
   assert list(half.client_ids) == sorted(half.client_ids)
   assert load(data_config(directory, client_fraction=0.5, seed=3)).client_ids == half.client_ids
-  others = {load(data_config(directory, client_fraction=0.5, seed=s)).client_ids
-            for s in range(4, 9)}
+  others = {
+    load(data_config(directory, client_fraction=0.5, seed=s)).client_ids for s in range(4, 9)
+  }
   assert others - {half.client_ids}
   with pytest.raises(ValueError, match="client_fraction"):
     load(data_config(directory, client_fraction=0.0))
@@ -181,13 +190,17 @@ def test_truncated_file_names_it(fedjax_files, tmp_path, no_download):
   assert not (tmp_path / "femnist_fedjax" / "full" / "1.0.0").exists()  # Nothing cached.
 
 
-@pytest.mark.parametrize("blob,match", [
+@pytest.mark.parametrize(
+  "blob,match",
+  [
     (b"not zlib at all", "does not decode"),
     (zlib.compress(msgpack.packb({"pixels": 1})), "does not decode"),
     (encode_row(np.zeros((2, 28, 28), np.float32), np.zeros(3, np.int32)), "labels of shape"),
     (encode_row(np.zeros((2, 28, 28), np.float32), np.zeros(2, np.int32)), "num_examples is"),
     (encode_row(np.zeros((3, 28, 28), np.float32), np.full(3, 99, np.int32)), "labels span"),
-], ids=["not_zlib", "not_arrays", "shape_mismatch", "count_mismatch", "bad_labels"])
+  ],
+  ids=["not_zlib", "not_arrays", "shape_mismatch", "count_mismatch", "bad_labels"],
+)
 def test_corrupt_row_names_file_and_writer(tmp_path, no_download, blob, match):
   writers = make_writers(0, [3, 3])
   bad = sorted(writers)[1]
@@ -212,9 +225,11 @@ def test_not_a_database_or_wrong_table(tmp_path):
 def test_downloads_with_tfds_when_files_are_absent(fedjax_files, tmp_path, monkeypatch):
   """The download path, against a local HTTP server standing in for FedJAX's bucket."""
   directory, train_w, _ = fedjax_files
+
   class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
       pass
+
   handler = functools.partial(Quiet, directory=str(directory))
   try:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -239,6 +254,7 @@ def test_downloads_with_tfds_when_files_are_absent(fedjax_files, tmp_path, monke
 def refuse_connections(monkeypatch):
   def refused(*args, **kwargs):
     raise ConnectionRefusedError(111, "Connection refused")
+
   monkeypatch.setattr(socket.socket, "connect", refused)
   monkeypatch.setattr(socket, "create_connection", refused)
 
@@ -267,6 +283,7 @@ def test_a_download_failing_midway_leaves_no_temporary_folders(tmp_path, monkeyp
     partial.mkdir(parents=True)
     (partial / "federated_emnist_train.sqlite").write_bytes(b"SQLite format 3\x00 half")
     raise ConnectionResetError(104, "Connection reset by peer")  # ... then not.
+
   monkeypatch.setattr(tfds.download.DownloadManager, "download", fail_midway)
   with pytest.raises(femnist.DataError, match="ConnectionResetError.*--config.data.data_dir="):
     load(data_config(tmp_path))
@@ -280,8 +297,9 @@ def test_a_data_dir_that_does_not_exist_is_an_error(tmp_path, no_download):
   assert not missing.exists()  # Not silently created.
 
 
-def test_a_changed_source_file_rebuilds_the_cache(fedjax_files, tmp_path, no_download, caplog,
-                                                  capsys):
+def test_a_changed_source_file_rebuilds_the_cache(
+  fedjax_files, tmp_path, no_download, caplog, capsys
+):
   directory, train_w, test_w = fedjax_files
   for name in (TRAIN, TEST):
     shutil.copy(directory / name, tmp_path / name)
@@ -325,8 +343,11 @@ def write_leaf(directory, split, users, seed, files=2):
       y[0] = rng.integers(0, 10)  # A digit each: the digits-only variant keeps every client.
       arrays[u] = (x, y)
       user_data[u] = {"x": x.tolist(), "y": y.tolist()}
-    blob = {"users": mine, "num_samples": [len(user_data[u]["y"]) for u in mine],
-            "user_data": user_data}
+    blob = {
+      "users": mine,
+      "num_samples": [len(user_data[u]["y"]) for u in mine],
+      "user_data": user_data,
+    }
     (directory / split / f"all_data_{f}_niid_0_keep_0_{split}_9.json").write_text(json.dumps(blob))
   return arrays
 
@@ -365,7 +386,8 @@ def test_leaf_errors_say_how_to_get_the_data(tmp_path):
 def test_femnist_small_config_trains_two_rounds(fedjax_files, tmp_path):
   directory, _, _ = fedjax_files
   spec = importlib.util.spec_from_file_location(
-      "femnist_small", os.path.join(ROOT, "configs/femnist_small.py"))
+    "femnist_small", os.path.join(ROOT, "configs/femnist_small.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()

@@ -18,12 +18,16 @@ from fedmerge_jax.data import FederatedData
 def federation():
   """Unequal train and test sizes (test 2..10), 5 clients, 3 classes."""
   rng = np.random.default_rng(3)
-  split = lambda n: (rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
-                     rng.integers(0, 3, n).astype(np.int32))
+  split = lambda n: (
+    rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
+    rng.integers(0, 3, n).astype(np.int32),
+  )
   train_sizes, test_sizes = [5, 9, 3, 12, 7], [4, 2, 10, 6, 3]
-  return FederatedData.from_arrays({f"c{i}": split(n) for i, n in enumerate(train_sizes)},
-                                   {f"c{i}": split(n) for i, n in enumerate(test_sizes)},
-                                   num_classes=3)
+  return FederatedData.from_arrays(
+    {f"c{i}": split(n) for i, n in enumerate(train_sizes)},
+    {f"c{i}": split(n) for i, n in enumerate(test_sizes)},
+    num_classes=3,
+  )
 
 
 def numpy_scores(model, variables, x, y):
@@ -45,8 +49,9 @@ def merged(state, weights_row):
 
 # example_chunk 3: the probe (evaluation.EVAL_EXAMPLES) and the gap's evaluation in chunks of
 # 3 examples; client 2's 10 test examples end in a chunk shifted back to rows 7..9.
-@pytest.mark.parametrize("algorithm, example_chunk", [("fedmerge", 0), ("fedavg", 0),
-                                                      ("fedmerge", 3)])
+@pytest.mark.parametrize(
+  "algorithm, example_chunk", [("fedmerge", 0), ("fedavg", 0), ("fedmerge", 3)]
+)
 def test_gap_equals_a_direct_computation(tiny_config, algorithm, example_chunk, monkeypatch):
   if example_chunk:
     monkeypatch.setattr(evaluation, "EVAL_EXAMPLES", example_chunk)
@@ -63,10 +68,15 @@ def test_gap_equals_a_direct_computation(tiny_config, algorithm, example_chunk, 
   batch = gap.WithTest(data.train.gather(ids), data.test.gather(ids))
   new_state, round_metrics = jax.jit(alg.round)(state, ids, batch, rng)
   scalars, per_client = gap.make_gap_evaluator(alg, data, example_chunk=example_chunk)(
-      new_state, ids, round_metrics)
+    new_state, ids, round_metrics
+  )
 
-  local = client.LocalConfig(config.local_epochs, config.batch_size, config.client_lr,
-                             config.prox_mu if algorithm == "fedmerge" else 0.0)
+  local = client.LocalConfig(
+    config.local_epochs,
+    config.batch_size,
+    config.client_lr,
+    config.prox_mu if algorithm == "fedmerge" else 0.0,
+  )
   acc_gaps, loss_gaps = [], []
   for cid in ids:
     if algorithm == "fedmerge":
@@ -98,8 +108,9 @@ def test_local_training_has_no_gap(tiny_config):
   _, alg = train.build(resolve(tiny_config), data)
   ids = np.arange(5)
   batch = gap.WithTest(data.train.gather(ids), data.test.gather(ids))
-  new_state, metrics = jax.jit(alg.round)(alg.init(jax.random.key(0)), ids, batch,
-                                          jax.random.key(1))
+  new_state, metrics = jax.jit(alg.round)(
+    alg.init(jax.random.key(0)), ids, batch, jax.random.key(1)
+  )
   scalars, per_client = gap.make_gap_evaluator(alg, data, chunk_size=2)(new_state, ids, metrics)
   np.testing.assert_allclose(per_client["clients/gap_loss"], 0.0, atol=1e-5)
   assert scalars["gap/acc_mean"] == pytest.approx(0.0, abs=1e-6)
@@ -119,13 +130,19 @@ def test_runs_write_the_gap(tmp_path, tiny_config):
 
 def test_compare_table_shows_the_gap():
   from fedmerge_jax import compare  # pylint: disable=g-import-not-at-top
-  results = [compare.Result("fedmerge", "/w/a", {"gap/acc_mean": -0.01234}, []),
-             compare.Result("fedavg", "/w/b", {"gap/acc_mean": 0.25}, []),
-             compare.Result("local", "/w/c", {}, [])]
+
+  results = [
+    compare.Result("fedmerge", "/w/a", {"gap/acc_mean": -0.01234}, []),
+    compare.Result("fedavg", "/w/b", {"gap/acc_mean": 0.25}, []),
+    compare.Result("local", "/w/c", {}, []),
+  ]
   table = compare.comparison_table(results).splitlines()
   assert table[0].split("|")[-2].strip() == "gap acc"
-  assert [line.split("|")[-2].strip() for line in table[2:]] == ["-0.0123", "+0.2500",
-                                                                 compare.MISSING]
+  assert [line.split("|")[-2].strip() for line in table[2:]] == [
+    "-0.0123",
+    "+0.2500",
+    compare.MISSING,
+  ]
 
 
 @pytest.mark.parametrize("algorithm", ["ditto", "fedavg_ft"])
@@ -140,14 +157,18 @@ def test_received_is_the_global_model_where_clients_predict_with_another(tiny_co
   ids = np.array([1, 3])
   got = (alg.received or alg.personalized)(state, ids, data.train.gather(ids))
   server = state.server if algorithm == "ditto" else state
-  jax.tree.map(lambda g, w: np.testing.assert_array_equal(g, np.broadcast_to(w, g.shape)),
-               got, jax.tree.map(lambda x: x[0], server.globals))
+  jax.tree.map(
+    lambda g, w: np.testing.assert_array_equal(g, np.broadcast_to(w, g.shape)),
+    got,
+    jax.tree.map(lambda x: x[0], server.globals),
+  )
 
 
 def fixed(seed):
   """An initializer that ignores its key: every run, and every global, starts the same."""
   return lambda key, shape, dtype=jnp.float32: jnp.asarray(
-      np.random.default_rng(seed).normal(0, 0.5, shape), dtype)
+    np.random.default_rng(seed).normal(0, 0.5, shape), dtype
+  )
 
 
 class FixedInitMLP(nn.Module):
@@ -162,18 +183,25 @@ def one_example_federation():
   the same model whatever the shuffling key; unequal sizes (largest-first order 2, 1, 4, 0, 3)
   and unequal test splits."""
   rng = np.random.default_rng(4)
-  copies = lambda n: (np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
-                      np.full(n, rng.integers(0, 3), np.int32))
-  split = lambda n: (rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
-                     rng.integers(0, 3, n).astype(np.int32))
-  return FederatedData.from_arrays({f"c{i}": copies(n) for i, n in enumerate([4, 8, 12, 3, 6])},
-                                   {f"c{i}": split(n) for i, n in enumerate([7, 5, 9, 6, 8])},
-                                   num_classes=3)
+  copies = lambda n: (
+    np.repeat(rng.normal(size=(1, 4, 4, 1)).astype(np.float32), n, 0),
+    np.full(n, rng.integers(0, 3), np.int32),
+  )
+  split = lambda n: (
+    rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
+    rng.integers(0, 3, n).astype(np.int32),
+  )
+  return FederatedData.from_arrays(
+    {f"c{i}": copies(n) for i, n in enumerate([4, 8, 12, 3, 6])},
+    {f"c{i}": split(n) for i, n in enumerate([7, 5, 9, 6, 8])},
+    num_classes=3,
+  )
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "ditto", "fedavg_ft"])
-def test_per_client_gaps_through_a_run_score_the_model_the_server_sends(tmp_path, tiny_config,
-                                                                        algorithm):
+def test_per_client_gaps_through_a_run_score_the_model_the_server_sends(
+  tmp_path, tiny_config, algorithm
+):
   """One round of all clients through train_and_evaluate (its clients in largest-first order):
   clients.npz's gap of client c is c's own trained model against the new global model, which
   is what the server sends, also for Ditto and FedAvg-FT (whose clients predict with others)."""
@@ -184,8 +212,9 @@ def test_per_client_gaps_through_a_run_score_the_model_the_server_sends(tmp_path
   clients = np.load(os.path.join(tmp_path, "clients.npz"))
   # Reference: FedAvg's round by hand from the fixed initial model.
   start = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
-  local = client.LocalConfig(tiny_config.local_epochs, tiny_config.batch_size,
-                             tiny_config.client_lr, 0.0)
+  local = client.LocalConfig(
+    tiny_config.local_epochs, tiny_config.batch_size, tiny_config.client_lr, 0.0
+  )
   trained = []
   for cid in range(5):
     own = client.ClientData(*data.train.client(cid), data.train.counts[cid])

@@ -17,8 +17,9 @@ def _guarded_round(algorithm, num_clients, **overrides):
   config.algorithm, config.clients_per_round = algorithm, len(SAMPLED)
   config.update_from_flattened_dict(overrides)
   config = resolve(config)
-  data = make_federation(num_clients, sizes=[3 + i % 5 for i in range(num_clients)],
-                         test_size=1, val_size=0)
+  data = make_federation(
+    num_clients, sizes=[3 + i % 5 for i in range(num_clients)], test_size=1, val_size=0
+  )
   _, alg = train.build(config, data)
   return alg, train.compile_round(alg, config), data, config
 
@@ -30,8 +31,11 @@ def test_guarded_round_temporaries_grow_with_the_round_not_the_population(algori
   for n in (64, 1024):
     alg, round_fn, data, _ = _guarded_round(algorithm, n, **{"model.hidden_sizes": (128,)})
     state = jax.eval_shape(alg.init, jax.random.key(0))
-    analysis = round_fn.lower(state, SAMPLED, data.train.gather(SAMPLED),
-                              jax.random.key(1)).compile().memory_analysis()
+    analysis = (
+      round_fn.lower(state, SAMPLED, data.train.gather(SAMPLED), jax.random.key(1))
+      .compile()
+      .memory_analysis()
+    )
     if analysis is None:
       pytest.skip("No memory analysis on this backend.")
     temp[n] = analysis.temp_size_in_bytes
@@ -43,14 +47,16 @@ def test_guarded_round_temporaries_grow_with_the_round_not_the_population(algori
 def test_a_non_finite_round_of_per_client_state_stops_with_the_message(tmp_path):
   config = tiny_base_config()
   config.algorithm, config.clients_per_round, config.client_lr = "ditto", 2, 1e30
-  with pytest.raises(FloatingPointError, match=r"Non-finite training loss at round 1 for clients \["):
+  with pytest.raises(
+    FloatingPointError, match=r"Non-finite training loss at round 1 for clients \["
+  ):
     train.train_and_evaluate(config, str(tmp_path), data=make_federation(6))
 
 
-@pytest.mark.parametrize("algorithm", [
-    a for a in algorithms.ALGORITHM_NAMES if a not in ("fedavg_ft", "fedprox", "ifca")])
-def test_client_rows_change_only_at_the_rounds_clients_and_a_non_finite_round_keeps_all(
-    algorithm):
+@pytest.mark.parametrize(
+  "algorithm", [a for a in algorithms.ALGORITHM_NAMES if a not in ("fedavg_ft", "fedprox", "ifca")]
+)
+def test_client_rows_change_only_at_the_rounds_clients_and_a_non_finite_round_keeps_all(algorithm):
   """What `Algorithm.client_rows` promises the guard: rows of unsampled clients stay as they
   were (fedavg_ft, fedprox and ifca share FedAvg's and FedMerge's declaration); and a round
   that goes non-finite (a NaN in a sampled client's data) gives back every leaf as it was."""
@@ -60,9 +66,12 @@ def test_client_rows_change_only_at_the_rounds_clients_and_a_non_finite_round_ke
   if not any(rows):
     pytest.skip(f"{algorithm}'s guard keeps its whole state (it has no row-wise leaves).")
   leaves, treedef = jax.tree.flatten(state)
-  leaves = [x + jax.random.uniform(jax.random.key(i), x.shape, x.dtype, 0, 0.1)  # Rows differ.
-            if flag and jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
-            for i, (flag, x) in enumerate(zip(rows, leaves))]
+  leaves = [
+    x + jax.random.uniform(jax.random.key(i), x.shape, x.dtype, 0, 0.1)  # Rows differ.
+    if flag and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+    else x
+    for i, (flag, x) in enumerate(zip(rows, leaves))
+  ]
   before = [np.array(leaf) for leaf in leaves]
   batch = data.train.gather(SAMPLED)
   new, metrics = round_fn(jax.tree.unflatten(treedef, leaves), SAMPLED, batch, jax.random.key(1))
@@ -75,8 +84,12 @@ def test_client_rows_change_only_at_the_rounds_clients_and_a_non_finite_round_ke
 
   x = np.array(batch.x)
   x[0, 0] = np.nan  # A NaN pixel: that client's loss, then its models, go non-finite.
-  kept, metrics = round_fn(jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in before]),
-                           SAMPLED, batch._replace(x=x), jax.random.key(1))
+  kept, metrics = round_fn(
+    jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in before]),
+    SAMPLED,
+    batch._replace(x=x),
+    jax.random.key(1),
+  )
   assert not bool(metrics["finite"])
   for got, want in zip(jax.tree.leaves(kept), before, strict=True):
     np.testing.assert_array_equal(got, want)
@@ -85,10 +98,12 @@ def test_client_rows_change_only_at_the_rounds_clients_and_a_non_finite_round_ke
 def test_guard_checks_the_new_rows_even_when_the_loss_is_finite():
   """A round with a finite loss whose new rows hold a NaN: the guard still gives back the state
   (a toy round over {'rows': [N, 2], 'whole': [3]}; N x 2 is declared row-wise)."""
+
   def toy_round(state, client_ids, data, rng):
     del rng
     rows = state["rows"].at[client_ids].set(state["rows"][client_ids] + data)
     return {"rows": rows, "whole": state["whole"] + 1.0}, {"train/loss": jax.numpy.float32(0.5)}
+
   guarded = jax.jit(guard.keep_finite(toy_round, lambda state: {"rows": True, "whole": False}))
   state = {"rows": np.arange(12.0).reshape(6, 2), "whole": np.zeros(3)}
   ids = np.array([4, 1])

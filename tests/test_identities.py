@@ -62,20 +62,25 @@ def fedavg(data):
   alg = build(data, "fedavg")
   start = alg.init(jax.random.key(0)).globals
   after = {len(ids): one_round(alg, data, ids, start).globals for ids in (SAMPLED, EVERYONE)}
-  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-           for a, b in zip(jax.tree.leaves(after[3]["batch_stats"]),
-                           jax.tree.leaves(start["batch_stats"]))]
+  moved = [
+    float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    for a, b in zip(jax.tree.leaves(after[3]["batch_stats"]), jax.tree.leaves(start["batch_stats"]))
+  ]
   assert min(moved) > 1e-3, "the test needs BatchNorm statistics that move"
   return start, after
 
 
-@pytest.mark.parametrize("algorithm,overrides", [
+@pytest.mark.parametrize(
+  "algorithm,overrides",
+  [
     ("fedprox", {}),  # prox_mu = 0.
     ("fedmerge", {"update_mode": "official"}),  # K = 1, prox 0: server lr 1.
     ("fedmerge", {"update_mode": "gradient"}),  # K = 1, prox 0, sgd with server lr 1.
     ("ifca", {}),  # K = 1: every client joins the one cluster.
     ("ditto", {}),  # Its global model is trained exactly as FedAvg's.
-], ids=["fedprox_mu0", "fedmerge_official_k1", "fedmerge_gradient_k1", "ifca_k1", "ditto_global"])
+  ],
+  ids=["fedprox_mu0", "fedmerge_official_k1", "fedmerge_gradient_k1", "ifca_k1", "ditto_global"],
+)
 def test_reduces_to_fedavg(data, fedavg, algorithm, overrides):
   start, after = fedavg
   state = one_round(build(data, algorithm, **overrides), data, SAMPLED, start)

@@ -16,8 +16,9 @@ def package_modules(root=ROOT):
       if name.endswith(".py"):
         parts = os.path.relpath(os.path.join(folder, name), os.path.dirname(root))[:-3]
         dotted = parts.replace(os.sep, ".")
-        found[dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted] = \
-            os.path.join(folder, name)
+        found[dotted[: -len(".__init__")] if dotted.endswith(".__init__") else dotted] = (
+          os.path.join(folder, name)
+        )
   return found
 
 
@@ -42,8 +43,11 @@ def import_graph(root=ROOT):
   for module, path in modules.items():
     with open(path) as f:
       tree = ast.parse(f.read(), path)
-    functions = [n for n in ast.walk(tree)
-                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+    functions = [
+      n
+      for n in ast.walk(tree)
+      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+    ]
     inside = {id(n) for f in functions for n in ast.walk(f) if n is not f}
     for node in ast.walk(tree):
       for target in imported_modules(node, modules):
@@ -62,7 +66,7 @@ def find_cycle(graph):
     stack.append(node)
     for nxt in sorted(graph[node]):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt)
         if cycle:
@@ -81,8 +85,10 @@ def find_cycle(graph):
 
 def test_the_package_imports_without_a_cycle():
   graph, _ = import_graph()
-  assert len(graph) > 40 and "fedmerge_jax.train" in graph["fedmerge_jax.soak"] | graph[
-      "fedmerge_jax.compare"]  # The graph was read at all.
+  assert (
+    len(graph) > 40
+    and "fedmerge_jax.train" in graph["fedmerge_jax.soak"] | graph["fedmerge_jax.compare"]
+  )  # The graph was read at all.
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -94,8 +100,9 @@ PENDING = set()  # (module, imported) pairs allowed inside a function for now: n
 def test_no_package_module_is_imported_inside_a_function():
   _, in_functions = import_graph()
   in_functions = [(m, line, t) for m, line, t in in_functions if (m, t) not in PENDING]
-  assert not in_functions, "\n".join(f"{m}:{line} imports {t} inside a function"
-                                     for m, line, t in in_functions)
+  assert not in_functions, "\n".join(
+    f"{m}:{line} imports {t} inside a function" for m, line, t in in_functions
+  )
 
 
 def test_cycles_and_function_imports_are_seen(tmp_path):

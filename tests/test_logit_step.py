@@ -26,8 +26,9 @@ def authors_move(w, grad, p, learning_rate_w):
   """Ours: the transformation receives p_i G_ij (the surrogate's gradient) and p; its step."""
   tx = server_optim.authors_logit_step(learning_rate_w)
   surrogate_grad = jnp.asarray(p[:, None] * grad, jnp.float32)
-  updates, _ = tx.update(surrogate_grad, tx.init(w), jnp.asarray(w, jnp.float32),
-                         row_weights=jnp.asarray(p, jnp.float32))
+  updates, _ = tx.update(
+    surrogate_grad, tx.init(w), jnp.asarray(w, jnp.float32), row_weights=jnp.asarray(p, jnp.float32)
+  )
   return np.asarray(updates, np.float64)
 
 
@@ -79,14 +80,18 @@ def test_official_mode_uses_the_chosen_logit_step():
   for name in server_optim.LOGIT_STEPS:
     config.logit_step = name
     tx = server_optim.make_server_update(config).logits_tx
-    updates, _ = tx.update(g, tx.init(g), g, row_weights=p) if name == "authors" else \
-        tx.update(g, tx.init(g), g)
+    updates, _ = (
+      tx.update(g, tx.init(g), g, row_weights=p)
+      if name == "authors"
+      else tx.update(g, tx.init(g), g)
+    )
     if name == "max_normalized":  # One step; the largest entry moves by exactly lr.
       np.testing.assert_allclose(updates, -0.01 * g / 3.0, rtol=1e-6)
     else:  # G = g / p, sum|G| = 1/.75 + 3/.75 + .5/.25 = 7.333; inner step 0.01 g / 7.333.
       step = 0.01 * np.asarray(g) / (4 / 0.75 + 2.0)
-      np.testing.assert_allclose(updates, -(np.floor(0.01 / np.abs(step).max()) + 1) * step,
-                                 rtol=1e-6)
+      np.testing.assert_allclose(
+        updates, -(np.floor(0.01 / np.abs(step).max()) + 1) * step, rtol=1e-6
+      )
   config.logit_step = "max_normalised"
   with pytest.raises(ValueError, match="logit_step='max_normalised'"):
     server_optim.make_server_update(config)

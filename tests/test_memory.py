@@ -21,13 +21,17 @@ def test_cifar100_split_built_in_place_equals_the_per_client_dicts():
   got = cifar100.cluster_federation(arrays, c)
   # Reference: each client's images normalised on their own, through from_arrays.
   split = partition.cluster_partition(train_y, test_y, 10, 5, 30, 10.0, 0.1, 11, num_classes=100)
-  dicts = lambda x, y, parts: {f"client_{i:03d}": (cifar100.normalize(x[p]), y[p])
-                               for i, p in enumerate(parts)}
+  dicts = lambda x, y, parts: {
+    f"client_{i:03d}": (cifar100.normalize(x[p]), y[p]) for i, p in enumerate(parts)
+  }
   want = FederatedData.from_arrays(
-      dicts(arrays[0], train_y, split.train), dicts(arrays[2], test_y, split.test),
-      dicts(arrays[0], train_y, split.val), num_classes=100,
-      groups=dict(zip((f"client_{i:03d}" for i in range(10)), split.client_cluster.tolist())),
-      name="cifar100_cluster")
+    dicts(arrays[0], train_y, split.train),
+    dicts(arrays[2], test_y, split.test),
+    dicts(arrays[0], train_y, split.val),
+    num_classes=100,
+    groups=dict(zip((f"client_{i:03d}" for i in range(10)), split.client_cluster.tolist())),
+    name="cifar100_cluster",
+  )
   assert got.client_ids == want.client_ids and got.name == want.name
   np.testing.assert_array_equal(got.groups, want.groups)
   for name in ("train", "test", "val"):
@@ -55,9 +59,11 @@ def test_a_gathered_round_is_read_in_place_by_a_jitted_call_not_copied():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fedmerge_jax.data import ClientArrays  # pylint: disable=g-import-not-at-top
+
   n, shape = 4, (1024, 1024)
-  arrays = ClientArrays(np.ones((n, *shape), np.float32), np.zeros(n, np.int32),
-                        np.arange(n + 1, dtype=np.int64))
+  arrays = ClientArrays(
+    np.ones((n, *shape), np.float32), np.zeros(n, np.int32), np.arange(n + 1, dtype=np.int64)
+  )
   total = jax.jit(lambda x: jnp.sum(x[:, :, 0]))
   total(jnp.ones((4, 4, *shape[1:]), jnp.float32))  # The runtime's own first-call memory.
   peaks = memory.StagePeaks()

@@ -5,15 +5,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmerge_jax.merge import (logit_gradients, merge, merging_weights, server_gradients,
-                                surrogate_loss)
+from fedmerge_jax.merge import (
+  logit_gradients,
+  merge,
+  merging_weights,
+  server_gradients,
+  surrogate_loss,
+)
 
 
 def _problem(c=4, k=3, seed=0):
   keys = jax.random.split(jax.random.key(seed), 5)
-  stacked = {"a": jax.random.normal(keys[0], (k, 3, 2)), "b": {"c": jax.random.normal(keys[1], (k, 5))}}
+  stacked = {
+    "a": jax.random.normal(keys[0], (k, 3, 2)),
+    "b": {"c": jax.random.normal(keys[1], (k, 5))},
+  }
   logits = jax.random.normal(keys[2], (c, k))
-  deltas = {"a": jax.random.normal(keys[3], (c, 3, 2)), "b": {"c": jax.random.normal(keys[4], (c, 5))}}
+  deltas = {
+    "a": jax.random.normal(keys[3], (c, 3, 2)),
+    "b": {"c": jax.random.normal(keys[4], (c, 5))},
+  }
   p = jnp.arange(1.0, c + 1.0)
   return stacked, logits, deltas, p / p.sum()
 
@@ -84,19 +95,26 @@ def test_logit_gradient_keeps_its_precision_when_the_globals_are_close():
   logits = rng.normal(size=(c, k)).astype(np.float32)
   p = rng.random(c).astype(np.float32)
   p /= p.sum()
-  split = lambda a: {"kernel": a[:, :size // 2].reshape(a.shape[0], 100, -1), "bias": a[:, size // 2:]}
+  split = lambda a: {
+    "kernel": a[:, : size // 2].reshape(a.shape[0], 100, -1),
+    "bias": a[:, size // 2 :],
+  }
   t64, d64, a64 = (x.astype(np.float64) for x in (theta, delta, logits))
   w = np.exp(a64 - a64.max(1, keepdims=True))
   w /= w.sum(1, keepdims=True)
   merged = w @ t64
-  want = p[:, None] * w * np.stack([[d64[i] @ (t64[j] - merged[i]) for j in range(k)]
-                                    for i in range(c)])
+  want = (
+    p[:, None] * w * np.stack([[d64[i] @ (t64[j] - merged[i]) for j in range(k)] for i in range(c)])
+  )
   error = lambda g: np.linalg.norm(np.asarray(g, np.float64) - want) / np.linalg.norm(want)
   stable = error(jax.jit(logit_gradients)(split(theta), logits, split(delta), p))
-  autodiff = error(jax.jit(jax.grad(surrogate_loss, argnums=1))(split(theta), logits,
-                                                                split(delta), p))
-  print(f"logit gradient, relative error against float64: autodiff {autodiff:.1e}, "
-        f"differences first {stable:.1e}")  # README's numbers: pytest -s -k precision.
+  autodiff = error(
+    jax.jit(jax.grad(surrogate_loss, argnums=1))(split(theta), logits, split(delta), p)
+  )
+  print(
+    f"logit gradient, relative error against float64: autodiff {autodiff:.1e}, "
+    f"differences first {stable:.1e}"
+  )  # README's numbers: pytest -s -k precision.
   assert stable < 2e-6, stable
   assert autodiff > 100 * stable, (autodiff, stable)  # The case is one where precision matters.
 

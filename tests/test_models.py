@@ -27,8 +27,9 @@ def test_leaf_femnist_cnn_has_leaf_parameter_count():
   assert models.count_params(variables) == 6_603_710
 
 
-@pytest.mark.parametrize("name,shape", [("mlp", (8, 8, 1)), ("emnist_cnn", (28, 28, 1)),
-                                        ("leaf_femnist_cnn", (28, 28, 1))])
+@pytest.mark.parametrize(
+  "name,shape", [("mlp", (8, 8, 1)), ("emnist_cnn", (28, 28, 1)), ("leaf_femnist_cnn", (28, 28, 1))]
+)
 def test_every_model_has_a_head(name, shape):
   model = models.get_model(_config(name), 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
@@ -39,16 +40,25 @@ def test_every_model_has_a_head(name, shape):
 
 
 @pytest.mark.parametrize("impl", ["patches", "canonical"])
-@pytest.mark.parametrize("padding,kernel,strides", [("VALID", (3, 3), 1), ("SAME", (5, 5), 1),
-                                                    ("SAME", (2, 3), 1), (1, (3, 3), 2),
-                                                    (0, (1, 1), 2), ("VALID", (3, 3), 2)])
+@pytest.mark.parametrize(
+  "padding,kernel,strides",
+  [
+    ("VALID", (3, 3), 1),
+    ("SAME", (5, 5), 1),
+    ("SAME", (2, 3), 1),
+    (1, (3, 3), 2),
+    (0, (1, 1), 2),
+    ("VALID", (3, 3), 2),
+  ],
+)
 def test_conv_forms_equal_xla_conv_in_value_and_gradient(impl, padding, kernel, strides):
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
   xla = Conv(4, kernel, padding, impl="xla", strides=strides)
   other = Conv(4, kernel, padding, impl=impl, strides=strides)
   variables = xla.init(jax.random.key(1), x)
-  np.testing.assert_allclose(xla.apply(variables, x), other.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    xla.apply(variables, x), other.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
   g1 = jax.grad(loss(xla), argnums=(0, 1))(variables, x)
   g2 = jax.grad(loss(other), argnums=(0, 1))(variables, x)
@@ -56,8 +66,11 @@ def test_conv_forms_equal_xla_conv_in_value_and_gradient(impl, padding, kernel, 
   # And per-client kernels under vmap (how 'vmap' client parallelism runs it).
   stacked = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), variables)
   per_client = lambda m: jax.vmap(jax.grad(loss(m), argnums=(0, 1)), in_axes=(0, None))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-               per_client(xla)(stacked, x), per_client(other)(stacked, x))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+    per_client(xla)(stacked, x),
+    per_client(other)(stacked, x),
+  )
 
 
 def test_max_pool_equals_flax_after_relu_in_value_and_gradient():
@@ -97,5 +110,8 @@ def test_cpu_compiler_options_keep_training_results():
   if jax.default_backend() == "cpu":
     assert options is None or "xla_cpu_experimental_ynn_fusion_type" in options
   assert models.compiler_options(_config("emnist_cnn", "patches")) is None
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-               jax.jit(grad)(variables), jax.jit(grad, compiler_options=options)(variables))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+    jax.jit(grad)(variables),
+    jax.jit(grad, compiler_options=options)(variables),
+  )

@@ -16,7 +16,7 @@ QUICKSTART = os.path.join(NOTEBOOKS, "quickstart.ipynb")
 
 
 def code_cell(cell_id):
-  cell, = [c for c in nbformat.read(QUICKSTART, as_version=4).cells if c.get("id") == cell_id]
+  (cell,) = [c for c in nbformat.read(QUICKSTART, as_version=4).cells if c.get("id") == cell_id]
   return cell.source
 
 
@@ -39,8 +39,9 @@ def test_quickstart_runs_and_shows_plots(monkeypatch):
   # test never pip-installs into the environment.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
   notebook = nbformat.read(QUICKSTART, as_version=4)
-  NotebookClient(notebook, kernel_name="python3", timeout=600,
-                 resources={"metadata": {"path": NOTEBOOKS}}).execute()  # Raises on any error.
+  NotebookClient(
+    notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": NOTEBOOKS}}
+  ).execute()  # Raises on any error.
   outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
@@ -69,8 +70,11 @@ def run_install_cell(monkeypatch, where, repo_url=None, gpu=False):
   """Executes the install cell as if fedmerge_jax were not installed; returns pip's command."""
   calls, find_spec = [], importlib.util.find_spec
   monkeypatch.setattr(subprocess, "check_call", calls.append)
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "fedmerge_jax" else find_spec(name, *a))
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "fedmerge_jax" else find_spec(name, *a),
+  )
   monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu else None)
   monkeypatch.setattr(sys, "path", list(sys.path))
   monkeypatch.chdir(where)
@@ -78,7 +82,7 @@ def run_install_cell(monkeypatch, where, repo_url=None, gpu=False):
   if repo_url is not None:
     source = source.replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
   exec(source, {})
-  command, = calls
+  (command,) = calls
   assert command[1:5] == ["-m", "pip", "install", "-q"]
   return command[5:]
 
@@ -97,9 +101,14 @@ def test_install_cell_without_repo_url_says_what_to_set(monkeypatch, tmp_path):
     run_install_cell(monkeypatch, tmp_path)
 
 
-@pytest.mark.parametrize("url", ["https://github.com/someone/fedmerge_jax",
-                                 "https://github.com/someone/fedmerge_jax.git/",
-                                 "git+https://github.com/someone/fedmerge_jax.git"])
+@pytest.mark.parametrize(
+  "url",
+  [
+    "https://github.com/someone/fedmerge_jax",
+    "https://github.com/someone/fedmerge_jax.git/",
+    "git+https://github.com/someone/fedmerge_jax.git",
+  ],
+)
 def test_install_cell_installs_from_repo_url(monkeypatch, tmp_path, url):
   target = run_install_cell(monkeypatch, tmp_path, repo_url=url)
   assert target == ["git+https://github.com/someone/fedmerge_jax.git"]

@@ -20,15 +20,16 @@ def _close(a, b, rtol=2e-5, atol=1e-6):
 def test_map_clients_maps_and_reduces_like_vmap(parallelism, chunk):
   x = jax.random.normal(jax.random.key(0), (7, 3))
   w = jnp.arange(7.0)
-  fn = lambda xi, wi: {"sq": xi ** 2, "dot": wi * jnp.sum(xi)}
+  fn = lambda xi, wi: {"sq": xi**2, "dot": wi * jnp.sum(xi)}
   expected = jax.vmap(fn)(x, w)
   _close(parallel.map_clients(fn, (x, w), chunk, parallelism), expected)
 
   def reduce(args, out):
     return jnp.einsum("c,cd->d", args[1], out["sq"]), out["dot"]
 
-  total, kept = jax.jit(lambda x, w: parallel.map_clients(fn, (x, w), chunk, parallelism,
-                                                          reduce=reduce))(x, w)
+  total, kept = jax.jit(
+    lambda x, w: parallel.map_clients(fn, (x, w), chunk, parallelism, reduce=reduce)
+  )(x, w)
   _close(total, jnp.einsum("c,cd->d", w, expected["sq"]))
   _close(kept, expected["dot"])
 
@@ -62,14 +63,22 @@ def _round(config, data, algorithm, parallelism, chunk, **overrides):
   return new, metrics, stacked
 
 
-CASES = [("fedmerge", {"update_mode": "official"}), ("fedmerge", {"update_mode": "gradient"}),
-         ("fedmerge", {"update_mode": "official", "num_global_models": 1}),
-         ("fedavg", {}), ("fedprox", {}), ("ifca", {}), ("fedem", {}), ("ditto", {})]
+CASES = [
+  ("fedmerge", {"update_mode": "official"}),
+  ("fedmerge", {"update_mode": "gradient"}),
+  ("fedmerge", {"update_mode": "official", "num_global_models": 1}),
+  ("fedavg", {}),
+  ("fedprox", {}),
+  ("ifca", {}),
+  ("fedem", {}),
+  ("ditto", {}),
+]
 
 
 @pytest.mark.parametrize("algorithm,overrides", CASES)
 def test_rounds_are_identical_across_strategies_and_equal_the_stacked_server(
-    tiny_config, algorithm, overrides):
+  tiny_config, algorithm, overrides
+):
   data = make_federation(num_clients=8)
   reference, ref_metrics, stacked = _round(tiny_config, data, algorithm, "vmap", 0, **overrides)
   if stacked is not None:  # The round (streamed where it can) equals server(all deltas).
@@ -91,8 +100,9 @@ def _round_temp_bytes(config, num_clients, algorithm, num_global_models, paralle
   _, alg = train.build(resolve(config), data)
   state = jax.eval_shape(alg.init, jax.random.key(0))
   ids = np.arange(num_clients)
-  compiled = jax.jit(alg.round).lower(state, ids, data.train.gather(ids),
-                                      jax.random.key(0)).compile()
+  compiled = (
+    jax.jit(alg.round).lower(state, ids, data.train.gather(ids), jax.random.key(0)).compile()
+  )
   analysis = compiled.memory_analysis()
   if analysis is None:
     pytest.skip("No memory analysis on this backend.")
@@ -102,21 +112,32 @@ def _round_temp_bytes(config, num_clients, algorithm, num_global_models, paralle
 DELTA_BYTES = 4 * (16 * 256 + 256 * 256 + 256 * 3)  # One client's delta: ~280 kB.
 
 
-@pytest.mark.parametrize("algorithm,k,parallelism,deltas_kept", [
-    ("fedavg", 1, "vmap", 0), ("fedavg", 1, "sequential", 0), ("fedmerge", 1, "vmap", 0),
-    ("fedmerge", 3, "vmap", 1), ("fedmerge", 3, "sequential", 1)])
-def test_round_memory_grows_with_chunk_size_not_clients(tiny_config, algorithm, k, parallelism,
-                                                        deltas_kept):
+@pytest.mark.parametrize(
+  "algorithm,k,parallelism,deltas_kept",
+  [
+    ("fedavg", 1, "vmap", 0),
+    ("fedavg", 1, "sequential", 0),
+    ("fedmerge", 1, "vmap", 0),
+    ("fedmerge", 3, "vmap", 1),
+    ("fedmerge", 3, "sequential", 1),
+  ],
+)
+def test_round_memory_grows_with_chunk_size_not_clients(
+  tiny_config, algorithm, k, parallelism, deltas_kept
+):
   """Streamed rounds hold no per-client deltas; official K > 1 holds exactly one per client."""
-  extra = (_round_temp_bytes(tiny_config, 64, algorithm, k, parallelism)
-           - _round_temp_bytes(tiny_config, 8, algorithm, k, parallelism)) / 56
+  extra = (
+    _round_temp_bytes(tiny_config, 64, algorithm, k, parallelism)
+    - _round_temp_bytes(tiny_config, 8, algorithm, k, parallelism)
+  ) / 56
   assert deltas_kept * DELTA_BYTES <= extra < (deltas_kept + 0.1) * DELTA_BYTES
 
 
 # 16x16 images and a small step: on tiny images BatchNorm over a 2-row batch at 1x1 spatial
 # size amplifies float rounding differences between strategies into visible ones.
-@pytest.mark.parametrize("model,shape", [("resnet9", (16, 16, 3)), ("emnist_cnn", (8, 8, 1))],
-                         ids=["batchnorm", "dropout"])
+@pytest.mark.parametrize(
+  "model,shape", [("resnet9", (16, 16, 3)), ("emnist_cnn", (8, 8, 1))], ids=["batchnorm", "dropout"]
+)
 def test_batchnorm_and_dropout_rounds_do_not_depend_on_strategy_or_order(tiny_config, model, shape):
   """vmap (one chunk, chunks of 3), one client at a time and any order of the round's clients
   give the same round for a BatchNorm model and a dropout model on unequal clients."""
@@ -138,8 +159,10 @@ def test_batchnorm_and_dropout_rounds_do_not_depend_on_strategy_or_order(tiny_co
 
   ids = np.array([0, 1, 2, 3, 5])
   reference, ref_metrics = run(ids, "vmap", 0)
-  for order, parallelism, chunk in [(parallel.largest_first(ids, data.train.counts), "vmap", 2),
-                                    (ids[::-1], "sequential", 0)]:
+  for order, parallelism, chunk in [
+    (parallel.largest_first(ids, data.train.counts), "vmap", 2),
+    (ids[::-1], "sequential", 0),
+  ]:
     new, metrics = run(order, parallelism, chunk)
     _close(new, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)

@@ -32,8 +32,14 @@ def _rows(tree, rows):
 
 
 def test_unsampled_clients_keep_logits_and_adam_state_exactly(tiny_config, tiny_data):
-  _, _, alg = _build(tiny_config, tiny_data, "fedmerge", update_mode="gradient",
-                     server_optimizer_logits="adam", server_lr_logits=0.1)
+  _, _, alg = _build(
+    tiny_config,
+    tiny_data,
+    "fedmerge",
+    update_mode="gradient",
+    server_optimizer_logits="adam",
+    server_lr_logits=0.1,
+  )
   state = alg.init(jax.random.key(0))
   round_fn = jax.jit(alg.round)
   first, second = np.array([0, 1, 2]), np.array([2, 3])
@@ -46,8 +52,11 @@ def test_unsampled_clients_keep_logits_and_adam_state_exactly(tiny_config, tiny_
   assert np.all(np.asarray(s1.logits[:2]) != 0), "round 1 must have moved clients 0 and 1"
   assert np.all(np.asarray(s2.logits[3]) != 0), "round 2 must have moved client 3"
   # Adam's step count is per client: the rounds it took part in.
-  counts = [np.asarray(x) for x in jax.tree.leaves(s2.logits_opt_state)
-            if x.shape == (5,) and jnp.issubdtype(x.dtype, jnp.integer)]
+  counts = [
+    np.asarray(x)
+    for x in jax.tree.leaves(s2.logits_opt_state)
+    if x.shape == (5,) and jnp.issubdtype(x.dtype, jnp.integer)
+  ]
   np.testing.assert_array_equal(counts[0], [1, 1, 2, 1, 0])
   # A client's first step is adam's first step on its row alone: lr * sign(g) here.
   np.testing.assert_allclose(np.abs(s2.logits[3]), 0.1, rtol=1e-3)
@@ -74,8 +83,9 @@ def test_gradient_mode_logit_gradient_comes_from_trainable_params_only(tiny_conf
   # Give every model its own statistics and clients non-uniform weights.
   bump = lambda x: x + jax.random.normal(jax.random.key(3), x.shape)
   state = state.replace(
-      globals={**state.globals, "batch_stats": jax.tree.map(bump, state.globals["batch_stats"])},
-      logits=jax.random.normal(jax.random.key(4), state.logits.shape))
+    globals={**state.globals, "batch_stats": jax.tree.map(bump, state.globals["batch_stats"])},
+    logits=jax.random.normal(jax.random.key(4), state.logits.shape),
+  )
   ids = np.array([0, 2, 4])
   batch = tiny_data.train.gather(ids)
   deltas, _ = alg.stages.train(state, ids, batch, jax.random.key(5))
@@ -83,17 +93,21 @@ def test_gradient_mode_logit_gradient_comes_from_trainable_params_only(tiny_conf
   counts = tiny_data.train.counts[ids].astype(np.float64)
   p = counts / counts.sum()
   w = np.asarray(jax.nn.softmax(state.logits[ids], -1), np.float64)
-  flat = lambda tree: np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1)
-                                      for x in jax.tree.leaves(tree["params"])], 1)
+  flat = lambda tree: np.concatenate(
+    [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree["params"])], 1
+  )
   theta = flat(state.globals)  # [K, P]
   delta = flat(deltas)  # [C, P]
   merged = w @ theta
-  grad = np.stack([[p[i] * w[i, j] * delta[i] @ (theta[j] - merged[i]) for j in range(3)]
-                   for i in range(3)])
-  np.testing.assert_allclose(np.asarray(new.logits[ids]), np.asarray(state.logits[ids]) - grad,
-                             rtol=1e-4, atol=1e-6)
-  stats_moved = any(float(jnp.max(jnp.abs(x))) > 1e-3
-                    for x in jax.tree.leaves(deltas["batch_stats"]))
+  grad = np.stack(
+    [[p[i] * w[i, j] * delta[i] @ (theta[j] - merged[i]) for j in range(3)] for i in range(3)]
+  )
+  np.testing.assert_allclose(
+    np.asarray(new.logits[ids]), np.asarray(state.logits[ids]) - grad, rtol=1e-4, atol=1e-6
+  )
+  stats_moved = any(
+    float(jnp.max(jnp.abs(x))) > 1e-3 for x in jax.tree.leaves(deltas["batch_stats"])
+  )
   assert stats_moved, "the test needs BatchNorm statistics that move in training"
 
 
@@ -114,19 +128,26 @@ def test_ifca_merging_weights_are_the_assignment_evaluation_uses(tiny_config, ti
   expected = np.eye(3)[losses.argmin(1)]
   np.testing.assert_array_equal(np.asarray(alg.merging_weights(state, every, train_data)), expected)
   # The same through train.py's chunked path (chunks of 2, the last padded).
-  weights = train.all_merging_weights(alg, tiny_data, 2, jax.sharding.Mesh(
-      np.array(jax.devices()[:1]), ("clients",)))
+  weights = train.all_merging_weights(
+    alg, tiny_data, 2, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("clients",))
+  )
   np.testing.assert_array_equal(weights(state), expected)
   # And evaluation's models are those clusters.
   models = alg.personalized(state, every, train_data)
   for c in every:
     np.testing.assert_array_equal(
-        jax.tree.leaves(_one(models, c))[0], jax.tree.leaves(_one(state.globals, losses[c].argmin()))[0])
+      jax.tree.leaves(_one(models, c))[0],
+      jax.tree.leaves(_one(state.globals, losses[c].argmin()))[0],
+    )
 
 
-STREAMING = [("fedmerge", {"update_mode": "gradient"}),
-             ("fedmerge", {"update_mode": "official", "num_global_models": 1}),
-             ("fedavg", {}), ("fedprox", {}), ("ifca", {})]
+STREAMING = [
+  ("fedmerge", {"update_mode": "gradient"}),
+  ("fedmerge", {"update_mode": "official", "num_global_models": 1}),
+  ("fedavg", {}),
+  ("fedprox", {}),
+  ("ifca", {}),
+]
 
 
 @pytest.mark.parametrize("algorithm,overrides", STREAMING)
@@ -146,10 +167,13 @@ def test_streamed_server_update_equals_the_stacked_one(tiny_config, algorithm, o
   streamed, _ = jax.jit(alg.round)(state, ids, batch, rng)
   deltas, _ = jax.jit(alg.stages.train)(state, ids, batch, rng)
   stacked = jax.jit(alg.stages.server)(state, ids, batch, deltas)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               streamed, stacked)
-  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-              zip(jax.tree.leaves(streamed.globals), jax.tree.leaves(state.globals)))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), streamed, stacked
+  )
+  moved = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(streamed.globals), jax.tree.leaves(state.globals))
+  )
   assert moved > 1e-4
 
 
@@ -169,8 +193,11 @@ def test_fedem_streamed_server_update_equals_the_stacked_sum(tiny_config):
 
 # FedMerge's machinery (FedAvg, FedProx, IFCA, Ditto's global model) weights clients by
 # base.sample_weights; FedEM by n_i / n_total.
-@pytest.mark.parametrize("algorithm,overrides", [("fedmerge", {"update_mode": "official"}),
-                                                 ("fedem", {})], ids=["fedmerge", "fedem"])
+@pytest.mark.parametrize(
+  "algorithm,overrides",
+  [("fedmerge", {"update_mode": "official"}), ("fedem", {})],
+  ids=["fedmerge", "fedem"],
+)
 def test_phantom_clients_carry_no_weight(tiny_config, tiny_data, algorithm, overrides):
   """A round padded with phantom clients (ids past the last client, no examples), as a run on
   4 devices pads it, gives the plain round's result; on one device, in seconds."""
@@ -187,9 +214,12 @@ def test_phantom_clients_carry_no_weight(tiny_config, tiny_data, algorithm, over
     state = alg.init(jax.random.key(0))
     if hasattr(state, "logits"):  # Non-uniform merging weights, the same for both.
       state = state.replace(logits=logits[:rows])
-    states.append(jax.jit(alg.round)(state, round_ids, tiny_data.train.gather(round_ids),
-                                     jax.random.key(1)))
+    states.append(
+      jax.jit(alg.round)(state, round_ids, tiny_data.train.gather(round_ids), jax.random.key(1))
+    )
   (want, want_metrics), (got, got_metrics) = states
-  cut = lambda leaf: leaf[:tiny_data.num_clients] if leaf.shape[:1] == (layout.population,) else leaf
+  cut = lambda leaf: (
+    leaf[: tiny_data.num_clients] if leaf.shape[:1] == (layout.population,) else leaf
+  )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(cut(b), a, rtol=1e-5, atol=1e-6), want, got)
   np.testing.assert_allclose(got_metrics["train/loss"], want_metrics["train/loss"], rtol=1e-6)

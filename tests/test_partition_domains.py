@@ -24,6 +24,7 @@ def data_config(**overrides):
 
 # Partitioners.
 
+
 @pytest.mark.parametrize("name", ["iid", "dirichlet", "pathological"])
 def test_partitions_are_deterministic_complete_and_disjoint(name):
   labels = np.repeat(np.arange(10), 40)
@@ -41,9 +42,9 @@ def test_partition_by_name_matches_the_partitioners():
   labels = np.repeat(np.arange(5), 20)
   c = data_config(num_clients=4, seed=3, dirichlet_alpha=0.3, classes_per_client=2)
   expected = {
-      "iid": partition.iid_partition(100, 4, 3),
-      "dirichlet": partition.dirichlet_partition(labels, 4, 0.3, 3),
-      "pathological": partition.pathological_partition(labels, 4, 2, 3),
+    "iid": partition.iid_partition(100, 4, 3),
+    "dirichlet": partition.dirichlet_partition(labels, 4, 0.3, 3),
+    "pathological": partition.pathological_partition(labels, 4, 2, 3),
   }
   for name, parts in expected.items():
     got = partition.partition_by_name(name, labels, c)
@@ -94,8 +95,9 @@ def test_natural_partition_groups_by_id_in_sorted_order():
 
 def test_describe_partition_numbers():
   labels = np.array([0, 0, 1, 2, 2, 2])
-  report = partition.describe_partition(labels, [np.array([0, 2]), np.array([3, 4, 5]),
-                                                 np.array([1])], num_classes=3)
+  report = partition.describe_partition(
+    labels, [np.array([0, 2]), np.array([3, 4, 5]), np.array([1])], num_classes=3
+  )
   assert report["sizes"] == [2, 3, 1] and report["num_examples"] == 6
   assert (report["size_min"], report["size_median"], report["size_max"]) == (1, 2.0, 3)
   assert report["label_histograms"] == [[1, 1, 0], [0, 0, 3], [1, 0, 0]]
@@ -114,14 +116,21 @@ def test_digits_use_partition_by_name():
 
 # Domain splitting on arrays.
 
+
 def fake_domain(name, n, num_classes=3, seed=0):
   rng = np.random.default_rng(seed)
   return name, rng.integers(0, 256, (n, 4, 4, 3)).astype(np.uint8), np.arange(n) % num_classes
 
 
 def test_federate_domains_splits_within_each_domain():
-  c = data_config(clients_per_domain=3, partition="dirichlet", dirichlet_alpha=1.0,
-                  test_fraction=0.2, val_fraction=0.1, seed=4)
+  c = data_config(
+    clients_per_domain=3,
+    partition="dirichlet",
+    dirichlet_alpha=1.0,
+    test_fraction=0.2,
+    val_fraction=0.1,
+    seed=4,
+  )
   a, b = fake_domain("a", 60, seed=1), fake_domain("b", 90, seed=2)
   data = domains.federate_domains([a, b], c, 3, "toy")
   assert data.client_ids == ("a_000", "a_001", "a_002", "b_000", "b_001", "b_002")
@@ -139,16 +148,18 @@ def test_federate_domains_splits_within_each_domain():
 def test_domain_and_class_selection():
   assert domains.select_domains((), domains.PACS_DOMAINS, "pacs") == domains.PACS_DOMAINS
   assert domains.select_domains(("sketch", "photo"), domains.PACS_DOMAINS, "pacs") == (
-      "photo", "sketch")  # Canonical order.
+    "photo",
+    "sketch",
+  )  # Canonical order.
   with pytest.raises(ValueError, match="'clipart'.*unknown to pacs"):
     domains.select_domains(("clipart",), domains.PACS_DOMAINS, "pacs")
-  np.testing.assert_array_equal(domains.class_mapping(("c", "a"), ["a", "b", "c"], "x"),
-                                [1, -1, 0])
+  np.testing.assert_array_equal(domains.class_mapping(("c", "a"), ["a", "b", "c"], "x"), [1, -1, 0])
   with pytest.raises(ValueError, match="unknown: \\['z'\\]"):
     domains.class_mapping(("a", "z"), ["a", "b"], "x")
 
 
 # PACS from a folder the test writes.
+
 
 def encode(label, fmt="PNG", size=(12, 9), mode="RGB"):
   """A solid image of the label's colour, encoded (Pillow)."""
@@ -174,8 +185,15 @@ def write_pacs(root, domain_names=("photo", "sketch"), classes=("dog", "horse"),
 
 
 def pacs_config(root, **overrides):
-  defaults = dict(name="pacs", data_dir=root, domains=("photo", "sketch"), clients_per_domain=2,
-                  image_size=8, test_fraction=0.34, val_fraction=0.34)
+  defaults = dict(
+    name="pacs",
+    data_dir=root,
+    domains=("photo", "sketch"),
+    clients_per_domain=2,
+    image_size=8,
+    test_fraction=0.34,
+    val_fraction=0.34,
+  )
   return data_config(**{**defaults, **overrides})
 
 
@@ -204,8 +222,13 @@ def test_pacs_loads_a_folder(tmp_path):
   write_pacs(kfold_parent / "kfold", classes=("dog", "horse", "house"))
   subset = load(pacs_config(str(kfold_parent), classes=("house", "dog")))
   assert subset.num_classes == 2
-  labels = np.concatenate([s.client(i)[1] for s in (subset.train, subset.test, subset.val)
-                           for i in range(subset.num_clients)])
+  labels = np.concatenate(
+    [
+      s.client(i)[1]
+      for s in (subset.train, subset.test, subset.val)
+      for i in range(subset.num_clients)
+    ]
+  )
   np.testing.assert_array_equal(np.bincount(labels), [6, 6])
 
 
@@ -227,8 +250,7 @@ def test_two_rounds_on_a_tiny_pacs_folder(tmp_path, tiny_config):
   root = write_pacs(tmp_path / "PACS", per_class=4)
   config = tiny_config
   config.num_global_models = 2
-  config.data.update(pacs_config(root, clients_per_domain=1, val_fraction=0.25,
-                                 test_fraction=0.25))
+  config.data.update(pacs_config(root, clients_per_domain=1, val_fraction=0.25, test_fraction=0.25))
   summary = train.train_and_evaluate(config, str(tmp_path / "work"))
   assert 0 <= summary["test/acc_mean"] <= 1 and "best/acc_mean" in summary
   assert os.path.exists(tmp_path / "work" / "metrics.jsonl")
@@ -236,20 +258,34 @@ def test_two_rounds_on_a_tiny_pacs_folder(tmp_path, tiny_config):
 
 # DomainNet through tfds.data_source, mocked.
 
+
 def fake_domainnet_source(num_train=10, num_test=5, num_labels=3):
   """An `as_data_source` whose records are what SkipDecoding yields: PNG bytes + label."""
+
   def as_data_source(builder, split, decoders=None, deserialize_method=None, **kwargs):
     del decoders, deserialize_method, kwargs
     offset = {"clipart": 0, "sketch": 1}.get(builder.builder_config.name, 2)
     n = num_train if split == "train" else num_test
-    return [{"image": encode((i + offset) % num_labels, size=(20 + i, 15)),
-             "label": np.int64((i + offset) % num_labels)} for i in range(n)]
+    return [
+      {
+        "image": encode((i + offset) % num_labels, size=(20 + i, 15)),
+        "label": np.int64((i + offset) % num_labels),
+      }
+      for i in range(n)
+    ]
+
   return as_data_source
 
 
 def domainnet_config(**overrides):
-  defaults = dict(name="domainnet", domains=("sketch", "clipart"), clients_per_domain=2,
-                  image_size=8, test_fraction=0.2, val_fraction=0.2)
+  defaults = dict(
+    name="domainnet",
+    domains=("sketch", "clipart"),
+    clients_per_domain=2,
+    image_size=8,
+    test_fraction=0.2,
+    val_fraction=0.2,
+  )
   return data_config(**{**defaults, **overrides})
 
 
@@ -269,8 +305,13 @@ def test_domainnet_loads_through_tfds_data_source():
   np.testing.assert_array_equal(data.train.x, again.train.x)
   # TFDS labels 2 (alarm_clock), 0 (aircraft_carrier) kept as 0, 1; label 1 dropped.
   assert subset.num_classes == 2
-  kept = np.concatenate([s.client(i)[1] for s in (subset.train, subset.test, subset.val)
-                         for i in range(subset.num_clients)])
+  kept = np.concatenate(
+    [
+      s.client(i)[1]
+      for s in (subset.train, subset.test, subset.val)
+      for i in range(subset.num_clients)
+    ]
+  )
   assert np.bincount(kept).tolist() == [9, 10]
 
 
@@ -286,6 +327,7 @@ def test_domainnet_explains_missing_data(tmp_path):
 
 
 # Configs.
+
 
 @pytest.mark.parametrize("name,k,dataset", [("domainnet", 6, "domainnet"), ("pacs", 4, "pacs")])
 def test_domain_configs(name, k, dataset):

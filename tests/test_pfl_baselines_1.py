@@ -88,8 +88,10 @@ def _p(data, ids=IDS):
 def _split_by(tree, is_personal):
   """{path: leaf} of the personal and of the shared leaves, by a rule on the path string."""
   flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
-  return ({k: v for k, v in flat.items() if is_personal(k)},
-          {k: v for k, v in flat.items() if not is_personal(k)})
+  return (
+    {k: v for k, v in flat.items() if is_personal(k)},
+    {k: v for k, v in flat.items() if not is_personal(k)},
+  )
 
 
 def _shared_part_rule(data, alg, model, init, is_personal):
@@ -102,8 +104,14 @@ def _shared_part_rule(data, alg, model, init, is_personal):
   for row, c in enumerate(IDS):
     d = jax.tree.map(lambda a: jnp.asarray(a[row]), batch)
     start = init  # Round 1: every client starts from the initial model.
-    delta, _ = _local_train(model.apply, start, d, jax.random.fold_in(RNG, c), local,
-                            takes_mask=models_lib.takes_mask(model))
+    delta, _ = _local_train(
+      model.apply,
+      start,
+      d,
+      jax.random.fold_in(RNG, c),
+      local,
+      takes_mask=models_lib.takes_mask(model),
+    )
     trained[c] = _split_by(jax.tree.map(jnp.subtract, start, delta), is_personal)
   _, new = _round(alg, data)
   models = _models(alg, new, data)
@@ -134,8 +142,9 @@ def test_fedper_keeps_the_head_local_and_averages_the_body(random_data):
   assert alg.communication == (body, body)
 
 
-@pytest.mark.parametrize("algorithm,overrides",
-                         [("fedbn", {}), ("fedper", {"personal_layers": ()})])
+@pytest.mark.parametrize(
+  "algorithm,overrides", [("fedbn", {}), ("fedper", {"personal_layers": ()})]
+)
 def test_without_personal_layers_fedbn_and_fedper_are_fedavg(random_data, algorithm, overrides):
   """FedBN on a model without BatchNorm, FedPer with no local layer: FedAvg, two rounds."""
   _, _, avg = _build(random_data, "fedavg")
@@ -155,7 +164,8 @@ def test_personal_layers_must_exist(random_data):
 
 def _loss(model, x, y):
   return lambda params: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": params}, x), y).mean()
+    model.apply({"params": params}, x), y
+  ).mean()
 
 
 def _gradient(model):
@@ -186,7 +196,8 @@ def test_fedrep_trains_the_head_then_the_body(copies, head_epochs):
       for _ in range(_steps(copies, c, epochs)):
         grad = gradient(w, *_example(copies, c))
         w = jax.tree_util.tree_map_with_path(
-            lambda path, v, g: v - 0.1 * g if is_head(path) == train_head else v, w, grad)
+          lambda path, v, g: v - 0.1 * g if is_head(path) == train_head else v, w, grad
+        )
     heads[c], bodies[c] = w["head"], {k: v for k, v in w.items() if k != "head"}
   _, new = _round(alg, copies)
   models = _models(alg, new, copies)["params"]
@@ -215,18 +226,23 @@ def test_apfl_follows_algorithm_1(copies):
     for _ in range(_steps(copies, c, 1)):
       vbar = jax.tree.map(lambda a, b: alpha * a + (1 - alpha) * b, v, w)
       g_w, g_bar = gradient(w, *example), gradient(vbar, *example)
-      dot = sum(jnp.vdot(a - b, g) for a, b, g in
-                zip(jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_bar)))
+      dot = sum(
+        jnp.vdot(a - b, g)
+        for a, b, g in zip(jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_bar))
+      )
       projected |= not 0 <= alpha - eta * dot <= 1
-      w, v, alpha = (jax.tree.map(lambda a, g: a - eta * g, w, g_w),
-                     jax.tree.map(lambda a, g: a - eta * alpha * g, v, g_bar),
-                     float(np.clip(alpha - eta * dot, 0.0, 1.0)))
+      w, v, alpha = (
+        jax.tree.map(lambda a, g: a - eta * g, w, g_w),
+        jax.tree.map(lambda a, g: a - eta * alpha * g, v, g_bar),
+        float(np.clip(alpha - eta * dot, 0.0, 1.0)),
+      )
     trained[c] = (w, v, alpha)
   assert min(abs(trained[c][2] - alpha0) for c in IDS) > 1e-4 and projected
   _, new = _round(alg, copies)
   alphas = np.asarray(new.personal["params"]["alpha"])
-  np.testing.assert_allclose(alphas, [trained[i][2] if i in IDS else alpha0 for i in range(5)],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    alphas, [trained[i][2] if i in IDS else alpha0 for i in range(5)], atol=1e-6
+  )
   p = _p(copies)
   w = jax.tree.map(lambda *ws: sum(pc * wc for pc, wc in zip(p, ws)), *[trained[c][0] for c in IDS])
   x = jnp.asarray(copies.test.client(0)[0])
@@ -251,11 +267,13 @@ def test_apfl_with_alpha_zero_predicts_with_fedavgs_model(random_data):
 
 def _hessian_vector(model):
   """Jitted (w, x, y, vector) -> Hess f(w) vector, from the full Hessian matrix."""
+
   @jax.jit
   def product(w, x, y, vector):
     flat, unravel = ravel_pytree(w)
     hessian = jax.hessian(lambda f: _loss(model, x, y)(unravel(f)))(flat)
     return unravel(hessian @ ravel_pytree(vector)[0])
+
   return product
 
 
@@ -265,8 +283,9 @@ def test_perfedavg_meta_steps_and_one_step_personalisation(copies, variant):
   beta (I - alpha Hess f(w)) grad f(w_tmp; D') (HF); D, D' the halves of 2 x 4 examples, no
   step where D' is empty; a client predicts with w - alpha grad f(w) on its training data."""
   alpha, beta = 0.3, 0.2
-  _, model, alg = _build(copies, "perfedavg", client_lr=beta, perfedavg_alpha=alpha,
-                         perfedavg_variant=variant)
+  _, model, alg = _build(
+    copies, "perfedavg", client_lr=beta, perfedavg_alpha=alpha, perfedavg_variant=variant
+  )
   init = _fedavg_init(copies)["params"]
   trained = []
   gradient, hessian_vector = _gradient(model), _hessian_vector(model)
@@ -284,13 +303,16 @@ def test_perfedavg_meta_steps_and_one_step_personalisation(copies, variant):
     trained.append(w)
   _, new = _round(alg, copies)
   w = jax.tree.map(lambda *ws: sum(pc * wc for pc, wc in zip(_p(copies), ws)), *trained)
-  _close(_sent(alg, new)["params"],
-         jax.tree.map(lambda x: jnp.broadcast_to(x, (5,) + x.shape), w), rtol=1e-4, atol=1e-6)
+  _close(
+    _sent(alg, new)["params"],
+    jax.tree.map(lambda x: jnp.broadcast_to(x, (5,) + x.shape), w),
+    rtol=1e-4,
+    atol=1e-6,
+  )
   models = _models(alg, new, copies)["params"]
   for i in range(5):
     step = gradient(w, *_example(copies, i))
-    _close(_one(models, i), jax.tree.map(lambda a, g: a - alpha * g, w, step),
-           rtol=1e-4, atol=1e-6)
+    _close(_one(models, i), jax.tree.map(lambda a, g: a - alpha * g, w, step), rtol=1e-4, atol=1e-6)
 
 
 def test_batch_norm_rounds_do_not_depend_on_parallelism_or_chunks(random_data):
@@ -301,8 +323,9 @@ def test_batch_norm_rounds_do_not_depend_on_parallelism_or_chunks(random_data):
   ids = np.array([0, 1, 3, 4])
   states = []
   for parallelism, chunk in (("vmap", 2), ("sequential", 0)):
-    _, _, alg = _build(random_data, "apfl", TinyBN(), client_parallelism=parallelism,
-                       client_chunk_size=chunk)
+    _, _, alg = _build(
+      random_data, "apfl", TinyBN(), client_parallelism=parallelism, client_chunk_size=chunk
+    )
     states.append(_round(alg, random_data, ids=ids)[1])
   _close(states[1], states[0], rtol=1e-5)
   before = _one(alg.init(jax.random.key(0)).personal, 2)  # The unsampled client's row, exactly.

@@ -20,14 +20,29 @@ def write_run(workdir, weights=True, groups=True, num_clients=12, k=3):
   rng = np.random.default_rng(0)
   with open(workdir / "metrics.jsonl", "w") as f:
     for r in (10, 20, 30):
-      f.write(json.dumps({"round": r, "train/loss": 1.0 / r, "test/acc_mean": 0.5 + r / 100,
-                          "test/acc_weighted": 0.5 + r / 100, "test/acc_p10": 0.3 + r / 100,
-                          "test/acc_std": 0.1, "val/loss": 1.0 / r}) + "\n")
-  json.dump({"round": 30, "test/acc_mean": 0.8, "best/round": 20, "best/acc_mean": 0.7},
-            open(workdir / "summary.json", "w"))
-  arrays = {"round": np.int64(30), "client_ids": np.array([f"c{i}" for i in range(num_clients)]),
-            "test_acc": np.where(np.arange(num_clients) == 0, np.nan,
-                                 rng.uniform(0.5, 1.0, num_clients))}
+      f.write(
+        json.dumps(
+          {
+            "round": r,
+            "train/loss": 1.0 / r,
+            "test/acc_mean": 0.5 + r / 100,
+            "test/acc_weighted": 0.5 + r / 100,
+            "test/acc_p10": 0.3 + r / 100,
+            "test/acc_std": 0.1,
+            "val/loss": 1.0 / r,
+          }
+        )
+        + "\n"
+      )
+  json.dump(
+    {"round": 30, "test/acc_mean": 0.8, "best/round": 20, "best/acc_mean": 0.7},
+    open(workdir / "summary.json", "w"),
+  )
+  arrays = {
+    "round": np.int64(30),
+    "client_ids": np.array([f"c{i}" for i in range(num_clients)]),
+    "test_acc": np.where(np.arange(num_clients) == 0, np.nan, rng.uniform(0.5, 1.0, num_clients)),
+  }
   if weights:
     arrays["merging_weights"] = rng.dirichlet(np.ones(k), num_clients)
   if groups:
@@ -94,8 +109,13 @@ def test_ari_is_low_when_groups_are_not_recovered():
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "fedmerge_jax.plot", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "fedmerge_jax.plot", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_writes_plots_and_prints_paths_and_ari(tmp_path):
@@ -119,11 +139,15 @@ def test_missing_metrics_gives_a_clear_error(tmp_path):
 
 def test_titles_name_the_run(tmp_path):
   arrays = write_run(tmp_path, k=3)
-  json.dump({"algorithm": "fedmerge", "num_global_models": 3, "data": {"name": "femnist"}},
-            open(tmp_path / "config.json", "w"))
+  json.dump(
+    {"algorithm": "fedmerge", "num_global_models": 3, "data": {"name": "femnist"}},
+    open(tmp_path / "config.json", "w"),
+  )
   assert plot.run_name(str(tmp_path), arrays) == "fedmerge, K = 3, femnist"
-  json.dump({"algorithm": "fedavg", "num_global_models": 4, "data": {"name": "femnist"}},
-            open(tmp_path / "config.json", "w"))
+  json.dump(
+    {"algorithm": "fedavg", "num_global_models": 4, "data": {"name": "femnist"}},
+    open(tmp_path / "config.json", "w"),
+  )
   assert plot.run_name(str(tmp_path), {}) == "fedavg, K = 1, femnist"  # What it kept.
   fig = plot.accuracy_figure([{"round": 1, "test/acc_mean": 0.5}], {}, "fedavg, K = 1, femnist")
   assert fig.axes[0].get_title().endswith("fedavg, K = 1, femnist")
@@ -131,11 +155,16 @@ def test_titles_name_the_run(tmp_path):
 
 def test_every_plot_of_a_workdir_names_the_run(tmp_path, monkeypatch):
   write_run(tmp_path, k=3)
-  json.dump({"algorithm": "ifca", "num_global_models": 3, "data": {"name": "femnist"}},
-            open(tmp_path / "config.json", "w"))
+  json.dump(
+    {"algorithm": "ifca", "num_global_models": 3, "data": {"name": "femnist"}},
+    open(tmp_path / "config.json", "w"),
+  )
   titles = []
-  monkeypatch.setattr(plot, "_save", lambda fig, path: titles.append(
-      " ".join(ax.get_title() for ax in fig.axes)) or path)
+  monkeypatch.setattr(
+    plot,
+    "_save",
+    lambda fig, path: titles.append(" ".join(ax.get_title() for ax in fig.axes)) or path,
+  )
   plot.write_plots(str(tmp_path))
   assert len(titles) == 3 and all("ifca, K = 3, femnist" in t for t in titles), titles
 
@@ -152,6 +181,6 @@ def test_a_single_evaluation_draws_its_point_and_value():
 def test_group_strip_has_a_legend():
   weights = np.eye(3)[[0, 1, 2, 0]]
   fig = plot.merging_weights_figure(weights, groups=np.array([0, 1, 2, 0]))
-  legend, = fig.legends
+  (legend,) = fig.legends
   assert [t.get_text() for t in legend.get_texts()] == ["group 0", "group 1", "group 2"]
   assert not plot.merging_weights_figure(weights).legends  # No groups, no strip, no legend.

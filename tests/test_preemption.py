@@ -44,23 +44,27 @@ def uninterrupted(tmp_path_factory):
 
 def signal_at_call(monkeypatch, call, number):
   """The jitted round's `call`-th invocation first receives `number` (as from a scheduler)."""
+
   def receive(jitted, state, ids, data, rng):
     signal.raise_signal(number)  # The handler only records it: the round still runs.
     return jitted(state, ids, data, rng)
+
   fail_at_call(monkeypatch, call, receive)
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_finishes_the_round_saves_and_resumes_exactly(
-    uninterrupted, tmp_path, monkeypatch, number):
+  uninterrupted, tmp_path, monkeypatch, number
+):
   workdir = str(tmp_path)
   before = signal.getsignal(number)
   signal_at_call(monkeypatch, 7, number)  # Round 7 is in progress, off the checkpoint schedule.
   with pytest.raises(preemption.Stopped) as info:
     train.train_and_evaluate(config(), workdir, data=federation())
   name = signal.Signals(number).name
-  assert str(info.value) == (f"stopped by {name}; rounds up to 7 are saved in "
-                             f"{workdir}/checkpoints; rerun to resume.")
+  assert str(info.value) == (
+    f"stopped by {name}; rounds up to 7 are saved in {workdir}/checkpoints; rerun to resume."
+  )
   assert info.value.exit_status == 128 + number
   assert checkpoint_lib.saved_rounds(workdir)[-1] == 7
   assert [l["round"] for l in metric_lines(workdir)] == [2, 4, 6]
@@ -79,9 +83,11 @@ def test_multihost_stops_where_the_preemption_sync_point_says(tmp_path, monkeypa
   def sync_point(round_index):  # JAX's: True on every process at one agreed round.
     asked.append(round_index)
     return round_index == 6
+
   multihost = preemption.StopRequests
-  monkeypatch.setattr(train.preemption, "StopRequests",
-                      lambda: multihost(process_count=2, sync_point=sync_point))
+  monkeypatch.setattr(
+    train.preemption, "StopRequests", lambda: multihost(process_count=2, sync_point=sync_point)
+  )
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(preemption.Stopped, match="stopped by SIGTERM; rounds up to 6 are saved"):
     train.train_and_evaluate(config(), str(tmp_path), data=federation())
@@ -116,15 +122,20 @@ def test_checkpoints_every_so_many_minutes_or_rounds_whichever_first():
 
 
 def test_a_checkpoint_by_minutes_is_written_between_round_checkpoints(tmp_path):
-  train.train_and_evaluate(config(num_rounds=3, checkpoint_every=0,
-                                       checkpoint_every_minutes=1e-9, checkpoint_keep=5),
-                           str(tmp_path), data=federation())
+  train.train_and_evaluate(
+    config(num_rounds=3, checkpoint_every=0, checkpoint_every_minutes=1e-9, checkpoint_keep=5),
+    str(tmp_path),
+    data=federation(),
+  )
   assert checkpoint_lib.saved_rounds(str(tmp_path)) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("code,when", [(errno.ENOSPC, "at once"), (errno.EACCES, "in the background")])
+@pytest.mark.parametrize(
+  "code,when", [(errno.ENOSPC, "at once"), (errno.EACCES, "in the background")]
+)
 def test_a_failing_checkpoint_write_keeps_the_previous_and_names_folder_and_bytes(
-    uninterrupted, tmp_path, monkeypatch, code, when):
+  uninterrupted, tmp_path, monkeypatch, code, when
+):
   """Round 10's write fails (a full disk, an unwritable folder): raised by orbax's save, or
   by the next wait as an asynchronous write's failure is."""
   workdir = str(tmp_path)
@@ -142,21 +153,24 @@ def test_a_failing_checkpoint_write_keeps_the_previous_and_names_folder_and_byte
     if pending:
       raise pending.pop()
     return wait(self)
+
   monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", waiting)
   with pytest.raises(checkpoint_lib.CheckpointWriteError) as info:
     train.train_and_evaluate(config(), workdir, data=federation())
   message = str(info.value)
-  assert message.startswith(f"Cannot write the checkpoint of round 10 in {workdir}/checkpoints "
-                            f"({os.strerror(code)}): a checkpoint needs about ")
+  assert message.startswith(
+    f"Cannot write the checkpoint of round 10 in {workdir}/checkpoints "
+    f"({os.strerror(code)}): a checkpoint needs about "
+  )
   needed = int(message.split("needs about ")[1].split(" bytes")[0].replace(",", ""))
-  assert 1000 < needed < 10 ** 6  # The state's bytes (K = 3 tiny MLPs, optimiser, logits).
+  assert 1000 < needed < 10**6  # The state's bytes (K = 3 tiny MLPs, optimiser, logits).
   assert "Kept intact: the checkpoint of round 5, metrics.jsonl and summary.json." in message
   monkeypatch.undo()
   assert checkpoint_lib.saved_rounds(workdir)[-1] == 5  # Restorable: the resume below uses it.
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   lines = metric_lines(workdir)  # Complete lines, each round once.
-  assert len(lines) >= 5 and lines == uninterrupted[1][:len(lines)]
+  assert len(lines) >= 5 and lines == uninterrupted[1][: len(lines)]
   if when != "at once":
     return  # The same resume as below.
   summary = train.train_and_evaluate(config(), workdir, data=federation())
@@ -187,6 +201,7 @@ def test_metrics_jsonl_drops_a_torn_line_and_a_failed_write(tmp_path, monkeypatc
     def write(self, data):
       self.f.write(data[:7])  # Part of the line reaches the disk, then it is full.
       raise OSError(errno.ENOSPC, "No space left on device")
+
   real_open = open
   monkeypatch.setattr("builtins.open", lambda *a, **k: FullDisk(real_open(*a, **k)))
   with pytest.raises(OSError):
@@ -195,8 +210,14 @@ def test_metrics_jsonl_drops_a_torn_line_and_a_failed_write(tmp_path, monkeypatc
   assert path.read_text() == '{"round": 2, "a": 1}\n{"round": 4, "a": 2}\n'
 
 
-SOAK_OVERRIDES = {"num_rounds": 12, "eval_every": 2, "checkpoint_every": 4,
-                  "model.hidden_sizes": (8,), "data.num_clients": 6, "clients_per_round": 3}
+SOAK_OVERRIDES = {
+  "num_rounds": 12,
+  "eval_every": 2,
+  "checkpoint_every": 4,
+  "model.hidden_sizes": (8,),
+  "data.num_clients": 6,
+  "clients_per_round": 3,
+}
 
 
 def test_soak_kills_and_resumes_to_the_uninterrupted_run(tmp_path):
@@ -207,21 +228,32 @@ def test_soak_kills_and_resumes_to_the_uninterrupted_run(tmp_path):
   config.update_from_flattened_dict(SOAK_OVERRIDES)
   train.train_and_evaluate(config, reference)
   flags = [f"--config.{k}={v}".replace(" ", "") for k, v in SOAK_OVERRIDES.items()]
-  kills = [soak.Kill("SIGKILL", "checkpoint", 2), soak.Kill("SIGINT", "evaluate", 1),
-           soak.Kill("SIGTERM", "round", 2)]
+  kills = [
+    soak.Kill("SIGKILL", "checkpoint", 2),
+    soak.Kill("SIGINT", "evaluate", 1),
+    soak.Kill("SIGTERM", "round", 2),
+  ]
   workdir = str(tmp_path / "killed")
-  figures = soak.soak(soak.launch_args("configs/default.py", workdir, flags), kills,
-                      reference, log=lambda line: None,
-                      finish=lambda: train.train_and_evaluate(config, workdir))
+  figures = soak.soak(
+    soak.launch_args("configs/default.py", workdir, flags),
+    kills,
+    reference,
+    log=lambda line: None,
+    finish=lambda: train.train_and_evaluate(config, workdir),
+  )
   (_, killed, _), (_, interrupted, ctrl_c), (_, stopped, line) = figures["statuses"]
   assert killed == -signal.SIGKILL
   # Whether the killed write of round 8 finished decides where the next sessions resume.
   assert interrupted == 130 and re.fullmatch(
-      r"FATAL interrupted; rounds up to [48] are saved in .*; rerun to resume\.", ctrl_c)
+    r"FATAL interrupted; rounds up to [48] are saved in .*; rerun to resume\.", ctrl_c
+  )
   # SIGTERM arrived in the session's 2nd round: that round finishes and is saved.
   assert stopped == 128 + signal.SIGTERM
-  assert re.fullmatch(f"stopped by SIGTERM; rounds up to (6|10) are saved in {workdir}/"
-                      "checkpoints; rerun to resume\\.", line)
+  assert re.fullmatch(
+    f"stopped by SIGTERM; rounds up to (6|10) are saved in {workdir}/"
+    "checkpoints; rerun to resume\\.",
+    line,
+  )
   assert figures["survived"] == 3 and figures["differences"] == []
   scalars = soak.read_scalars(workdir)
   assert sorted(step for tag, step in scalars if tag == "test/acc_mean") == list(range(2, 13, 2))

@@ -37,11 +37,13 @@ def test_one_compiled_round_serves_two_learning_rates_and_seeds(data):
   for client_lr, seed in [(0.1, 0), (0.4, 3)]:
     own = config.copy_and_resolve_references()
     own.client_lr, own.seed = client_lr, seed
-    state, metrics = round_fn(init((jax.random.key(seed), hyperparams.values_of(own))), ids,
-                              batch, jax.random.key(7))
+    state, metrics = round_fn(
+      init((jax.random.key(seed), hyperparams.values_of(own))), ids, batch, jax.random.key(7)
+    )
     separate = build(own)
-    expected_state, expected = jax.jit(separate.round)(separate.init(jax.random.key(seed)), ids,
-                                                       batch, jax.random.key(7))
+    expected_state, expected = jax.jit(separate.round)(
+      separate.init(jax.random.key(seed)), ids, batch, jax.random.key(7)
+    )
     np.testing.assert_allclose(metrics["train/loss"], expected["train/loss"], atol=TOL)
     for got, want in zip(jax.tree.leaves(state.inner), jax.tree.leaves(expected_state)):
       np.testing.assert_allclose(got, want, atol=TOL)
@@ -61,9 +63,14 @@ def test_program_key_ignores_only_the_value_fields():
 
 MODELS = {"bn": TinyBN(), "dropout": TinyDropout()}
 # (algorithm, update_mode, model): BatchNorm and dropout models across the algorithms.
-CASES = [("fedmerge", "official", "bn"), ("fedmerge", "gradient", "dropout"),
-         ("fedavg", "official", "bn"), ("ditto", "official", "dropout"),
-         ("ifca", "official", "bn"), ("fedem", "official", "dropout")]
+CASES = [
+  ("fedmerge", "official", "bn"),
+  ("fedmerge", "gradient", "dropout"),
+  ("fedavg", "official", "bn"),
+  ("ditto", "official", "dropout"),
+  ("ifca", "official", "bn"),
+  ("fedem", "official", "dropout"),
+]
 REPLICAS = [(0, 0.1), (1, 0.3)]  # (seed, client_lr) of each replica.
 
 
@@ -71,7 +78,11 @@ def run_config(algorithm, update_mode, seed, client_lr, **overrides):
   """Three rounds of 3 of 5 unequal clients (partial last batches), evaluated every round."""
   config = tiny_base_config()
   config.algorithm, config.update_mode, config.seed, config.client_lr = (
-      algorithm, update_mode, seed, client_lr)
+    algorithm,
+    update_mode,
+    seed,
+    client_lr,
+  )
   config.num_global_models = 2
   config.num_rounds, config.clients_per_round = 3, 3
   config.checkpoint_every, config.tensorboard = 0, False
@@ -98,8 +109,9 @@ def assert_same_history(got, want):
   for g, w in zip(got, want):
     keys = [k for k, v in w.items() if isinstance(v, float) and k != "rounds_per_s"]
     assert keys and set(keys) <= set(g)
-    np.testing.assert_allclose([g[k] for k in keys], [w[k] for k in keys], atol=TOL,
-                               err_msg=f"round {w['round']}")
+    np.testing.assert_allclose(
+      [g[k] for k in keys], [w[k] for k in keys], atol=TOL, err_msg=f"round {w['round']}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,40 +124,59 @@ def test_replica_metrics_equal_the_separate_runs(algorithm, update_mode, model_n
   """Replica 1 (another seed and client_lr than replica 0) equals its own separate run."""
   configs = [run_config(algorithm, update_mode, s, lr) for s, lr in REPLICAS]
   workdirs = [str(root / f"{algorithm}_{update_mode}" / f"replica_{i}") for i in range(2)]
-  summaries = replicas.train_and_evaluate_many(configs, workdirs, data,
-                                               model=MODELS[model_name])
+  summaries = replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS[model_name])
   history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
   assert_same_history(history, separate_history(configs[1], model_name, data, root))
   assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
 
 
-def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(data, root,
-                                                                           monkeypatch):
+def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(
+  data, root, monkeypatch
+):
   """compare's grid of 2 client_lr x 2 seeds: one program of 4 replicas; the last replica
   (neither the first lr nor the first seed) equals its separate run."""
   groups = []
   many = replicas.train_and_evaluate_many
-  monkeypatch.setattr(replicas, "train_and_evaluate_many",
-                      lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k))
+  monkeypatch.setattr(
+    replicas,
+    "train_and_evaluate_many",
+    lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k),
+  )
   results = compare.run_comparison(
-      run_config("fedavg", "official", 0, 0.1), ["fedavg"], str(root / "sweep"), data=data,
-      seeds=[0, 1], sweeps=[("client_lr", [0.1, 0.3])], model=MODELS["bn"], replicas=4)
+    run_config("fedavg", "official", 0, 0.1),
+    ["fedavg"],
+    str(root / "sweep"),
+    data=data,
+    seeds=[0, 1],
+    sweeps=[("client_lr", [0.1, 0.3])],
+    model=MODELS["bn"],
+    replicas=4,
+  )
   assert groups == [4]
   assert [(r.setting, r.seed) for r in results] == [
-      ((("client_lr", lr),), s) for lr in (0.1, 0.3) for s in (0, 1)]
+    ((("client_lr", lr),), s) for lr in (0.1, 0.3) for s in (0, 1)
+  ]
   assert len({r.summary["test/loss"] for r in results}) == 4
-  assert_same_history(results[-1].history,
-                      separate_history(run_config("fedavg", "official", 1, 0.3), "bn", data, root))
+  assert_same_history(
+    results[-1].history,
+    separate_history(run_config("fedavg", "official", 1, 0.3), "bn", data, root),
+  )
 
 
 def test_a_mixed_grid_groups_by_everything_but_the_value_fields():
-  configs = [config_lib.resolve(run_config(alg, "official", seed, lr, **extra))
-             for alg, seed, lr, extra in [
-                 ("fedmerge", 0, 0.1, {}), ("fedmerge", 1, 0.3, {"prox_mu": 0.1}),
-                 ("fedmerge", 2, 0.1, {"local_epochs": 3}), ("fedavg", 0, 0.1, {}),
-                 ("fedmerge", 3, 0.2, {"server_lr_logits": 0.2}), ("fedavg", 1, 0.5, {}),
-                 ("fedmerge", 4, 0.1, {"num_global_models": 3}),
-                 ("fedmerge", 5, 0.1, {"clients_per_round": 2})]]
+  configs = [
+    config_lib.resolve(run_config(alg, "official", seed, lr, **extra))
+    for alg, seed, lr, extra in [
+      ("fedmerge", 0, 0.1, {}),
+      ("fedmerge", 1, 0.3, {"prox_mu": 0.1}),
+      ("fedmerge", 2, 0.1, {"local_epochs": 3}),
+      ("fedavg", 0, 0.1, {}),
+      ("fedmerge", 3, 0.2, {"server_lr_logits": 0.2}),
+      ("fedavg", 1, 0.5, {}),
+      ("fedmerge", 4, 0.1, {"num_global_models": 3}),
+      ("fedmerge", 5, 0.1, {"clients_per_round": 2}),
+    ]
+  ]
   pending = list(enumerate(configs))
   indices = lambda groups: [[i for i, _ in g] for g in groups]
   assert indices(compare.replica_groups(pending, 8)) == [[0, 1, 4], [2], [3, 5], [6], [7]]
@@ -165,14 +196,15 @@ def test_auto_replicas_follow_the_free_memory(data):
 
 
 def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_same_metrics(
-    data, root, monkeypatch):
+  data, root, monkeypatch
+):
   """The group stops before round 2; replica 1 alone (train_and_evaluate, from the group's
   checkpoint) runs round 2 and stops; rerun, the group runs round 2 for replica 0 only
   (replica 1 frozen), then round 3 for both. Both end as the uninterrupted runs did; a
   finished group is not rerun."""
   configs = [run_config("fedavg", "official", s, lr, checkpoint_every=1) for s, lr in REPLICAS]
   workdirs = [str(root / "resumed" / f"replica_{i}") for i in range(2)]
-  stop_before = lambda at: (lambda self, round_index: "SIGTERM" if round_index == at else None)
+  stop_before = lambda at: lambda self, round_index: "SIGTERM" if round_index == at else None
   rounds = lambda i: [m["round"] for m in metric_writers.read_jsonl(f"{workdirs[i]}/metrics.jsonl")]
   with monkeypatch.context() as patched:
     patched.setattr(preemption.StopRequests, "stop_before", stop_before(2))

@@ -27,22 +27,22 @@ def _softmax(a):
 
 def _reference_round(config, model, state, ids, data, rng):
   """Per-client Python loop + the server rules written out in NumPy."""
-  local = client.LocalConfig(config.local_epochs, config.batch_size, config.client_lr,
-                             config.prox_mu)
+  local = client.LocalConfig(
+    config.local_epochs, config.batch_size, config.client_lr, config.prox_mu
+  )
   globals_ = jax.tree.map(np.asarray, state.globals)
   logits = np.array(state.logits)
   w = _softmax(logits[ids])
   leaves, treedef = jax.tree.flatten(globals_)
-  head = np.concatenate([np.full(x[0].size, m) for x, m in
-                         zip(leaves, jax.tree.leaves(models.head_mask(globals_)))])
-  theta_k = np.stack([_flat(jax.tree.map(lambda x: x[k], globals_))
-                      for k in range(w.shape[1])])
+  head = np.concatenate(
+    [np.full(x[0].size, m) for x, m in zip(leaves, jax.tree.leaves(models.head_mask(globals_)))]
+  )
+  theta_k = np.stack([_flat(jax.tree.map(lambda x: x[k], globals_)) for k in range(w.shape[1])])
   deltas = []
   for row, cid in enumerate(ids):
     received = jax.tree.map(lambda x: np.tensordot(w[row], x, 1), globals_)
     batch = jax.tree.map(lambda a: jnp.asarray(a[0]), data.train.gather([cid]))
-    delta, _ = client.local_train(model.apply, received, batch,
-                                  jax.random.fold_in(rng, cid), local)
+    delta, _ = client.local_train(model.apply, received, batch, jax.random.fold_in(rng, cid), local)
     deltas.append(_flat(delta))
   deltas = np.stack(deltas)
   counts = data.train.counts[ids].astype(np.float64)
@@ -64,11 +64,18 @@ def _reference_round(config, model, state, ids, data, rng):
   return theta_k, logits
 
 
-@pytest.mark.parametrize("update_mode,chunk,logit_step", [
-    ("official", 0, "authors"), ("official", 2, "authors"), ("official", 0, "max_normalized"),
-    ("gradient", 0, "authors")])
-def test_vectorised_round_equals_per_client_loop(tiny_config, tiny_data, update_mode, chunk,
-                                                 logit_step):
+@pytest.mark.parametrize(
+  "update_mode,chunk,logit_step",
+  [
+    ("official", 0, "authors"),
+    ("official", 2, "authors"),
+    ("official", 0, "max_normalized"),
+    ("gradient", 0, "authors"),
+  ],
+)
+def test_vectorised_round_equals_per_client_loop(
+  tiny_config, tiny_data, update_mode, chunk, logit_step
+):
   tiny_config.update_mode = update_mode
   tiny_config.logit_step = logit_step
   tiny_config.client_chunk_size = chunk
@@ -81,8 +88,12 @@ def test_vectorised_round_equals_per_client_loop(tiny_config, tiny_data, update_
   rng = jax.random.key(7)
   theta_ref, logits_ref = _reference_round(config, model, state, ids, tiny_data, rng)
   new_state, metrics = jax.jit(alg.round)(state, ids, tiny_data.train.gather(ids), rng)
-  theta = np.stack([_flat(jax.tree.map(lambda x: x[k], new_state.globals))
-                    for k in range(config.num_global_models)])
+  theta = np.stack(
+    [
+      _flat(jax.tree.map(lambda x: x[k], new_state.globals))
+      for k in range(config.num_global_models)
+    ]
+  )
   np.testing.assert_allclose(new_state.logits, logits_ref, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(theta, theta_ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(new_state.logits[1], state.logits[1])  # Not sampled.
@@ -101,19 +112,26 @@ def test_official_with_one_global_model_is_fedavg(tiny_config, tiny_data):
   for r in range(3):
     s1, _ = jax.jit(fedmerge.round)(s1, ids, batch, jax.random.key(r))
     s2, _ = jax.jit(fedavg.round)(s2, ids, batch, jax.random.key(r))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               s1.globals, s2.globals)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.globals, s2.globals
+  )
   # And FedAvg is the example-weighted mean of the clients' trained models.
   s0 = fedavg.init(jax.random.key(0))
   s1, _ = jax.jit(fedavg.round)(s0, ids, batch, jax.random.key(0))
-  local = client.LocalConfig(tiny_config.local_epochs, tiny_config.batch_size,
-                             tiny_config.client_lr, tiny_config.prox_mu)
+  local = client.LocalConfig(
+    tiny_config.local_epochs, tiny_config.batch_size, tiny_config.client_lr, tiny_config.prox_mu
+  )
   model = models.get_model(resolve(tiny_config).model, tiny_data.num_classes)
   received = jax.tree.map(lambda x: x[0], s0.globals)
   trained = []
   for cid in ids:
-    d, _ = client.local_train(model.apply, received, jax.tree.map(lambda a: a[cid], batch),
-                              jax.random.fold_in(jax.random.key(0), cid), local)
+    d, _ = client.local_train(
+      model.apply,
+      received,
+      jax.tree.map(lambda a: a[cid], batch),
+      jax.random.fold_in(jax.random.key(0), cid),
+      local,
+    )
     trained.append(_flat(received) - _flat(d))
   p = tiny_data.train.counts / tiny_data.train.counts.sum()
   np.testing.assert_allclose(_flat(s1.globals), p @ np.stack(trained), rtol=1e-5, atol=1e-6)

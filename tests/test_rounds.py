@@ -16,14 +16,16 @@ from fedmerge_jax import train
 
 def reference_ids(sample_rng, round_index, num_clients, clients_per_round):
   """Today's draw, one round at a time, with plain jax.random (an independent reference)."""
-  ids = jax.random.choice(jax.random.fold_in(sample_rng, round_index), num_clients,
-                          (clients_per_round,), replace=False)
+  ids = jax.random.choice(
+    jax.random.fold_in(sample_rng, round_index), num_clients, (clients_per_round,), replace=False
+  )
   return np.sort(np.asarray(ids))
 
 
 def test_clients_sampled_ahead_are_todays_id_for_id_across_blocks_and_a_resume():
   sample_rng = jax.random.wrap_key_data(
-      jax.random.key_data(jax.random.split(jax.random.key(3), 2)))[0]
+    jax.random.key_data(jax.random.split(jax.random.key(3), 2))
+  )[0]
   whole = sampling.ClientSchedule(sample_rng, 23, 5, ahead=4)
   got = {r: whole(r) for r in range(1, 15)}
   resumed = sampling.ClientSchedule(sample_rng, 23, 5, ahead=4)  # A run resumed at round 6.
@@ -49,6 +51,7 @@ class Flag:
 
 def scripted_rounds(log, failing=()):
   """Rounds over a fake round and gatherer that log what the host does, in order."""
+
   def round_fn(state, ids, data, rng):
     r = state + 1
     log.append(("round", r))
@@ -60,8 +63,19 @@ def scripted_rounds(log, failing=()):
   def clients(r):
     log.append(("gather", r))
     return np.arange(3)
-  return rounds_lib.Rounds(round_fn, gather, clients, jax.random.key(0), 0, 0, 10,
-                           lambda r: False, None, parallel.make_mesh(1))
+
+  return rounds_lib.Rounds(
+    round_fn,
+    gather,
+    clients,
+    jax.random.key(0),
+    0,
+    0,
+    10,
+    lambda r: False,
+    None,
+    parallel.make_mesh(1),
+  )
 
 
 def test_a_round_is_dispatched_before_its_flag_is_read_and_the_next_gathered_meanwhile():
@@ -69,9 +83,17 @@ def test_a_round_is_dispatched_before_its_flag_is_read_and_the_next_gathered_mea
   rounds = scripted_rounds(log)
   for r in (1, 2, 3):
     assert rounds.run(r) is None
-  assert log == [("gather", 1), ("round", 1), ("gather", 2),
-                 ("round", 2), ("gather", 3), ("flag", 1),
-                 ("round", 3), ("gather", 4), ("flag", 2)]
+  assert log == [
+    ("gather", 1),
+    ("round", 1),
+    ("gather", 2),
+    ("round", 2),
+    ("gather", 3),
+    ("flag", 1),
+    ("round", 3),
+    ("gather", 4),
+    ("flag", 2),
+  ]
   assert rounds.known_good() is None  # Round 3's flag is unread.
   assert rounds.confirm() is None and log[-1] == ("flag", 3) and rounds.known_good() == 3
 
@@ -95,10 +117,17 @@ def fedavg_round():
   mesh = parallel.make_mesh(1)
   layout = parallel.client_layout(1, data.num_clients, 3, 0)
   _, algorithm = train.build(config, data, layout)
-  state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population,
-                                           jax.random.key(0))
-  return config, data, mesh, layout, algorithm, train.compile_round(algorithm, config, mesh,
-                                                                    shardings)
+  state, shardings = parallel.sharded_init(
+    algorithm.init, mesh, layout.population, jax.random.key(0)
+  )
+  return (
+    config,
+    data,
+    mesh,
+    layout,
+    algorithm,
+    train.compile_round(algorithm, config, mesh, shardings),
+  )
 
 
 def run_rounds(fedavg_round, num_rounds, poisoned=None):
@@ -109,12 +138,16 @@ def run_rounds(fedavg_round, num_rounds, poisoned=None):
   def gather(ids, test):
     ids, sharded_ids, batch = gatherer(ids, test)
     return ids, sharded_ids, batch._replace(x=batch.x * np.nan) if poisoned == len(calls) else batch
+
   calls = []
-  clients = lambda r: calls.append(r) or sampling.sample_clients(
-      jax.random.fold_in(jax.random.key(1), r), data.num_clients, 3)
+  clients = lambda r: (
+    calls.append(r)
+    or sampling.sample_clients(jax.random.fold_in(jax.random.key(1), r), data.num_clients, 3)
+  )
   state, _ = parallel.sharded_init(algorithm.init, mesh, layout.population, jax.random.key(0))
-  rounds = rounds_lib.Rounds(round_fn, gather, clients, jax.random.key(2), state, 0, 10,
-                             lambda r: False, None, mesh)
+  rounds = rounds_lib.Rounds(
+    round_fn, gather, clients, jax.random.key(2), state, 0, 10, lambda r: False, None, mesh
+  )
   for r in range(1, num_rounds + 1):
     failure = rounds.run(r)
     if failure:

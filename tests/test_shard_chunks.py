@@ -74,29 +74,47 @@ SCRIPT = textwrap.dedent("""
 """)
 
 CASES = {
-    # 32 clients, all a round: 4 per device; chunk 8 -> 1 per device per step, 16 -> 2.
-    "fedavg_32": {"clients": 32, "chunks": [8, 16], "overrides": {"algorithm": "fedavg"}},
-    # Partial participation with phantoms: 12 of 20 -> 16 a round (2 per device), population
-    # 24; per-client state (Ditto's models, FedMerge's logits) and a BatchNorm model.
-    "ditto_12_of_20": {"clients": 20, "chunks": [8],
-                       "overrides": {"algorithm": "ditto", "clients_per_round": 12}},
-    "fedmerge_bn_12_of_20": {"clients": 20, "chunks": [8],
-                             "overrides": {"algorithm": "fedmerge", "clients_per_round": 12,
-                                           "model.name": "tiny_bn",
-                                           "update_mode": "gradient"}},
+  # 32 clients, all a round: 4 per device; chunk 8 -> 1 per device per step, 16 -> 2.
+  "fedavg_32": {"clients": 32, "chunks": [8, 16], "overrides": {"algorithm": "fedavg"}},
+  # Partial participation with phantoms: 12 of 20 -> 16 a round (2 per device), population
+  # 24; per-client state (Ditto's models, FedMerge's logits) and a BatchNorm model.
+  "ditto_12_of_20": {
+    "clients": 20,
+    "chunks": [8],
+    "overrides": {"algorithm": "ditto", "clients_per_round": 12},
+  },
+  "fedmerge_bn_12_of_20": {
+    "clients": 20,
+    "chunks": [8],
+    "overrides": {
+      "algorithm": "fedmerge",
+      "clients_per_round": 12,
+      "model.name": "tiny_bn",
+      "update_mode": "gradient",
+    },
+  },
 }
 
 
 @pytest.fixture(scope="module")
 def rounds():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}",
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-  result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}",
+    PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
   assert result.returncode == 0 and lines, result.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.mark.parametrize("chunk", [8, 16])

@@ -22,17 +22,23 @@ from fedmerge_jax import parallel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNTS = (1, 2, 8)
 CASES = {  # name: (number of clients, config overrides); 10 clients never divide 8 devices.
-    "fedmerge_3_of_10": (10, {"algorithm": "fedmerge", "clients_per_round": 3}),
-    "fedmerge_all_chunked": (10, {"algorithm": "fedmerge", "client_chunk_size": 4}),
-    "fedavg_3_of_10_chunked": (10, {"algorithm": "fedavg", "clients_per_round": 3,
-                                    "client_chunk_size": 2}),
-    "ditto_5_of_10": (10, {"algorithm": "ditto", "clients_per_round": 5}),
-    # BatchNorm (masked batch statistics) and dropout (per-client keys) models, unequal clients
-    # (conftest's small ones, registered in the subprocess: they compile fast).
-    "fedmerge_batchnorm_4_of_10": (10, {"algorithm": "fedmerge", "clients_per_round": 4,
-                                        "model.name": "tiny_bn"}),
-    "fedavg_dropout_chunked": (10, {"algorithm": "fedavg", "client_chunk_size": 4,
-                                    "model.name": "tiny_dropout"}),
+  "fedmerge_3_of_10": (10, {"algorithm": "fedmerge", "clients_per_round": 3}),
+  "fedmerge_all_chunked": (10, {"algorithm": "fedmerge", "client_chunk_size": 4}),
+  "fedavg_3_of_10_chunked": (
+    10,
+    {"algorithm": "fedavg", "clients_per_round": 3, "client_chunk_size": 2},
+  ),
+  "ditto_5_of_10": (10, {"algorithm": "ditto", "clients_per_round": 5}),
+  # BatchNorm (masked batch statistics) and dropout (per-client keys) models, unequal clients
+  # (conftest's small ones, registered in the subprocess: they compile fast).
+  "fedmerge_batchnorm_4_of_10": (
+    10,
+    {"algorithm": "fedmerge", "clients_per_round": 4, "model.name": "tiny_bn"},
+  ),
+  "fedavg_dropout_chunked": (
+    10,
+    {"algorithm": "fedavg", "client_chunk_size": 4, "model.name": "tiny_dropout"},
+  ),
 }
 
 
@@ -93,21 +99,35 @@ RUNS = textwrap.dedent("""
 
 
 def _env(num_devices: int):
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}",
-              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}",
+    PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+  )
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
   """Every case on 1, 2 and 8 of 8 simulated devices, in one subprocess."""
   result = subprocess.run(
-      [sys.executable, "-c", RUNS, json.dumps(CASES), json.dumps(DEVICE_COUNTS),
-       str(tmp_path_factory.mktemp("sharded"))],
-      env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-c",
+      RUNS,
+      json.dumps(CASES),
+      json.dumps(DEVICE_COUNTS),
+      str(tmp_path_factory.mktemp("sharded")),
+    ],
+    env=_env(8),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
   assert result.returncode == 0 and lines, result.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def assert_same_metrics(runs, reference):
@@ -157,7 +177,7 @@ def test_phantoms_have_no_examples():
   data = make_federation(num_clients=4)
   batch = data.train.gather(np.array([1, 3, 4, 5]))
   np.testing.assert_array_equal(batch.count, [data.train.counts[1], data.train.counts[3], 0, 0])
-  np.testing.assert_array_equal(batch.x[1, :data.train.counts[3]], data.train.client(3)[0])
+  np.testing.assert_array_equal(batch.x[1, : data.train.counts[3]], data.train.client(3)[0])
   assert not batch.x[2:].any() and not batch.y[2:].any()
 
 
@@ -187,17 +207,43 @@ def _free_port() -> int:
 
 def test_two_hosts_give_the_same_metrics_as_one(tmp_path):
   """launch.py --multihost as 2 processes of 2 CPU devices each on localhost, vs 1 device."""
-  command = [sys.executable, "launch.py", "--config=configs/default.py",
-             "--config.num_rounds=3", "--config.eval_every=1", "--config.data.num_clients=10",
-             "--config.clients_per_round=3", "--config.model.hidden_sizes=(16,)"]
+  command = [
+    sys.executable,
+    "launch.py",
+    "--config=configs/default.py",
+    "--config.num_rounds=3",
+    "--config.eval_every=1",
+    "--config.data.num_clients=10",
+    "--config.clients_per_round=3",
+    "--config.model.hidden_sizes=(16,)",
+  ]
   address = f"localhost:{_free_port()}"
-  hosts = [subprocess.Popen(
-      command + [f"--workdir={tmp_path / 'hosts'}", "--multihost",
-                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-      env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  single = subprocess.run(command + [f"--workdir={tmp_path / 'single'}"], env=_env(1), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+  hosts = [
+    subprocess.Popen(
+      command
+      + [
+        f"--workdir={tmp_path / 'hosts'}",
+        "--multihost",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      env=_env(2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  single = subprocess.run(
+    command + [f"--workdir={tmp_path / 'single'}"],
+    env=_env(1),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   outputs = []
   for host in hosts:
     try:

@@ -8,51 +8,71 @@ import pytest
 
 from fedmerge_jax import soak
 
-KILLS = [soak.Kill("SIGTERM", "round", 1), soak.Kill("SIGKILL", "checkpoint", 2),
-         soak.Kill("SIGINT", "evaluate", 1), soak.Kill("SIGUSR1", "round", 3),
-         soak.Kill("SIGKILL", "round", 1)]
+KILLS = [
+  soak.Kill("SIGTERM", "round", 1),
+  soak.Kill("SIGKILL", "checkpoint", 2),
+  soak.Kill("SIGINT", "evaluate", 1),
+  soak.Kill("SIGUSR1", "round", 3),
+  soak.Kill("SIGKILL", "round", 1),
+]
 ARGS = soak.launch_args("configs/default.py", "/tmp/soaked", [])
 
 
 @pytest.fixture
 def scripted(monkeypatch):
   """Makes the sessions end with the given (exit status, last line)s; records the kills."""
+
   def script(*endings):
     ran = []
 
     def run_child(args, kill):
       ran.append(kill)
       return endings[len(ran) - 1]
+
     monkeypatch.setattr(soak, "run_child", run_child)
     monkeypatch.setattr(soak, "compare_runs", lambda workdir, reference: [])
     return ran
+
   return script
 
 
 def test_no_kill_is_drawn_after_the_run_finished(scripted):
-  ran = scripted((143, "stopped by SIGTERM; ..."), (-9, ""), (130, "FATAL interrupted; ..."),
-                 (0, "{'test/acc_mean': 0.3}"))
+  ran = scripted(
+    (143, "stopped by SIGTERM; ..."),
+    (-9, ""),
+    (130, "FATAL interrupted; ..."),
+    (0, "{'test/acc_mean': 0.3}"),
+  )
   finished = []
-  figures = soak.soak(ARGS, KILLS, "/tmp/reference", log=lambda line: None,
-                      finish=lambda: finished.append(1))
+  figures = soak.soak(
+    ARGS, KILLS, "/tmp/reference", log=lambda line: None, finish=lambda: finished.append(1)
+  )
   assert ran == KILLS[:4]  # The 5th kill is not drawn: the 4th session finished the run.
   assert finished == []  # That session was the final resume.
   assert (figures["drawn"], figures["survived"], figures["differences"]) == (3, 3, [])
   assert soak.summary_line(figures, 12.0) == (
-      "survived 3 of 3 kills (the run finished after 3 of 5 kills); differences: none (12 s)")
+    "survived 3 of 3 kills (the run finished after 3 of 5 kills); differences: none (12 s)"
+  )
 
 
 def test_a_session_that_ends_otherwise_than_its_kill_is_a_difference(scripted):
-  ran = scripted((138, "stopped by SIGUSR1; ..."), (1, "FATAL CheckpointError: ..."),
-                 (-2, ""), (-10, ""), (-9, ""))
+  ran = scripted(
+    (138, "stopped by SIGUSR1; ..."),
+    (1, "FATAL CheckpointError: ..."),
+    (-2, ""),
+    (-10, ""),
+    (-9, ""),
+  )
   finished = []
-  figures = soak.soak(ARGS, KILLS, "/tmp/reference", log=lambda line: None,
-                      finish=lambda: finished.append(1))
+  figures = soak.soak(
+    ARGS, KILLS, "/tmp/reference", log=lambda line: None, finish=lambda: finished.append(1)
+  )
   # SIGTERM ending 128 + SIGUSR1's number, SIGKILL ending in a FATAL line: not as they should.
   assert figures["differences"] == [
-      "kill 1 (SIGTERM during round 1 of the session): exit status 138: stopped by SIGUSR1; ...",
-      "kill 2 (SIGKILL during checkpoint 2 of the session): exit status 1: FATAL "
-      "CheckpointError: ..."]
+    "kill 1 (SIGTERM during round 1 of the session): exit status 138: stopped by SIGUSR1; ...",
+    "kill 2 (SIGKILL during checkpoint 2 of the session): exit status 1: FATAL "
+    "CheckpointError: ...",
+  ]
   assert ran == KILLS and finished == [1]  # Every kill hit; then the final resume.
   assert (figures["drawn"], figures["survived"]) == (5, 3)
   assert soak.summary_line(figures, 3.0).startswith("survived 3 of 5 kills (all 5 kills drawn)")

@@ -48,9 +48,18 @@ def test_fedmerge_beats_fedavg_on_hidden_groups(default_runs):
 
 def test_outputs_and_metric_keys(tiny_config, tiny_data, tmp_path):
   summary = train.train_and_evaluate(tiny_config, str(tmp_path), data=tiny_data)
-  for key in ("test/acc_mean", "test/acc_weighted", "test/acc_std", "test/acc_p10",
-              "train/loss", "best/acc_mean", "best/acc_weighted", "best/acc_std",
-              "best/acc_p10", "best/round"):
+  for key in (
+    "test/acc_mean",
+    "test/acc_weighted",
+    "test/acc_std",
+    "test/acc_p10",
+    "train/loss",
+    "best/acc_mean",
+    "best/acc_weighted",
+    "best/acc_std",
+    "best/acc_p10",
+    "best/round",
+  ):
     assert key in summary, key
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["round"] for l in lines] == [1, 2]
@@ -76,6 +85,7 @@ def test_same_seed_gives_identical_metrics(tiny_config, tiny_data, tmp_path):
 
 def test_client_sampling_is_without_replacement():
   import jax
+
   ids = train.sample_clients(jax.random.key(0), 100, 30)
   assert len(set(ids.tolist())) == 30 and ids.max() < 100
   np.testing.assert_array_equal(train.sample_clients(jax.random.key(0), 5, 0), np.arange(5))
@@ -89,9 +99,19 @@ def test_nan_loss_stops_the_run_naming_round_and_clients(tiny_config, tiny_data,
 
 def test_launch_runs_the_default(tmp_path):
   result = subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/default.py", f"--workdir={tmp_path}",
-       "--config.num_rounds=4", "--config.eval_every=2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "launch.py",
+      "--config=configs/default.py",
+      f"--workdir={tmp_path}",
+      "--config.num_rounds=4",
+      "--config.eval_every=2",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr
   assert "round     4 | train/loss" in result.stdout
   assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
@@ -100,6 +120,7 @@ def test_launch_runs_the_default(tmp_path):
 def read_events(path):
   """(tag, kind) of every summary value in a TensorBoard event file (TFRecord framing)."""
   from tensorboardX.proto import event_pb2
+
   found = set()
   with open(path, "rb") as f:
     while header := f.read(12):
@@ -117,9 +138,13 @@ def test_tensorboard_clients_npz_and_plots_are_written(tiny_config, tiny_data, t
   events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
   assert len(events) == 1
   found = read_events(tmp_path / events[0])
-  for tag, kind in [("test/acc_mean", "simple_value"), ("train/loss", "simple_value"),
-                    ("clients/test_acc", "histo"), ("merging_weights/model_2", "histo"),
-                    ("merging_weights/clients_x_models", "image")]:
+  for tag, kind in [
+    ("test/acc_mean", "simple_value"),
+    ("train/loss", "simple_value"),
+    ("clients/test_acc", "histo"),
+    ("merging_weights/model_2", "histo"),
+    ("merging_weights/clients_x_models", "image"),
+  ]:
     assert (tag, kind) in found, (tag, kind, sorted(found))
   clients = np.load(tmp_path / "clients.npz")
   assert clients["merging_weights"].shape == (5, 3)
@@ -133,9 +158,19 @@ def test_tensorboard_clients_npz_and_plots_are_written(tiny_config, tiny_data, t
 
 def launch_default(workdir, stderr):
   return subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/default.py", f"--workdir={workdir}",
-       "--config.num_rounds=30", "--config.eval_every=10"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, timeout=300)
+    [
+      sys.executable,
+      "launch.py",
+      "--config=configs/default.py",
+      f"--workdir={workdir}",
+      "--config.num_rounds=30",
+      "--config.eval_every=10",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=stderr,
+    timeout=300,
+  )
 
 
 def test_progress_bar_on_a_terminal_and_quiet_off_it(tmp_path):
@@ -143,6 +178,7 @@ def test_progress_bar_on_a_terminal_and_quiet_off_it(tmp_path):
   import pty
   import struct
   import termios
+
   piped = launch_default(tmp_path / "piped", subprocess.PIPE)
   assert piped.returncode == 0
   assert b"round/s" not in piped.stderr and b"\r" not in piped.stderr

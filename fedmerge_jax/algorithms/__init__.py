@@ -7,12 +7,28 @@ Users add theirs with `register_algorithm(name, factory)`; README "Your own algo
 from typing import Callable, Tuple
 
 from fedmerge_jax import registry
-from fedmerge_jax.algorithms import (apfl, cfl, ditto, fedamp, fedavg, fedavg_ft, fedbn, fedem,
-                                     fedfomo, fedmerge, fedper, fedrep, ifca, local, perfedavg,
-                                     pfedme)
+from fedmerge_jax.algorithms import (
+  apfl,
+  cfl,
+  ditto,
+  fedamp,
+  fedavg,
+  fedavg_ft,
+  fedbn,
+  fedem,
+  fedfomo,
+  fedmerge,
+  fedper,
+  fedrep,
+  ifca,
+  local,
+  perfedavg,
+  pfedme,
+)
 from fedmerge_jax.algorithms.base import Algorithm
 
-registry.ALGORITHMS.add_builtins({
+registry.ALGORITHMS.add_builtins(
+  {
     "fedmerge": fedmerge.make,
     "fedavg": fedavg.make,
     "fedprox": fedavg.make_fedprox,
@@ -30,7 +46,8 @@ registry.ALGORITHMS.add_builtins({
     "fedfomo": fedfomo.make,
     "fedamp": fedamp.make,
     "cfl": cfl.make,
-})
+  }
+)
 ALGORITHM_NAMES = registry.BUILTIN_ALGORITHMS  # The built-ins; registered_names() adds the users'.
 Factory = Callable[..., Algorithm]
 
@@ -47,15 +64,21 @@ def register_algorithm(name: str, factory: Factory) -> None:
 def registered_names() -> Tuple[str, ...]:
   """Every name `config.algorithm` accepts now: the built-ins, then registered ones."""
   return registry.ALGORITHMS.names()
+
+
 # Algorithms whose server weights a client by its share of the whole population's examples.
 _POPULATION_WEIGHTED = ("fedem",)
 
 
-def get_algorithm(model, config, num_clients: int, example_input,
-                  total_train_examples=None) -> Algorithm:
+def get_algorithm(
+  model, config, num_clients: int, example_input, total_train_examples=None
+) -> Algorithm:
   """Builds `config.algorithm` for a population of `num_clients` holding
   `total_train_examples` training examples in all (FedEM's server weights need it)."""
   factory = registry.ALGORITHMS.get(config.algorithm)
-  extra = ({"total_train_examples": total_train_examples}
-           if config.algorithm in _POPULATION_WEIGHTED else {})
+  extra = (
+    {"total_train_examples": total_train_examples}
+    if config.algorithm in _POPULATION_WEIGHTED
+    else {}
+  )
   return factory(model, config, num_clients, example_input, **extra)

@@ -44,23 +44,30 @@ def part(variables, name):
 def mixture(variables):
   """vbar's flax variables: params alpha v + (1 - alpha) w (no gradient to w), v's statistics."""
   alpha = variables["params"][ALPHA]
-  mixed = jax.tree.map(lambda v, w: alpha * v + (1 - alpha) * jax.lax.stop_gradient(w),
-                       variables["params"][PERSONAL], variables["params"][GLOBAL])
+  mixed = jax.tree.map(
+    lambda v, w: alpha * v + (1 - alpha) * jax.lax.stop_gradient(w),
+    variables["params"][PERSONAL],
+    variables["params"][GLOBAL],
+  )
   return dict(part(variables, PERSONAL), params=mixed)
 
 
 def joint_apply(model):
   """Training apply of the joint variables: outputs [2, B, classes] (w's, vbar's)."""
+
   def apply(variables, x, train=True, rngs=None, mutable=False, **kwargs):
     personal_rngs = {k: jax.random.fold_in(r, 1) for k, r in (rngs or {}).items()}
-    out_w = model.apply(part(variables, GLOBAL), x, train=train, rngs=rngs, mutable=mutable,
-                        **kwargs)
-    out_v = model.apply(mixture(variables), x, train=train, rngs=personal_rngs, mutable=mutable,
-                        **kwargs)
+    out_w = model.apply(
+      part(variables, GLOBAL), x, train=train, rngs=rngs, mutable=mutable, **kwargs
+    )
+    out_v = model.apply(
+      mixture(variables), x, train=train, rngs=personal_rngs, mutable=mutable, **kwargs
+    )
     if not mutable:
       return jnp.stack([out_w, out_v])
     (y_w, new_w), (y_v, new_v) = out_w, out_v
     return jnp.stack([y_w, y_v]), {c: {GLOBAL: new_w[c], PERSONAL: new_v[c]} for c in new_w}
+
   return apply
 
 
@@ -73,11 +80,12 @@ def both_losses(outputs, labels, idx):
 
 def alpha_step(adaptive: bool) -> optax.GradientTransformation:
   """After the SGD step: alpha's step projected onto [0, 1], or no step if not adaptive."""
+
   def update_fn(updates, state, params):
     alpha = params[ALPHA]
-    step = (jnp.clip(alpha + updates[ALPHA], 0.0, 1.0) - alpha if adaptive
-            else jnp.zeros_like(alpha))
+    step = jnp.clip(alpha + updates[ALPHA], 0.0, 1.0) - alpha if adaptive else jnp.zeros_like(alpha)
     return dict(updates, **{ALPHA: step}), state
+
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
@@ -96,8 +104,15 @@ def make(model, config, num_clients, example_input):
     return {c: dict(tree, **{PERSONAL: tree[GLOBAL]}) for c, tree in models.items()}
 
   return partial_sharing.make(
-      model, config, num_clients, example_input, personal_mask=personal_mask,
-      init_variables=init_variables, apply_fn=joint_apply(model),
-      predict=lambda variables, x: model.apply(mixture(variables), x, train=False),
-      sent=sent, example_loss=both_losses,
-      optimizer=optax.chain(optax.sgd(config.client_lr), alpha_step(config.apfl_adaptive_alpha)))
+    model,
+    config,
+    num_clients,
+    example_input,
+    personal_mask=personal_mask,
+    init_variables=init_variables,
+    apply_fn=joint_apply(model),
+    predict=lambda variables, x: model.apply(mixture(variables), x, train=False),
+    sent=sent,
+    example_loss=both_losses,
+    optimizer=optax.chain(optax.sgd(config.client_lr), alpha_step(config.apfl_adaptive_alpha)),
+  )

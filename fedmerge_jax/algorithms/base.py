@@ -23,6 +23,7 @@ class RoundStages(NamedTuple):
   server(state, client_ids, data, deltas) -> state. `round` computes the same, but may
   fold each chunk of deltas into the server's sums instead of holding all of them.
   """
+
   train: Callable[..., Any]
   server: Callable[..., Any]
 
@@ -56,6 +57,7 @@ class Algorithm(NamedTuple):
     guard (guard.py) saves and restores those rows alone; None: it keeps a copy of the
     whole state each round (safe for any algorithm, costly for per-client models).
   """
+
   init: Callable[..., Any]
   round: Callable[..., Any]
   personalized: Callable[..., Any]
@@ -81,21 +83,28 @@ def whole_leaves(tree):
 def local_config(config, prox_mu=None, local_epochs=None) -> client_lib.LocalConfig:
   """Local training hyper-parameters from the config, with per-method overrides."""
   return client_lib.LocalConfig(
-      local_epochs=config.local_epochs if local_epochs is None else local_epochs,
-      batch_size=config.batch_size, client_lr=config.client_lr,
-      prox_mu=config.prox_mu if prox_mu is None else prox_mu, batching=config.local_batching,
-      loop=parallel.resolve_local_loop(config.local_loop, config.client_parallelism,
-                                       config.client_chunk_size),
-      unroll=config.local_unroll, compute_dtype=config.compute_dtype)
+    local_epochs=config.local_epochs if local_epochs is None else local_epochs,
+    batch_size=config.batch_size,
+    client_lr=config.client_lr,
+    prox_mu=config.prox_mu if prox_mu is None else prox_mu,
+    batching=config.local_batching,
+    loop=parallel.resolve_local_loop(
+      config.local_loop, config.client_parallelism, config.client_chunk_size
+    ),
+    unroll=config.local_unroll,
+    compute_dtype=config.compute_dtype,
+  )
 
 
 def model_predict(model, compute_dtype: str = "float32"):
   """Prediction with a plain flax variable dict: the model in eval mode, computing in
   `compute_dtype` (params and inputs cast), returning float32 logits."""
+
   def predict(variables, x):
     cast = lambda tree: client_lib.to_compute_dtype(tree, compute_dtype)
     variables = {**variables, "params": cast(variables["params"])}
     return model.apply(variables, cast(x), train=False).astype(jnp.float32)
+
   return predict
 
 
@@ -122,14 +131,17 @@ def client_keys(rng, client_ids):
 
 def training_metrics(data: client_lib.ClientData, client_metrics) -> dict:
   p = sample_weights(data)
-  return {"train/loss": jnp.sum(p * client_metrics["train_loss"]),
-          "train/num_examples": jnp.sum(data.count.astype(jnp.float32)),
-          "clients/train_loss": client_metrics["train_loss"],
-          **gap.forward(client_metrics)}  # The gap metric's per-client (a) on evaluation rounds.
+  return {
+    "train/loss": jnp.sum(p * client_metrics["train_loss"]),
+    "train/num_examples": jnp.sum(data.count.astype(jnp.float32)),
+    "clients/train_loss": client_metrics["train_loss"],
+    **gap.forward(client_metrics),
+  }  # The gap metric's per-client (a) on evaluation rounds.
 
 
-def trained_models(model, models, data, rng, client_ids, local, chunk_size, anchors=None,
-                   parallelism="auto"):
+def trained_models(
+  model, models, data, rng, client_ids, local, chunk_size, anchors=None, parallelism="auto"
+):
   """Each client trains its own copy of `model`'s variables `models` (leading axis C);
   returns (trained models, metrics).
 
@@ -139,10 +151,13 @@ def trained_models(model, models, data, rng, client_ids, local, chunk_size, anch
   takes_mask = models_lib.takes_mask(model)
 
   def one(variables, d, key, anchor=None):
-    delta, metrics = client_lib.local_train(model.apply, variables, gap.train_part(d), key, local,
-                                            anchor=anchor, takes_mask=takes_mask)
+    delta, metrics = client_lib.local_train(
+      model.apply, variables, gap.train_part(d), key, local, anchor=anchor, takes_mask=takes_mask
+    )
     trained = jax.tree.map(jnp.subtract, variables, delta)
     return trained, gap.probe(metrics, model_predict(model), trained, d)
+
   args = (models, data, client_keys(rng, client_ids))
-  return parallel.map_clients(one, args if anchors is None else args + (anchors,), chunk_size,
-                              parallelism)
+  return parallel.map_clients(
+    one, args if anchors is None else args + (anchors,), chunk_size, parallelism
+  )

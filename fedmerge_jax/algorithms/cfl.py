@@ -42,7 +42,9 @@ MIN_SPLIT_SIZE = 3  # The reference splits only clusters with more than 2 (sampl
 
 @flax.struct.dataclass
 class State:
-  clusters: fedmerge.State  # Cluster models [K_max, ...]; logit rows one-hot on each client's cluster.
+  clusters: (
+    fedmerge.State
+  )  # Cluster models [K_max, ...]; logit rows one-hot on each client's cluster.
   num_clusters: jax.Array  # [] int32: slots 0 .. num_clusters - 1 are in use.
   rounds_done: jax.Array  # [] int32.
 
@@ -71,8 +73,11 @@ def complete_linkage_bipartition(distance, members):
     row = jnp.maximum(linkage[a], linkage[b]).at[a].set(jnp.inf).at[b].set(jnp.inf)
     merged = linkage.at[a].set(row).at[:, a].set(row).at[b].set(jnp.inf).at[:, b].set(jnp.inf)
     go = jnp.sum(active) > 2
-    return (jnp.where(go, merged, linkage), jnp.where(go, active.at[b].set(False), active),
-            jnp.where(go & (label == b), a, label))
+    return (
+      jnp.where(go, merged, linkage),
+      jnp.where(go, active.at[b].set(False), active),
+      jnp.where(go & (label == b), a, label),
+    )
 
   _, _, label = jax.lax.fori_loop(0, size, merge, (linkage, members, label))
   first = jnp.argmax(members)
@@ -92,13 +97,21 @@ def split_clusters(cluster, gram, p, num_clusters, max_clusters: int, split_allo
     w = w / jnp.maximum(jnp.sum(w), 1e-30)
     mean_norm = jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
     max_norm = jnp.max(jnp.where(members, norms, 0.0))
-    split = (split_allowed & (c < num_clusters) & (used < max_clusters)
-             & (jnp.sum(members) >= MIN_SPLIT_SIZE)
-             & (mean_norm < config.cfl_eps1) & (max_norm > config.cfl_eps2))
+    split = (
+      split_allowed
+      & (c < num_clusters)
+      & (used < max_clusters)
+      & (jnp.sum(members) >= MIN_SPLIT_SIZE)
+      & (mean_norm < config.cfl_eps1)
+      & (max_norm > config.cfl_eps2)
+    )
     stays = complete_linkage_bipartition(-cosine, members)
     moves = split & members & ~stays
-    return (jnp.where(moves, used, cluster), jnp.where(split, parent.at[used].set(c), parent),
-            used + split.astype(used.dtype))
+    return (
+      jnp.where(moves, used, cluster),
+      jnp.where(split, parent.at[used].set(c), parent),
+      used + split.astype(used.dtype),
+    )
 
   init = (cluster, jnp.arange(max_clusters), num_clusters)
   return jax.lax.fori_loop(0, max_clusters, one, init)
@@ -106,14 +119,22 @@ def split_clusters(cluster, gram, p, num_clusters, max_clusters: int, split_allo
 
 def make(model, config, num_clients, example_input):
   max_clusters = config.cfl_max_clusters
-  inner = fedmerge.make(model, config, num_clients, example_input, num_global_models=max_clusters,
-                        server_update=per_cluster_server(config), prox_mu=0.0)
+  inner = fedmerge.make(
+    model,
+    config,
+    num_clients,
+    example_input,
+    num_global_models=max_clusters,
+    server_update=per_cluster_server(config),
+    prox_mu=0.0,
+  )
 
   def init(rng) -> State:
     clusters = inner.init(rng)
     everyone_in_0 = one_hot_logits(jnp.zeros((num_clients,), jnp.int32), max_clusters)
-    return State(clusters.replace(logits=everyone_in_0), jnp.ones((), jnp.int32),
-                 jnp.zeros((), jnp.int32))
+    return State(
+      clusters.replace(logits=everyone_in_0), jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32)
+    )
 
   def round_fn(state: State, client_ids, data, rng):
     deltas, metrics = inner.stages.train(state.clusters, client_ids, data, rng)
@@ -121,22 +142,39 @@ def make(model, config, num_clients, example_input):
     gram = update_gram(deltas)
     cluster = jnp.argmax(state.clusters.logits[client_ids], axis=1)
     cluster, parent, used = split_clusters(
-        cluster, gram, p, state.num_clusters, max_clusters,
-        state.rounds_done + 1 > config.cfl_warmup_rounds, config)
+      cluster,
+      gram,
+      p,
+      state.num_clusters,
+      max_clusters,
+      state.rounds_done + 1 > config.cfl_warmup_rounds,
+      config,
+    )
     clusters = state.clusters.replace(
-        globals=jax.tree.map(lambda g: g[parent], state.clusters.globals),  # Splits copy the parent.
-        logits=state.clusters.logits.at[client_ids].set(one_hot_logits(cluster, max_clusters)))
+      globals=jax.tree.map(lambda g: g[parent], state.clusters.globals),  # Splits copy the parent.
+      logits=state.clusters.logits.at[client_ids].set(one_hot_logits(cluster, max_clusters)),
+    )
     clusters = inner.stages.server(clusters, client_ids, data, deltas)
-    share = p / jnp.maximum(jnp.sum(p), 1.0)  # The norms eps1, eps2 are compared with (to tune them).
-    metrics = dict(base.training_metrics(data, metrics),
-                   **{"train/num_clusters": used.astype(jnp.float32),
-                      "train/max_update_norm": jnp.sqrt(jnp.max(jnp.diagonal(gram))),
-                      "train/mean_update_norm": jnp.sqrt(jnp.maximum(share @ gram @ share, 0.0))})
+    share = p / jnp.maximum(
+      jnp.sum(p), 1.0
+    )  # The norms eps1, eps2 are compared with (to tune them).
+    metrics = dict(
+      base.training_metrics(data, metrics),
+      **{
+        "train/num_clusters": used.astype(jnp.float32),
+        "train/max_update_norm": jnp.sqrt(jnp.max(jnp.diagonal(gram))),
+        "train/mean_update_norm": jnp.sqrt(jnp.maximum(share @ gram @ share, 0.0)),
+      },
+    )
     return State(clusters, used, state.rounds_done + 1), metrics
 
   return inner._replace(
-      init=init, round=round_fn, stages=None,
-      client_rows=lambda state: State(inner.client_rows(state.clusters), False, False),
-      personalized=lambda state, ids, train: inner.personalized(state.clusters, ids, train),
-      merging_weights=None if inner.merging_weights is None else (
-          lambda state, ids, train: inner.merging_weights(state.clusters, ids, train)))
+    init=init,
+    round=round_fn,
+    stages=None,
+    client_rows=lambda state: State(inner.client_rows(state.clusters), False, False),
+    personalized=lambda state, ids, train: inner.personalized(state.clusters, ids, train),
+    merging_weights=None
+    if inner.merging_weights is None
+    else (lambda state, ids, train: inner.merging_weights(state.clusters, ids, train)),
+  )

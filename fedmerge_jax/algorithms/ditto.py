@@ -35,9 +35,16 @@ def make(model, config, num_clients, example_input):
     received = global_algorithm.personalized(state.server, client_ids, data)
     mine = jax.tree.map(lambda x: x[client_ids], state.personal)
     trained, personal_metrics = base.trained_models(
-        model, mine, data, jax.random.fold_in(rng, PERSONAL_STREAM), client_ids, local,
-        config.client_chunk_size, anchors=received["params"],
-        parallelism=config.client_parallelism)
+      model,
+      mine,
+      data,
+      jax.random.fold_in(rng, PERSONAL_STREAM),
+      client_ids,
+      local,
+      config.client_chunk_size,
+      anchors=received["params"],
+      parallelism=config.client_parallelism,
+    )
     server, metrics = global_algorithm.round(state.server, client_ids, data, rng)
     metrics["train/personal_loss"] = base.training_metrics(data, personal_metrics)["train/loss"]
     return State(server, scatter(state.personal, client_ids, trained)), metrics
@@ -46,11 +53,16 @@ def make(model, config, num_clients, example_input):
     del train_data
     return jax.tree.map(lambda x: x[client_ids], state.personal)
 
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model, config.compute_dtype),
-                        communication=global_algorithm.communication,
-                        received=lambda state, ids, data: global_algorithm.personalized(
-                            state.server, ids, data),  # The server sends w (gap metric).
-                        client_rows=lambda state: State(
-                            global_algorithm.client_rows(state.server),
-                            base.row_leaves(state.personal, num_clients)))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=base.model_predict(model, config.compute_dtype),
+    communication=global_algorithm.communication,
+    received=lambda state, ids, data: global_algorithm.personalized(
+      state.server, ids, data
+    ),  # The server sends w (gap metric).
+    client_rows=lambda state: State(
+      global_algorithm.client_rows(state.server), base.row_leaves(state.personal, num_clients)
+    ),
+  )

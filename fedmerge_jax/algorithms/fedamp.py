@@ -46,8 +46,10 @@ class State:
 def attention_row(personal_params, client_id, uploaded, alpha, sigma):
   """[N] xi_i: alpha e^{-d_ij/sigma}/sigma over the other uploaders j, 1 - their sum on i."""
   mine = jax.tree.map(lambda x: x[client_id], personal_params)
-  distance = sum(jnp.sum(jnp.square(all_ - one).reshape(all_.shape[0], -1), axis=1)
-                 for all_, one in zip(jax.tree.leaves(personal_params), jax.tree.leaves(mine)))
+  distance = sum(
+    jnp.sum(jnp.square(all_ - one).reshape(all_.shape[0], -1), axis=1)
+    for all_, one in zip(jax.tree.leaves(personal_params), jax.tree.leaves(mine))
+  )
   others = uploaded * (jnp.arange(uploaded.shape[0]) != client_id)
   xi = others * alpha * jnp.exp(-distance / sigma) / sigma
   return xi.at[client_id].add(1.0 - jnp.sum(xi))
@@ -65,31 +67,56 @@ def make(model, config, num_clients, example_input):
     del train_data
 
     def one(client_id):
-      xi = attention_row(state.personal["params"], client_id, state.uploaded,
-                         config.fedamp_alpha, config.fedamp_sigma)
-      return jax.tree.map(lambda x: jnp.einsum("n,n...->...", xi.astype(x.dtype), x),
-                          state.personal)
-    return parallel.map_clients(one, (client_ids,), config.client_chunk_size,
-                                config.client_parallelism)
+      xi = attention_row(
+        state.personal["params"],
+        client_id,
+        state.uploaded,
+        config.fedamp_alpha,
+        config.fedamp_sigma,
+      )
+      return jax.tree.map(
+        lambda x: jnp.einsum("n,n...->...", xi.astype(x.dtype), x), state.personal
+      )
+
+    return parallel.map_clients(
+      one, (client_ids,), config.client_chunk_size, config.client_parallelism
+    )
 
   def round_fn(state: State, client_ids, data, rng):
     cloud = cloud_models(state, client_ids)
     mine = jax.tree.map(lambda x: x[client_ids], state.personal)
-    trained, metrics = base.trained_models(model, mine, data, rng, client_ids, local,
-                                           config.client_chunk_size, anchors=cloud["params"],
-                                           parallelism=config.client_parallelism)
-    uploaded = jnp.zeros_like(state.uploaded).at[client_ids].set(
-        (data.count > 0).astype(jnp.float32))  # Phantom clients (no examples) upload nothing.
-    return (State(scatter(state.personal, client_ids, trained), uploaded),
-            base.training_metrics(data, metrics))
+    trained, metrics = base.trained_models(
+      model,
+      mine,
+      data,
+      rng,
+      client_ids,
+      local,
+      config.client_chunk_size,
+      anchors=cloud["params"],
+      parallelism=config.client_parallelism,
+    )
+    uploaded = (
+      jnp.zeros_like(state.uploaded).at[client_ids].set((data.count > 0).astype(jnp.float32))
+    )  # Phantom clients (no examples) upload nothing.
+    return (
+      State(scatter(state.personal, client_ids, trained), uploaded),
+      base.training_metrics(data, metrics),
+    )
 
   def personalized(state: State, client_ids, train_data):
     del train_data
     return jax.tree.map(lambda x: x[client_ids], state.personal)
 
   size = base.model_floats(model, example_input)
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model), communication=(size, size),
-                        received=cloud_models,
-                        client_rows=lambda state: State(  # `uploaded` changes everywhere: whole.
-                            base.row_leaves(state.personal, num_clients), False))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=base.model_predict(model),
+    communication=(size, size),
+    received=cloud_models,
+    client_rows=lambda state: State(  # `uploaded` changes everywhere: whole.
+      base.row_leaves(state.personal, num_clients), False
+    ),
+  )

@@ -18,9 +18,16 @@ def make(model, config, num_clients, example_input):
 
   def personalized(state, client_ids, train_data):
     received = algorithm.personalized(state, client_ids, train_data)
-    tuned, _ = base.trained_models(model, received, train_data, rng, client_ids, local,
-                                   config.client_chunk_size,
-                                   parallelism=config.client_parallelism)
+    tuned, _ = base.trained_models(
+      model,
+      received,
+      train_data,
+      rng,
+      client_ids,
+      local,
+      config.client_chunk_size,
+      parallelism=config.client_parallelism,
+    )
     return tuned
 
   # The server sends the global model; clients fine-tune it only to predict (gap metric).

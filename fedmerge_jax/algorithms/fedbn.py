@@ -23,5 +23,6 @@ from fedmerge_jax.models import batch_norm_mask
 
 
 def make(model, config, num_clients, example_input):
-  return partial_sharing.make(model, config, num_clients, example_input,
-                              personal_mask=batch_norm_mask)
+  return partial_sharing.make(
+    model, config, num_clients, example_input, personal_mask=batch_norm_mask
+  )

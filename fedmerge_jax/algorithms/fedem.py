@@ -60,11 +60,13 @@ def component_apply(model, num_components: int):
   into K, one per component. Other arguments (`train`, `mutable`, BatchNorm's `mask`) reach
   every component alike; the caller tells local training whether `model` takes a mask.
   """
+
   def stacked_apply(variables, x, rngs=None, **kwargs):
     if not rngs:
       return jax.vmap(lambda v: model.apply(v, x, **kwargs))(variables)
     keys = {name: jax.random.split(key, num_components) for name, key in rngs.items()}
     return jax.vmap(lambda v, r: model.apply(v, x, rngs=r, **kwargs))(variables, keys)
+
   return stacked_apply
 
 
@@ -94,12 +96,20 @@ def make(model, config, num_clients, example_input, total_train_examples=None):
     q, pi = e_step(model, components, mixture_row, data)
 
     def weighted_loss(outputs, labels, idx):
-      ce = jax.vmap(lambda out: optax.softmax_cross_entropy_with_integer_labels(out, labels))(outputs)
+      ce = jax.vmap(lambda out: optax.softmax_cross_entropy_with_integer_labels(out, labels))(
+        outputs
+      )
       return jnp.sum(q[idx].T * ce, axis=0)
 
-    delta, metrics = client_lib.local_train(stacked_apply, components, gap.train_part(data), key,
-                                            local, example_loss=weighted_loss,
-                                            takes_mask=models.takes_mask(model))
+    delta, metrics = client_lib.local_train(
+      stacked_apply,
+      components,
+      gap.train_part(data),
+      key,
+      local,
+      example_loss=weighted_loss,
+      takes_mask=models.takes_mask(model),
+    )
     trained = (jax.tree.map(jnp.subtract, components, delta), pi)  # Gap metric (gap.py) only.
     return delta, pi, gap.probe(metrics, predict, trained, data)
 
@@ -111,13 +121,20 @@ def make(model, config, num_clients, example_input, total_train_examples=None):
 
     p = population_weights(data)
     grad, (mixture, client_metrics) = parallel.map_clients(
-        lambda pi, _, d, k: train_one(state.components, pi, d, k),
-        (state.mixture[client_ids], p, data, base.client_keys(rng, client_ids)),
-        config.client_chunk_size, config.client_parallelism, reduce=summarize)
-    updates, opt_state = server.update(grad, state.opt_state, state.components,
-                                       model_mass=jnp.ones((k_models,)))
-    state = State(optax.apply_updates(state.components, updates),
-                  state.mixture.at[client_ids].set(mixture), opt_state)
+      lambda pi, _, d, k: train_one(state.components, pi, d, k),
+      (state.mixture[client_ids], p, data, base.client_keys(rng, client_ids)),
+      config.client_chunk_size,
+      config.client_parallelism,
+      reduce=summarize,
+    )
+    updates, opt_state = server.update(
+      grad, state.opt_state, state.components, model_mass=jnp.ones((k_models,))
+    )
+    state = State(
+      optax.apply_updates(state.components, updates),
+      state.mixture.at[client_ids].set(mixture),
+      opt_state,
+    )
     return state, base.training_metrics(data, client_metrics)
 
   def personalized(state: State, client_ids, train_data):
@@ -129,12 +146,19 @@ def make(model, config, num_clients, example_input, total_train_examples=None):
   def predict(personal, x):
     components, mixture_row = personal
     logits = stacked_apply(components, x, train=False)  # [K, B, classes]
-    log_mix = jax.nn.logsumexp(jax.nn.log_softmax(logits, -1)
-                               + jnp.log(mixture_row)[:, None, None], axis=0)
+    log_mix = jax.nn.logsumexp(
+      jax.nn.log_softmax(logits, -1) + jnp.log(mixture_row)[:, None, None], axis=0
+    )
     return log_mix  # log sum_k pi_k p_k(y|x): its softmax is the mixture itself.
 
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(k_models * size, k_models * size),
-                        merging_weights=lambda state, ids, train: state.mixture[ids],
-                        client_rows=lambda state: State(base.whole_leaves(state.components), True,
-                                                        base.whole_leaves(state.opt_state)))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=predict,
+    communication=(k_models * size, k_models * size),
+    merging_weights=lambda state, ids, train: state.mixture[ids],
+    client_rows=lambda state: State(
+      base.whole_leaves(state.components), True, base.whole_leaves(state.opt_state)
+    ),
+  )

@@ -67,8 +67,9 @@ class State:
 def validation_split(data: client_lib.ClientData, key, fraction: float):
   """(training part, validation part) of a client's examples: a fixed random `fraction` held out."""
   n = data.count
-  held = jnp.where((fraction > 0) & (n >= 2),
-                   jnp.maximum(jnp.floor(fraction * n).astype(n.dtype), 1), 0)
+  held = jnp.where(
+    (fraction > 0) & (n >= 2), jnp.maximum(jnp.floor(fraction * n).astype(n.dtype), 1), 0
+  )
   order = client_lib.epoch_orders(key, n, data.x.shape[0], 1)[0]
   x, y = data.x[order], data.y[order]
   train_n = n - held
@@ -90,8 +91,9 @@ def choose_candidates(key, affinity_row, available, num: int, epsilon):
   explore_key, tie_key, random_key = jax.random.split(key, 3)
   n = affinity_row.shape[0]
   explored = jnp.sum(jax.random.uniform(explore_key, (num,)) < epsilon)
-  ranked = jnp.lexsort((per_client_uniform(tie_key, n),
-                        -jnp.where(available, affinity_row, -jnp.inf)))
+  ranked = jnp.lexsort(
+    (per_client_uniform(tie_key, n), -jnp.where(available, affinity_row, -jnp.inf))
+  )
   rank = jnp.zeros_like(ranked).at[ranked].set(jnp.arange(n))
   top = available & (rank < num - explored)
   score = jnp.where(top, 2.0, jnp.where(available, per_client_uniform(random_key, n), -1.0))
@@ -104,9 +106,13 @@ def l1_distance(a, b):
 
 
 def fomo_weights(predict, own, candidates, valid, validation: client_lib.ClientData):
-  """[M] w_n = (L(own) - L(theta_n)) / ||theta_n - own||_1 on the validation examples; 0 if invalid."""
-  mean_loss = lambda m: evaluation.evaluate_client(predict, m, validation)[1] / jnp.maximum(
-      validation.count, 1)
+  """[M] w_n = (L(own) - L(theta_n)) / ||theta_n - own||_1 on the validation examples.
+
+  0 where a candidate is invalid.
+  """
+  mean_loss = lambda m: (
+    evaluation.evaluate_client(predict, m, validation)[1] / jnp.maximum(validation.count, 1)
+  )
   gains = mean_loss(own) - jax.vmap(mean_loss)(candidates)
   distance = jax.vmap(lambda c: l1_distance(c["params"], own["params"]))(candidates)
   usable = valid & (distance > 0) & (validation.count > 0)
@@ -118,8 +124,9 @@ def federated_start(own, candidates, weights):
   positive = jnp.maximum(weights, 0.0)
   total = jnp.sum(positive)
   share = jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), 0.0)
-  return jax.tree.map(lambda o, c: o + jnp.einsum("m,m...->...", share.astype(c.dtype), c - o),
-                      own, candidates)
+  return jax.tree.map(
+    lambda o, c: o + jnp.einsum("m,m...->...", share.astype(c.dtype), c - o), own, candidates
+  )
 
 
 def affinity_increments(weights):
@@ -136,43 +143,58 @@ def make(model, config, num_clients, example_input):
 
   def init(rng) -> State:
     variables = flax.core.unfreeze(model.init(rng, example_input[None]))
-    return State(broadcast(variables, num_clients),
-                 jnp.zeros((num_clients, num_clients), jnp.float32),
-                 jnp.zeros((num_clients,), jnp.float32), jnp.zeros((), jnp.int32))
+    return State(
+      broadcast(variables, num_clients),
+      jnp.zeros((num_clients, num_clients), jnp.float32),
+      jnp.zeros((num_clients,), jnp.float32),
+      jnp.zeros((), jnp.int32),
+    )
 
   def start_of_round(state: State, client_id, data, key, epsilon):
     """(the client's federated start model, candidates [M], their weights [M], train part)."""
-    train, validation = validation_split(data, jax.random.fold_in(split_key, client_id),
-                                         config.fedfomo_val_fraction)
+    train, validation = validation_split(
+      data, jax.random.fold_in(split_key, client_id), config.fedfomo_val_fraction
+    )
     available = (state.uploaded > 0) & (jnp.arange(state.uploaded.shape[0]) != client_id)
-    chosen, valid = choose_candidates(key, state.affinity[client_id], available,
-                                      downloads, epsilon)
+    chosen, valid = choose_candidates(key, state.affinity[client_id], available, downloads, epsilon)
     own = jax.tree.map(lambda x: x[client_id], state.personal)
     candidates = jax.tree.map(lambda x: x[chosen], state.personal)
     weights = fomo_weights(predict, own, candidates, valid, validation)
     return federated_start(own, candidates, weights), chosen, weights, train
 
   def round_fn(state: State, client_ids, data, rng):
-    epsilon = jnp.maximum(config.fedfomo_epsilon
-                          - state.rounds_done * config.fedfomo_epsilon_decay, 0.0)
+    epsilon = jnp.maximum(
+      config.fedfomo_epsilon - state.rounds_done * config.fedfomo_epsilon_decay, 0.0
+    )
 
     def one(client_id, d, key):
-      start, chosen, weights, train = start_of_round(state, client_id, gap.train_part(d),
-                                                     jax.random.fold_in(key, 0), epsilon)
-      delta, metrics = client_lib.local_train(model.apply, start, train,
-                                              jax.random.fold_in(key, 1), local,
-                                              takes_mask=models_lib.takes_mask(model))
+      start, chosen, weights, train = start_of_round(
+        state, client_id, gap.train_part(d), jax.random.fold_in(key, 0), epsilon
+      )
+      delta, metrics = client_lib.local_train(
+        model.apply,
+        start,
+        train,
+        jax.random.fold_in(key, 1),
+        local,
+        takes_mask=models_lib.takes_mask(model),
+      )
       trained = jax.tree.map(jnp.subtract, start, delta)
       return trained, chosen, affinity_increments(weights), gap.probe(metrics, predict, trained, d)
 
     trained, chosen, increments, metrics = parallel.map_clients(
-        one, (client_ids, data, base.client_keys(rng, client_ids)), config.client_chunk_size,
-        config.client_parallelism)
+      one,
+      (client_ids, data, base.client_keys(rng, client_ids)),
+      config.client_chunk_size,
+      config.client_parallelism,
+    )
     affinity = state.affinity.at[client_ids[:, None], chosen].add(increments)
-    uploaded = jnp.zeros_like(state.uploaded).at[client_ids].set(
-        (data.count > 0).astype(jnp.float32))  # Phantom clients (no examples) upload nothing.
-    new = State(scatter(state.personal, client_ids, trained), affinity, uploaded,
-                state.rounds_done + 1)
+    uploaded = (
+      jnp.zeros_like(state.uploaded).at[client_ids].set((data.count > 0).astype(jnp.float32))
+    )  # Phantom clients (no examples) upload nothing.
+    new = State(
+      scatter(state.personal, client_ids, trained), affinity, uploaded, state.rounds_done + 1
+    )
     return new, base.training_metrics(data, metrics)
 
   def personalized(state: State, client_ids, train_data):
@@ -183,11 +205,21 @@ def make(model, config, num_clients, example_input):
     """What each client would start its next round from, choosing greedily (gap metric)."""
     keys = base.client_keys(jax.random.key(RECEIVED_STREAM), client_ids)
     return parallel.map_clients(
-        lambda cid, d, key: start_of_round(state, cid, d, key, 0.0)[0],
-        (client_ids, train_data, keys), config.client_chunk_size, config.client_parallelism)
+      lambda cid, d, key: start_of_round(state, cid, d, key, 0.0)[0],
+      (client_ids, train_data, keys),
+      config.client_chunk_size,
+      config.client_parallelism,
+    )
 
   size = base.model_floats(model, example_input)
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(downloads * size, size), received=received,
-                        client_rows=lambda state: State(  # `uploaded` changes everywhere: whole.
-                            base.row_leaves(state.personal, num_clients), True, False, False))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=predict,
+    communication=(downloads * size, size),
+    received=received,
+    client_rows=lambda state: State(  # `uploaded` changes everywhere: whole.
+      base.row_leaves(state.personal, num_clients), True, False, False
+    ),
+  )

@@ -26,8 +26,12 @@ from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax.algorithms import base
 from fedmerge_jax.merge import globals_gradients, logit_gradients, merge, merging_weights
-from fedmerge_jax.server_optim import (ServerUpdate, init_logits_state, make_server_update,
-                                       sparse_logits_step)
+from fedmerge_jax.server_optim import (
+  ServerUpdate,
+  init_logits_state,
+  make_server_update,
+  sparse_logits_step,
+)
 
 
 @flax.struct.dataclass
@@ -50,15 +54,22 @@ def trainable_mask(variables):
   The statistics are not arguments of the loss, so they have no place in dL/dA.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[0], "key", None) == "params", variables)
+    lambda path, _: getattr(path[0], "key", None) == "params", variables
+  )
 
 
-def make(model, config, num_clients: int, example_input, *,
-         num_global_models: Optional[int] = None,
-         server_update: Optional[ServerUpdate] = None,
-         prox_mu: Optional[float] = None,
-         assign_logits: Optional[Callable[..., Any]] = None,
-         models_down: Optional[int] = None) -> base.Algorithm:
+def make(
+  model,
+  config,
+  num_clients: int,
+  example_input,
+  *,
+  num_global_models: Optional[int] = None,
+  server_update: Optional[ServerUpdate] = None,
+  prox_mu: Optional[float] = None,
+  assign_logits: Optional[Callable[..., Any]] = None,
+  models_down: Optional[int] = None,
+) -> base.Algorithm:
   """FedMerge for a population of `num_clients`; `example_input` is one unbatched input.
 
   Overrides let other methods reuse this machinery: `assign_logits(state, ids, data)`
@@ -75,7 +86,9 @@ def make(model, config, num_clients: int, example_input, *,
   def init(rng) -> State:
     stacked = init_stacked(model, rng, k_models, example_input)
     logits = jnp.zeros((num_clients, k_models), jnp.float32)  # Uniform 1/K weights.
-    return State(stacked, logits, server.globals_tx.init(stacked), init_logits_state(server, logits))
+    return State(
+      stacked, logits, server.globals_tx.init(stacked), init_logits_state(server, logits)
+    )
 
   def client_logits(state: State, client_ids, data):
     if assign_logits is None:
@@ -87,8 +100,9 @@ def make(model, config, num_clients: int, example_input, *,
 
   def train_one(stacked, weights_row, data, key):
     received = jax.tree.map(lambda leaf: leaf[0], merge(stacked, weights_row[None]))
-    delta, metrics = client_lib.local_train(model.apply, received, gap.train_part(data), key, local,
-                                            takes_mask=takes_mask)
+    delta, metrics = client_lib.local_train(
+      model.apply, received, gap.train_part(data), key, local, takes_mask=takes_mask
+    )
     trained = jax.tree.map(jnp.subtract, received, delta)  # For the gap metric (gap.py) only.
     return delta, gap.probe(metrics, base.model_predict(model, config.compute_dtype), trained, data)
 
@@ -102,7 +116,10 @@ def make(model, config, num_clients: int, example_input, *,
   streaming = not server.logits_first or k_models == 1
 
   def chunk_gradients(stacked, rows, p, deltas):
-    """A chunk of clients' share of the server's gradients: (dL/dTheta summed or None, dL/dA rows)."""
+    """A chunk of clients' share of the server's gradients.
+
+    (dL/dTheta summed or None, dL/dA rows).
+    """
     mask = jax.tree.leaves(mask_fn(stacked))
     picked = lambda tree: [leaf for leaf, m in zip(jax.tree.leaves(tree), mask) if m]
     grad_rows = logit_gradients(picked(stacked), rows, picked(deltas), p)
@@ -115,25 +132,37 @@ def make(model, config, num_clients: int, example_input, *,
     weight_rows = state.logits[client_ids] if server.logits_first else rows
     if grad is None:  # Summed chunk by chunk: no second copy of all clients' deltas.
       grad, _ = parallel.map_clients(
-          lambda *_: None, (weight_rows, deltas, p), config.client_chunk_size,
-          config.client_parallelism,
-          reduce=lambda chunk, _: (globals_gradients(state.globals, *chunk), None))
+        lambda *_: None,
+        (weight_rows, deltas, p),
+        config.client_chunk_size,
+        config.client_parallelism,
+        reduce=lambda chunk, _: (globals_gradients(state.globals, *chunk), None),
+      )
     return globals_step(state, grad, jnp.einsum("c,ck->k", p, merging_weights(weight_rows)))
 
   def assigned(state: State, client_ids, data) -> State:
     if assign_logits is None:
       return state
-    return state.replace(logits=state.logits.at[client_ids].set(
-        assign_logits(state, client_ids, data)))
+    return state.replace(
+      logits=state.logits.at[client_ids].set(assign_logits(state, client_ids, data))
+    )
 
   def train_clients(state: State, client_ids, data, rng, reduce=None):
     """Every sampled client's local training from its merged model, via `map_clients`."""
     stacked = state.globals
-    args = (state.logits[client_ids], base.sample_weights(data), data,
-            base.client_keys(rng, client_ids))
+    args = (
+      state.logits[client_ids],
+      base.sample_weights(data),
+      data,
+      base.client_keys(rng, client_ids),
+    )
     return parallel.map_clients(
-        lambda row, _, d, key: train_one(stacked, merging_weights(row), d, key), args,
-        config.client_chunk_size, config.client_parallelism, reduce=reduce)
+      lambda row, _, d, key: train_one(stacked, merging_weights(row), d, key),
+      args,
+      config.client_chunk_size,
+      config.client_parallelism,
+      reduce=reduce,
+    )
 
   def round_fn(state: State, client_ids, data: client_lib.ClientData, rng):
     state = assigned(state, client_ids, data)
@@ -150,15 +179,18 @@ def make(model, config, num_clients: int, example_input, *,
 
   def logits_step(state: State, client_ids, grad_rows, p) -> State:
     # The authors' logit step needs p per row (server_optim.authors_logit_step).
-    logits, opt_state = sparse_logits_step(server, state.logits, state.logits_opt_state,
-                                           client_ids, grad_rows, row_weights=p)
+    logits, opt_state = sparse_logits_step(
+      server, state.logits, state.logits_opt_state, client_ids, grad_rows, row_weights=p
+    )
     return state.replace(logits=logits, logits_opt_state=opt_state)
 
   def globals_step(state: State, grad, model_mass) -> State:
     updates, opt_state = server.globals_tx.update(
-        grad, state.globals_opt_state, state.globals, model_mass=model_mass)
-    return state.replace(globals=optax.apply_updates(state.globals, updates),
-                         globals_opt_state=opt_state)
+      grad, state.globals_opt_state, state.globals, model_mass=model_mass
+    )
+    return state.replace(
+      globals=optax.apply_updates(state.globals, updates), globals_opt_state=opt_state
+    )
 
   def server_from_deltas(state: State, client_ids, data, deltas) -> State:
     """The server's part of a round given every client's delta (the breakdown's stage)."""
@@ -171,16 +203,27 @@ def make(model, config, num_clients: int, example_input, *,
     """The logits and their optimizer's state change at the round's rows only where the
     step is row-wise; otherwise (the official mode's step sees all [N, K]) kept whole."""
     logits = base.row_leaves if server.logits_rowwise else lambda tree, _: base.whole_leaves(tree)
-    return State(base.whole_leaves(state.globals), logits(state.logits, num_clients),
-                 base.whole_leaves(state.globals_opt_state),
-                 logits(state.logits_opt_state, num_clients))
+    return State(
+      base.whole_leaves(state.globals),
+      logits(state.logits, num_clients),
+      base.whole_leaves(state.globals_opt_state),
+      logits(state.logits_opt_state, num_clients),
+    )
 
   stages = base.RoundStages(
-      train=lambda state, ids, data, rng: train_clients(assigned(state, ids, data), ids, data, rng),
-      server=server_from_deltas)
+    train=lambda state, ids, data, rng: train_clients(assigned(state, ids, data), ids, data, rng),
+    server=server_from_deltas,
+  )
   down = size * (models_down or 1)
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model, config.compute_dtype), communication=(down, size),
-                        merging_weights=(lambda state, ids, train: merging_weights(
-                            client_logits(state, ids, train))) if k_models > 1 else None,
-                        stages=stages, client_rows=client_rows)
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=base.model_predict(model, config.compute_dtype),
+    communication=(down, size),
+    merging_weights=(lambda state, ids, train: merging_weights(client_logits(state, ids, train)))
+    if k_models > 1
+    else None,
+    stages=stages,
+    client_rows=client_rows,
+  )

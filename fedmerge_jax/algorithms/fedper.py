@@ -18,5 +18,9 @@ from fedmerge_jax.algorithms import partial_sharing
 
 def make(model, config, num_clients, example_input):
   return partial_sharing.make(
-      model, config, num_clients, example_input,
-      personal_mask=lambda v: partial_sharing.personal_layers_mask(v, config.personal_layers))
+    model,
+    config,
+    num_clients,
+    example_input,
+    personal_mask=lambda v: partial_sharing.personal_layers_mask(v, config.personal_layers),
+  )

@@ -24,6 +24,10 @@ from fedmerge_jax.algorithms.partial_sharing import Phase
 
 def make(model, config, num_clients, example_input):
   return partial_sharing.make(
-      model, config, num_clients, example_input,
-      personal_mask=lambda v: partial_sharing.personal_layers_mask(v, config.personal_layers),
-      phases=(Phase(config.fedrep_head_epochs, "personal"), Phase(config.local_epochs, "shared")))
+    model,
+    config,
+    num_clients,
+    example_input,
+    personal_mask=lambda v: partial_sharing.personal_layers_mask(v, config.personal_layers),
+    phases=(Phase(config.fedrep_head_epochs, "personal"), Phase(config.local_epochs, "shared")),
+  )

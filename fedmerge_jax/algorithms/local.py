@@ -36,15 +36,27 @@ def make(model, config, num_clients, example_input):
 
   def round_fn(state: State, client_ids, data, rng):
     mine = jax.tree.map(lambda x: x[client_ids], state.personal)
-    trained, metrics = base.trained_models(model, mine, data, rng, client_ids, local,
-                                           config.client_chunk_size,
-                                           parallelism=config.client_parallelism)
+    trained, metrics = base.trained_models(
+      model,
+      mine,
+      data,
+      rng,
+      client_ids,
+      local,
+      config.client_chunk_size,
+      parallelism=config.client_parallelism,
+    )
     return State(scatter(state.personal, client_ids, trained)), base.training_metrics(data, metrics)
 
   def personalized(state: State, client_ids, train_data):
     del train_data
     return jax.tree.map(lambda x: x[client_ids], state.personal)
 
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized,
-                        predict=base.model_predict(model, config.compute_dtype), communication=(0, 0),
-                        client_rows=lambda state: base.row_leaves(state, num_clients))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=base.model_predict(model, config.compute_dtype),
+    communication=(0, 0),
+    client_rows=lambda state: base.row_leaves(state, num_clients),
+  )

@@ -47,6 +47,7 @@ class State:
 
 class Phase(NamedTuple):
   """`epochs` local epochs training the `trains` part of 'params' (one of TRAINS)."""
+
   epochs: int
   trains: str = "all"
 
@@ -57,8 +58,9 @@ def personal_layers_mask(variables, names: Sequence[str]):
   missing = [name for name in names if name not in top]
   if missing:
     raise config_lib.ConfigError(
-        f"config.personal_layers={tuple(names)!r}: the model has no top-level layer "
-        f"{missing[0]!r}; its top-level layers are {top}.")
+      f"config.personal_layers={tuple(names)!r}: the model has no top-level layer "
+      f"{missing[0]!r}; its top-level layers are {top}."
+    )
   return layers_mask(variables, tuple(names))
 
 
@@ -66,14 +68,16 @@ def split(variables, personal_keys):
   """(shared, personal): the leaves whose flattened path is not / is in `personal_keys`."""
   flat = traverse_util.flatten_dict(dict(variables))
   part = lambda personal: traverse_util.unflatten_dict(
-      {k: v for k, v in flat.items() if (k in personal_keys) == personal})
+    {k: v for k, v in flat.items() if (k in personal_keys) == personal}
+  )
   return part(False), part(True)
 
 
 def combine(shared, personal):
   """One variable dict from its shared and personal parts (`split`'s inverse)."""
-  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(shared),
-                                       **traverse_util.flatten_dict(personal)})
+  return traverse_util.unflatten_dict(
+    {**traverse_util.flatten_dict(shared), **traverse_util.flatten_dict(personal)}
+  )
 
 
 def weighted_sum(p, trees):
@@ -81,16 +85,22 @@ def weighted_sum(p, trees):
   return jax.tree.map(lambda d: jnp.einsum("c,c...->...", p, d), trees)
 
 
-def make(model, config, num_clients: int, example_input, *,
-         personal_mask: Callable[[Any], Any],
-         phases: Optional[Sequence[Phase]] = None,
-         init_variables: Optional[Callable[[Any], Any]] = None,
-         apply_fn: Optional[Callable[..., Any]] = None,
-         local: Optional[client_lib.LocalConfig] = None,
-         predict: Optional[Callable[..., Any]] = None,
-         adapt: Optional[Callable[..., Any]] = None,
-         sent: Optional[Callable[[Any], Any]] = None,
-         **train_kwargs) -> base.Algorithm:
+def make(
+  model,
+  config,
+  num_clients: int,
+  example_input,
+  *,
+  personal_mask: Callable[[Any], Any],
+  phases: Optional[Sequence[Phase]] = None,
+  init_variables: Optional[Callable[[Any], Any]] = None,
+  apply_fn: Optional[Callable[..., Any]] = None,
+  local: Optional[client_lib.LocalConfig] = None,
+  predict: Optional[Callable[..., Any]] = None,
+  adapt: Optional[Callable[..., Any]] = None,
+  sent: Optional[Callable[[Any], Any]] = None,
+  **train_kwargs,
+) -> base.Algorithm:
   """The algorithm for `num_clients` whose personal leaves are `personal_mask(variables)`.
 
   phases: how a sampled client trains (default: `local_epochs` on everything).
@@ -103,7 +113,8 @@ def make(model, config, num_clients: int, example_input, *,
   variable dict `predict` takes (gap metric). Both default to the joined variables.
   """
   init_variables = init_variables or (
-      lambda rng: jax.tree.map(lambda x: x[0], init_stacked(model, rng, 1, example_input)))
+    lambda rng: jax.tree.map(lambda x: x[0], init_stacked(model, rng, 1, example_input))
+  )
   apply_fn = apply_fn or model.apply  # A wrapper forwards `mask=` as the model takes it.
   takes_mask = models_lib.takes_mask(model)
   predict = predict or base.model_predict(model)
@@ -111,9 +122,11 @@ def make(model, config, num_clients: int, example_input, *,
   local = local or base.local_config(config, prox_mu=0.0)
   server = averaging_server(config).globals_tx
   abstract = jax.eval_shape(init_variables, jax.random.key(0))
-  personal_keys = frozenset(k for k, is_personal in
-                            traverse_util.flatten_dict(dict(personal_mask(abstract))).items()
-                            if is_personal)
+  personal_keys = frozenset(
+    k
+    for k, is_personal in traverse_util.flatten_dict(dict(personal_mask(abstract))).items()
+    if is_personal
+  )
   shared_size = base.num_floats(split(abstract, personal_keys)[0])
 
   def trainable(trains: str):
@@ -124,7 +137,8 @@ def make(model, config, num_clients: int, example_input, *,
       return None
     flat = traverse_util.flatten_dict(dict(abstract["params"]))
     return traverse_util.unflatten_dict(
-        {k: (("params",) + k in personal_keys) == (trains == "personal") for k in flat})
+      {k: (("params",) + k in personal_keys) == (trains == "personal") for k in flat}
+    )
 
   masks = [trainable(phase.trains) for phase in phases]
 
@@ -148,9 +162,15 @@ def make(model, config, num_clients: int, example_input, *,
       if phase.epochs == 0:
         continue
       delta, metrics = client_lib.local_train(
-          apply_fn, variables, gap.train_part(data), key if i == 0 else jax.random.fold_in(key, i),
-          local._replace(local_epochs=phase.epochs), takes_mask=takes_mask, trainable=mask,
-          **train_kwargs)
+        apply_fn,
+        variables,
+        gap.train_part(data),
+        key if i == 0 else jax.random.fold_in(key, i),
+        local._replace(local_epochs=phase.epochs),
+        takes_mask=takes_mask,
+        trainable=mask,
+        **train_kwargs,
+      )
       variables = jax.tree.map(jnp.subtract, variables, delta)
     new_shared, new_personal = split(variables, personal_keys)
     shared_delta = jax.tree.map(jnp.subtract, shared, new_shared)
@@ -164,13 +184,23 @@ def make(model, config, num_clients: int, example_input, *,
 
     rows, shared = jax.tree.map(lambda x: x[client_ids], state.personal), unstacked(state)
     grad, (personal, metrics) = parallel.map_clients(
-        lambda row, _, d, key: train_one(shared, row, d, key),
-        (rows, base.sample_weights(data), data, base.client_keys(rng, client_ids)),
-        config.client_chunk_size, config.client_parallelism, reduce=summarize)
-    updates, opt_state = server.update(jax.tree.map(lambda g: g[None], grad), state.opt_state,
-                                       state.shared, model_mass=jnp.ones((1,)))
-    state = State(optax.apply_updates(state.shared, updates), opt_state,
-                  scatter(state.personal, client_ids, personal))
+      lambda row, _, d, key: train_one(shared, row, d, key),
+      (rows, base.sample_weights(data), data, base.client_keys(rng, client_ids)),
+      config.client_chunk_size,
+      config.client_parallelism,
+      reduce=summarize,
+    )
+    updates, opt_state = server.update(
+      jax.tree.map(lambda g: g[None], grad),
+      state.opt_state,
+      state.shared,
+      model_mass=jnp.ones((1,)),
+    )
+    state = State(
+      optax.apply_updates(state.shared, updates),
+      opt_state,
+      scatter(state.personal, client_ids, personal),
+    )
     return state, base.training_metrics(data, metrics)
 
   def personalized(state: State, client_ids, train_data):
@@ -180,8 +210,16 @@ def make(model, config, num_clients: int, example_input, *,
   received = None  # The gap metric's default: what the client predicts with.
   if adapt is not None or sent is not None:
     received = lambda state, ids, data: (sent or (lambda m: m))(joined(state, ids))
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(shared_size, shared_size), received=received,
-                        client_rows=lambda state: State(
-                            base.whole_leaves(state.shared), base.whole_leaves(state.opt_state),
-                            base.row_leaves(state.personal, num_clients)))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=predict,
+    communication=(shared_size, shared_size),
+    received=received,
+    client_rows=lambda state: State(
+      base.whole_leaves(state.shared),
+      base.whole_leaves(state.opt_state),
+      base.row_leaves(state.personal, num_clients),
+    ),
+  )

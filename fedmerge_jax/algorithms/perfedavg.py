@@ -39,6 +39,7 @@ ADAPT_STREAM = 0xADA  # Test-time step keys (dropout): fold_in(key(seed), this),
 
 def maml_objective(alpha: float, first_order: bool):
   """A step's loss f(w - alpha grad f(w; D); D'), D / D' the batch's first / second half."""
+
   def objective(batch_loss, params, other, idx, mask, rng):
     half = mask.shape[0] // 2
     first = mask & (jnp.arange(mask.shape[0]) < half)
@@ -49,6 +50,7 @@ def maml_objective(alpha: float, first_order: bool):
     grads, other = jax.grad(batch_loss, has_aux=True)(inner, other, idx, first, inner_rng)
     adapted = jax.tree.map(lambda p, g: p - alpha * g, params, grads)
     return batch_loss(adapted, other, idx, mask & ~first, outer_rng)
+
   return objective
 
 
@@ -59,14 +61,27 @@ def make(model, config, num_clients, example_input):
   def adapt(models, train_data, client_ids):
     """Each client's model after one full-batch gradient step of size alpha on its data."""
     one_step = client_lib.LocalConfig(1, train_data.x.shape[1], config.perfedavg_alpha, 0.0)
+
     def one(variables, data, key):
-      delta, _ = client_lib.local_train(model.apply, variables, data, key, one_step,
-                                        takes_mask=models_lib.takes_mask(model))
+      delta, _ = client_lib.local_train(
+        model.apply, variables, data, key, one_step, takes_mask=models_lib.takes_mask(model)
+      )
       return jax.tree.map(jnp.subtract, variables, delta)
-    return parallel.map_clients(one, (models, train_data, base.client_keys(adapt_rng, client_ids)),
-                                config.client_chunk_size, config.client_parallelism)
+
+    return parallel.map_clients(
+      one,
+      (models, train_data, base.client_keys(adapt_rng, client_ids)),
+      config.client_chunk_size,
+      config.client_parallelism,
+    )
 
   return partial_sharing.make(
-      model, config, num_clients, example_input,
-      personal_mask=lambda v: jax.tree.map(lambda _: False, v), local=local, adapt=adapt,
-      objective=maml_objective(config.perfedavg_alpha, config.perfedavg_variant == "fo"))
+    model,
+    config,
+    num_clients,
+    example_input,
+    personal_mask=lambda v: jax.tree.map(lambda _: False, v),
+    local=local,
+    adapt=adapt,
+    objective=maml_objective(config.perfedavg_alpha, config.perfedavg_variant == "fo"),
+  )

@@ -63,13 +63,16 @@ def moreau_objective(config):
     def inner(i, carry):
       theta, stats, _ = carry
       (loss, stats), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-          theta, stats, idx, mask, jax.random.fold_in(rng, i))
-      theta = jax.tree.map(lambda th, g, wi: th - lr * (g + lam * (th - wi) + l2 * th),
-                           theta, grads, w_now)
+        theta, stats, idx, mask, jax.random.fold_in(rng, i)
+      )
+      theta = jax.tree.map(
+        lambda th, g, wi: th - lr * (g + lam * (th - wi) + l2 * th), theta, grads, w_now
+      )
       return theta, dict(stats), loss
 
     theta, stats, loss = jax.lax.fori_loop(
-        0, config.pfedme_inner_steps, inner, (theta, stats, jnp.zeros((), jnp.float32)))
+      0, config.pfedme_inner_steps, inner, (theta, stats, jnp.zeros((), jnp.float32))
+    )
     pull = 0.5 * lam * client_lib.squared_distance(w, theta)
     value = loss + (pull - jax.lax.stop_gradient(pull))  # The gradient of pull, the value of loss.
     return value, {**stats, THETA: theta}
@@ -90,11 +93,18 @@ def make(model, config, num_clients, example_input):
     def one(d, key):
       w = state.global_model  # w_i and theta both start from it.
       delta, metrics = client_lib.local_train(
-          model.apply, {**w, THETA: w["params"]}, gap.train_part(d), key, local,
-          takes_mask=takes_mask, objective=moreau_objective(config))
+        model.apply,
+        {**w, THETA: w["params"]},
+        gap.train_part(d),
+        key,
+        local,
+        takes_mask=takes_mask,
+        objective=moreau_objective(config),
+      )
       theta_delta = delta.pop(THETA)  # w - theta; the rest is w - w_i (statistics: theta's).
-      theta = {k: jax.tree.map(jnp.subtract, w[k], theta_delta if k == "params" else delta[k])
-               for k in w}
+      theta = {
+        k: jax.tree.map(jnp.subtract, w[k], theta_delta if k == "params" else delta[k]) for k in w
+      }
       return delta, theta, gap.probe(metrics, predict, theta, d)
 
     def summarize(chunk, outputs):
@@ -105,12 +115,18 @@ def make(model, config, num_clients, example_input):
 
     total = jnp.maximum(jnp.sum(data.count.astype(jnp.float32)), 1.0)
     mean_delta, (theta, metrics) = parallel.map_clients(
-        one, (data, base.client_keys(rng, client_ids)), config.client_chunk_size,
-        config.client_parallelism, reduce=summarize)
+      one,
+      (data, base.client_keys(rng, client_ids)),
+      config.client_chunk_size,
+      config.client_parallelism,
+      reduce=summarize,
+    )
     beta = config.pfedme_beta  # w <- (1 - beta) w + beta sum p_i w_i = w - beta sum p_i (w - w_i).
     global_model = jax.tree.map(lambda w, d: w - beta * d, state.global_model, mean_delta)
-    return (State(global_model, scatter(state.personal, client_ids, theta)),
-            base.training_metrics(data, metrics))
+    return (
+      State(global_model, scatter(state.personal, client_ids, theta)),
+      base.training_metrics(data, metrics),
+    )
 
   def personalized(state: State, client_ids, train_data):
     del train_data
@@ -121,7 +137,14 @@ def make(model, config, num_clients, example_input):
     return broadcast(state.global_model, client_ids.shape[0])  # The server sends w (gap metric).
 
   size = base.model_floats(model, example_input)
-  return base.Algorithm(init=init, round=round_fn, personalized=personalized, predict=predict,
-                        communication=(size, size), received=received,
-                        client_rows=lambda state: State(base.whole_leaves(state.global_model),
-                                                        base.row_leaves(state.personal, num_clients)))
+  return base.Algorithm(
+    init=init,
+    round=round_fn,
+    personalized=personalized,
+    predict=predict,
+    communication=(size, size),
+    received=received,
+    client_rows=lambda state: State(
+      base.whole_leaves(state.global_model), base.row_leaves(state.personal, num_clients)
+    ),
+  )

@@ -38,22 +38,63 @@ command). Importing the package defines no flags.
 """
 
 from fedmerge_jax.benchmark.flops import cost_flops, matmul_peak_gflops, train_step_flops
-from fedmerge_jax.benchmark.reference import (client_batches, local_config, loop_reference,
-                                              sgd_step_fn, useful_examples)
+from fedmerge_jax.benchmark.reference import (
+  client_batches,
+  local_config,
+  loop_reference,
+  sgd_step_fn,
+  useful_examples,
+)
 from fedmerge_jax.benchmark.memory import StagePeaks, peak_device_bytes, peak_rss_bytes
 from fedmerge_jax.benchmark.scaling import scaling_row
 from fedmerge_jax.benchmark.targets import targets_row
-from fedmerge_jax.benchmark.timing import (breakdown_row, computed_examples, round_row,
-                                           round_schedule, time_rounds, top_kernels)
-from fedmerge_jax.benchmark.workloads import (MODELS, WORKLOADS, cifar100_cluster_sizes,
-                                              client_sizes, data_bytes, femnist_sizes,
-                                              parse_workloads, size_summary, synthetic_data)
+from fedmerge_jax.benchmark.timing import (
+  breakdown_row,
+  computed_examples,
+  round_row,
+  round_schedule,
+  time_rounds,
+  top_kernels,
+)
+from fedmerge_jax.benchmark.workloads import (
+  MODELS,
+  WORKLOADS,
+  cifar100_cluster_sizes,
+  client_sizes,
+  data_bytes,
+  femnist_sizes,
+  parse_workloads,
+  size_summary,
+  synthetic_data,
+)
 
 __all__ = [
-    "MODELS", "StagePeaks", "WORKLOADS", "breakdown_row", "cifar100_cluster_sizes",
-    "client_batches",
-    "client_sizes", "computed_examples", "cost_flops", "data_bytes", "femnist_sizes",
-    "local_config", "loop_reference", "matmul_peak_gflops", "parse_workloads",
-    "peak_device_bytes", "peak_rss_bytes", "round_row", "round_schedule", "scaling_row",
-    "sgd_step_fn", "size_summary", "synthetic_data", "targets_row", "time_rounds",
-    "top_kernels", "train_step_flops", "useful_examples"]
+  "MODELS",
+  "StagePeaks",
+  "WORKLOADS",
+  "breakdown_row",
+  "cifar100_cluster_sizes",
+  "client_batches",
+  "client_sizes",
+  "computed_examples",
+  "cost_flops",
+  "data_bytes",
+  "femnist_sizes",
+  "local_config",
+  "loop_reference",
+  "matmul_peak_gflops",
+  "parse_workloads",
+  "peak_device_bytes",
+  "peak_rss_bytes",
+  "round_row",
+  "round_schedule",
+  "scaling_row",
+  "sgd_step_fn",
+  "size_summary",
+  "synthetic_data",
+  "targets_row",
+  "time_rounds",
+  "top_kernels",
+  "train_step_flops",
+  "useful_examples",
+]

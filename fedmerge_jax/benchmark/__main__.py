@@ -19,21 +19,39 @@ def main(argv):
   ks = [int(k) for k in FLAGS.num_global_models]
   if FLAGS.scaling_worker:
     config = make_config(FLAGS.algorithm[0], FLAGS.model[0], ks[0])
-    print(json.dumps(scaling.scaling_row(config, FLAGS.scaling_worker, FLAGS.scaling_rounds,
-                                         FLAGS.examples_per_client, FLAGS.image_shape,
-                                         FLAGS.num_classes)), flush=True)
+    print(
+      json.dumps(
+        scaling.scaling_row(
+          config,
+          FLAGS.scaling_worker,
+          FLAGS.scaling_rounds,
+          FLAGS.examples_per_client,
+          FLAGS.image_shape,
+          FLAGS.num_classes,
+        )
+      ),
+      flush=True,
+    )
     return
   try:
     names = workloads.parse_workloads(FLAGS.client_sizes)
-    sizes = {w: workloads.client_sizes(w, FLAGS.clients, FLAGS.examples_per_client, FLAGS.seed)
-             for w in names}
+    sizes = {
+      w: workloads.client_sizes(w, FLAGS.clients, FLAGS.examples_per_client, FLAGS.seed)
+      for w in names
+    }
   except (ValueError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from None
-  runs = [(m, a, k) for m in FLAGS.model for a in FLAGS.algorithm
-          for k in (ks[:1] if a == "fedavg" else ks)]
+  runs = [
+    (m, a, k)
+    for m in FLAGS.model
+    for a in FLAGS.algorithm
+    for k in (ks[:1] if a == "fedavg" else ks)
+  ]
   configs = [make_config(a, m, k) for m, a, k in runs]  # Fail fast.
-  peaks = {dtype: flops.matmul_peak_gflops(FLAGS.peak_size, dtype=dtype)  # TF32 (GPU), bf16.
-           for dtype in client_lib.COMPUTE_DTYPES}
+  peaks = {
+    dtype: flops.matmul_peak_gflops(FLAGS.peak_size, dtype=dtype)  # TF32 (GPU), bf16.
+    for dtype in client_lib.COMPUTE_DTYPES
+  }
   rows: List[Dict[str, Any]] = []
   dtype = np.float16 if FLAGS.data_dtype == "float16" else np.float32
 
@@ -44,9 +62,14 @@ def main(argv):
   for model in FLAGS.model:
     for workload in names:
       data = workloads.synthetic_data(
-          model, sizes[workload], FLAGS.seed, dtype,
-          name=workload if workload in workloads.WORKLOADS else "list",
-          example_shape=FLAGS.image_shape, num_classes=FLAGS.num_classes)
+        model,
+        sizes[workload],
+        FLAGS.seed,
+        dtype,
+        name=workload if workload in workloads.WORKLOADS else "list",
+        example_shape=FLAGS.image_shape,
+        num_classes=FLAGS.num_classes,
+      )
       loop = None
       if FLAGS.reference:
         reference_config = make_config("fedavg", model, 1)

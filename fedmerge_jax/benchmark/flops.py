@@ -36,9 +36,9 @@ def cost_flops(compiled) -> Optional[float]:
   return float(analysis["flops"])
 
 
-
-def train_step_flops(config, example_shape: Tuple[int, ...], num_classes: int,
-                     batch_size: int) -> Optional[float]:
+def train_step_flops(
+  config, example_shape: Tuple[int, ...], num_classes: int, batch_size: int
+) -> Optional[float]:
   """XLA's FLOP count of one SGD step (forward + backward of mean CE) on one batch."""
   model = models.get_model(config.model, num_classes)
   x = jnp.zeros((batch_size, *example_shape), jnp.float32)

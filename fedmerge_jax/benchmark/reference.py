@@ -19,8 +19,9 @@ from fedmerge_jax.models.layers import resolve_conv_impl
 
 def local_config(config) -> client_lib.LocalConfig:
   """The local training settings of a resolved config."""
-  return client_lib.LocalConfig(config.local_epochs, config.batch_size, config.client_lr,
-                                config.prox_mu, config.local_batching)
+  return client_lib.LocalConfig(
+    config.local_epochs, config.batch_size, config.client_lr, config.prox_mu, config.local_batching
+  )
 
 
 def useful_examples(counts, local_epochs: int) -> int:
@@ -40,10 +41,12 @@ def median_time(fn, repeats: int) -> float:
 
 def sgd_step_fn(model, learning_rate: float):
   """One SGD step on one batch, mean CE (FedJAX's per-batch step): (params, x, y, rng) -> params."""
+
   def loss_fn(params, other, x, y, rng):
     mutable = list(other)  # BatchNorm statistics follow the model's train-mode updates.
-    logits, new_other = model.apply({"params": params, **other}, x, train=True,
-                                    rngs={"dropout": rng}, mutable=mutable)
+    logits, new_other = model.apply(
+      {"params": params, **other}, x, train=True, rngs={"dropout": rng}, mutable=mutable
+    )
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), new_other
 
   def step(variables, x, y, rng):
@@ -63,12 +66,13 @@ def client_batches(rng, n: int, local: client_lib.LocalConfig) -> List[np.ndarra
   b = local.batch_size
   if local.batching == "stream":
     order = np.concatenate(orders)
-    return [order[i:i + b] for i in range(0, len(order), b)]
-  return [order[i:i + b] for order in orders for i in range(0, n, b)]
+    return [order[i : i + b] for i in range(0, len(order), b)]
+  return [order[i : i + b] for order in orders for i in range(0, n, b)]
 
 
-def loop_reference(config, data: data_lib.FederatedData, rounds: Sequence[np.ndarray],
-                   warmup_rounds: int = 1) -> Dict[str, Any]:
+def loop_reference(
+  config, data: data_lib.FederatedData, rounds: Sequence[np.ndarray], warmup_rounds: int = 1
+) -> Dict[str, Any]:
   """FedJAX's default backend: a jitted SGD step per batch from a Python loop; FedAvg server.
 
   Same model (with `config.model.conv_impl`), data, clients, batch size, epochs and
@@ -80,8 +84,9 @@ def loop_reference(config, data: data_lib.FederatedData, rounds: Sequence[np.nda
   model = models.get_model(config.model, data.num_classes)
   variables = model.init(jax.random.key(config.seed), jnp.zeros((1, *data.example_shape)))
   step = jax.jit(sgd_step_fn(model, config.client_lr))
-  average = jax.jit(lambda trained, p: jax.tree.map(lambda *xs: sum(w * x for w, x in zip(p, xs)),
-                                                    *trained))
+  average = jax.jit(
+    lambda trained, p: jax.tree.map(lambda *xs: sum(w * x for w, x in zip(p, xs)), *trained)
+  )
   rng = np.random.default_rng(config.seed)
   key = jax.random.key(config.seed)
   local = local_config(config)
@@ -100,8 +105,12 @@ def loop_reference(config, data: data_lib.FederatedData, rounds: Sequence[np.nda
 
   # Warm-up: every batch size (and every number of averaged clients) the timed rounds use.
   holder = {"vars": variables}
-  sizes = {b for ids in rounds for c in ids
-           for b in map(len, client_batches(np.random.default_rng(0), int(counts[c]), local))}
+  sizes = {
+    b
+    for ids in rounds
+    for c in ids
+    for b in map(len, client_batches(np.random.default_rng(0), int(counts[c]), local))
+  }
   start = time.perf_counter()
   for _ in range(warmup_rounds):
     holder["vars"] = one_round(holder["vars"], rounds[0])
@@ -117,8 +126,14 @@ def loop_reference(config, data: data_lib.FederatedData, rounds: Sequence[np.nda
     seconds.append(time.perf_counter() - start)
     useful.append(useful_examples(counts[ids], config.local_epochs))
   rate = statistics.median(u / s for u, s in zip(useful, seconds))
-  return {"kind": "reference", "execution": "python loop of jitted SGD steps (FedJAX)",
-          **setting(config, data),
-          "conv_impl": resolve_conv_impl(config.model.conv_impl),
-          "round_s": statistics.median(seconds), "compile_s": compile_s,
-          "examples_per_s": rate, "useful_examples_per_s": rate, "real_fraction": 1.0}
+  return {
+    "kind": "reference",
+    "execution": "python loop of jitted SGD steps (FedJAX)",
+    **setting(config, data),
+    "conv_impl": resolve_conv_impl(config.model.conv_impl),
+    "round_s": statistics.median(seconds),
+    "compile_s": compile_s,
+    "examples_per_s": rate,
+    "useful_examples_per_s": rate,
+    "real_fraction": 1.0,
+  }

@@ -24,8 +24,9 @@ from fedmerge_jax.benchmark.workloads import data_bytes, setting
 from fedmerge_jax.models.layers import resolve_conv_impl
 
 
-def computed_examples(counts, local: client_lib.LocalConfig, parallelism: str,
-                      chunk_size: int, static_steps: int = 0) -> int:
+def computed_examples(
+  counts, local: client_lib.LocalConfig, parallelism: str, chunk_size: int, static_steps: int = 0
+) -> int:
   """Example rows one round computes for clients with `counts` in the round's order
   (phantoms: 0). Each step computes a full batch of B rows. One at a time ('sequential')
   each client runs its own steps; under 'vmap' each chunk of `chunk_size` consecutive
@@ -42,13 +43,20 @@ def computed_examples(counts, local: client_lib.LocalConfig, parallelism: str,
 def round_schedule(config, num_clients: int, num_rounds: int) -> List[np.ndarray]:
   """The clients of rounds 1..num_rounds, sampled as train.py samples them."""
   sample_rng = jax.random.key(config.seed + 1)
-  return [train.sample_clients(jax.random.fold_in(sample_rng, r), num_clients,
-                               config.clients_per_round) for r in range(1, num_rounds + 1)]
+  return [
+    train.sample_clients(jax.random.fold_in(sample_rng, r), num_clients, config.clients_per_round)
+    for r in range(1, num_rounds + 1)
+  ]
 
 
-def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
-                warmup_rounds: int = 1, profile_kernels: int = 0,
-                peaks: Optional[StagePeaks] = None) -> Dict[str, Any]:
+def time_rounds(
+  config,
+  data: data_lib.FederatedData,
+  num_rounds: int,
+  warmup_rounds: int = 1,
+  profile_kernels: int = 0,
+  peaks: Optional[StagePeaks] = None,
+) -> Dict[str, Any]:
   """Rounds run as train.py runs them: sampled clients largest first, padded to the round's
   bucket (`parallel.RoundGatherer`), the jitted, donated round of `train.compile_round`.
 
@@ -65,8 +73,9 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
     mesh = parallel.make_mesh(config.num_devices)
     config = config.copy_and_resolve_references()
     config.client_chunk_size = train.chosen_chunk_size(config, data, mesh)  # As train.py does.
-    layout = parallel.client_layout(mesh.size, data.num_clients, config.clients_per_round,
-                                    config.client_chunk_size)
+    layout = parallel.client_layout(
+      mesh.size, data.num_clients, config.clients_per_round, config.client_chunk_size
+    )
     _, alg = train.build(config, data, layout)
     init_rng, round_rng = jax.random.split(jax.random.key(config.seed))
     state, shardings = parallel.sharded_init(alg.init, mesh, layout.population, init_rng)
@@ -110,13 +119,16 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
       ordered = one_round(ids)
     seconds.append(time.perf_counter() - start)
     padded = layout.pad_ids(ordered)
-    counts = np.where(padded < data.num_clients,
-                      data.train.counts[np.minimum(padded, data.num_clients - 1)], 0)
-    static_steps = (client_lib.num_local_steps(data.train.padded_length(ordered, config.batch_size),
-                                               local) if loop == "static" else 0)
+    counts = np.where(
+      padded < data.num_clients, data.train.counts[np.minimum(padded, data.num_clients - 1)], 0
+    )
+    static_steps = (
+      client_lib.num_local_steps(data.train.padded_length(ordered, config.batch_size), local)
+      if loop == "static"
+      else 0
+    )
     useful.append(useful_examples(counts, config.local_epochs))
-    computed.append(computed_examples(counts, local, parallelism, layout.chunk_size,
-                                      static_steps))
+    computed.append(computed_examples(counts, local, parallelism, layout.chunk_size, static_steps))
     orders.append(ordered)
   kernels = None
   if profile_kernels:
@@ -124,12 +136,20 @@ def time_rounds(config, data: data_lib.FederatedData, num_rounds: int,
       with jax.profiler.trace(trace_dir):
         one_round(timed[-1])
       kernels = top_kernels(trace_dir, profile_kernels)
-  return {"compile_s": compile_s, "round_s": statistics.median(seconds),
-          "useful_examples_per_s": statistics.median(u / s for u, s in zip(useful, seconds)),
-          "examples_per_s": statistics.median(c / s for c, s in zip(computed, seconds)),
-          "real_fraction": sum(useful) / sum(computed), "compiled_buckets": len(compiled),
-          "client_chunk_size": layout.chunk_size, "local_loop": loop, "top_kernels": kernels,
-          "algorithm": alg, "rounds": orders, "state": holder["state"]}
+  return {
+    "compile_s": compile_s,
+    "round_s": statistics.median(seconds),
+    "useful_examples_per_s": statistics.median(u / s for u, s in zip(useful, seconds)),
+    "examples_per_s": statistics.median(c / s for c, s in zip(computed, seconds)),
+    "real_fraction": sum(useful) / sum(computed),
+    "compiled_buckets": len(compiled),
+    "client_chunk_size": layout.chunk_size,
+    "local_loop": loop,
+    "top_kernels": kernels,
+    "algorithm": alg,
+    "rounds": orders,
+    "state": holder["state"],
+  }
 
 
 def top_kernels(trace_dir: str, top: int) -> List[List[Any]]:
@@ -141,9 +161,17 @@ def top_kernels(trace_dir: str, top: int) -> List[List[Any]]:
     return []
   planes = list(jax.profiler.ProfileData.from_file(paths[0]).planes)
   devices = [p for p in planes if p.name.startswith("/device:")]
-  lines = ([line for p in devices for line in p.lines] if devices else
-           [line for p in planes if p.name == "/host:CPU" for line in p.lines
-            if line.name.startswith("tf_XLA")])
+  lines = (
+    [line for p in devices for line in p.lines]
+    if devices
+    else [
+      line
+      for p in planes
+      if p.name == "/host:CPU"
+      for line in p.lines
+      if line.name.startswith("tf_XLA")
+    ]
+  )
   totals: Dict[str, float] = {}
   for line in lines:
     for event in line.events:
@@ -160,9 +188,14 @@ def alg_parallelism(config, layout: parallel.ClientLayout) -> str:
   return config.client_parallelism
 
 
-def round_row(config, data, peaks: Dict[str, float], num_rounds: int,
-              reference: Optional[Dict[str, Any]] = None,
-              profile_kernels: int = 0) -> Dict[str, Any]:
+def round_row(
+  config,
+  data,
+  peaks: Dict[str, float],
+  num_rounds: int,
+  reference: Optional[Dict[str, Any]] = None,
+  profile_kernels: int = 0,
+) -> Dict[str, Any]:
   """One `round` result row for the resolved `config` on `data`; `peaks`: the measured
   matmul GFLOP/s per dtype, the row's fraction of peak against its compute dtype's."""
   timed = time_rounds(config, data, num_rounds, profile_kernels=profile_kernels)
@@ -173,25 +206,36 @@ def round_row(config, data, peaks: Dict[str, float], num_rounds: int,
   useful_per_s = timed["useful_examples_per_s"]
   achieved = None if flops_per_example is None else examples_per_s * flops_per_example / 1e9
   return {
-      "kind": "round", "algorithm": config.algorithm,
-      "num_global_models": config.num_global_models, **setting(config, data),
-      "conv_impl": resolve_conv_impl(config.model.conv_impl),
-      "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
-      "client_chunk_size": timed["client_chunk_size"],
-      "requested_chunk_size": config.client_chunk_size, "local_loop": timed["local_loop"],
-      "local_unroll": config.local_unroll, "command_buffers": config.command_buffers,
-      "compute_dtype": config.compute_dtype,
-      "backend": jax.default_backend(), "devices": jax.device_count(),
-      "round_s": timed["round_s"], "compile_s": timed["compile_s"],
-      "compiled_buckets": timed["compiled_buckets"],
-      "useful_examples_per_s": useful_per_s, "examples_per_s": examples_per_s,
-      "real_fraction": timed["real_fraction"], **data_bytes(data.train),
-      "flops_per_example": flops_per_example, "achieved_gflops": achieved,
-      "matmul_peak_gflops": peak_gflops, "matmul_peaks_gflops": peaks,
-      "fraction_of_peak": None if achieved is None else achieved / peak_gflops,
-      "top_kernels": timed["top_kernels"],
-      "speedup_vs_loop": (None if reference is None
-                          else useful_per_s / reference["useful_examples_per_s"]),
+    "kind": "round",
+    "algorithm": config.algorithm,
+    "num_global_models": config.num_global_models,
+    **setting(config, data),
+    "conv_impl": resolve_conv_impl(config.model.conv_impl),
+    "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
+    "client_chunk_size": timed["client_chunk_size"],
+    "requested_chunk_size": config.client_chunk_size,
+    "local_loop": timed["local_loop"],
+    "local_unroll": config.local_unroll,
+    "command_buffers": config.command_buffers,
+    "compute_dtype": config.compute_dtype,
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+    "round_s": timed["round_s"],
+    "compile_s": timed["compile_s"],
+    "compiled_buckets": timed["compiled_buckets"],
+    "useful_examples_per_s": useful_per_s,
+    "examples_per_s": examples_per_s,
+    "real_fraction": timed["real_fraction"],
+    **data_bytes(data.train),
+    "flops_per_example": flops_per_example,
+    "achieved_gflops": achieved,
+    "matmul_peak_gflops": peak_gflops,
+    "matmul_peaks_gflops": peaks,
+    "fraction_of_peak": None if achieved is None else achieved / peak_gflops,
+    "top_kernels": timed["top_kernels"],
+    "speedup_vs_loop": (
+      None if reference is None else useful_per_s / reference["useful_examples_per_s"]
+    ),
   }
 
 
@@ -210,19 +254,24 @@ def breakdown_row(config, data, num_rounds: int) -> Dict[str, Any]:
   merge, train_stage, server = jit(alg.personalized), jit(alg.stages.train), jit(alg.stages.server)
   round_fn = jit(alg.round)
   deltas, _ = train_stage(state, ids, batch, rng)
-  evaluate = evaluation.make_evaluator(alg, data, config.client_chunk_size,
-                                       compiler_options=options)
+  evaluate = evaluation.make_evaluator(
+    alg, data, config.client_chunk_size, compiler_options=options
+  )
   stages = {
-      "merge_s": lambda: merge(state, ids, batch),
-      "train_s": lambda: train_stage(state, ids, batch, rng),
-      "server_s": lambda: server(state, ids, batch, deltas),
-      "eval_s": lambda: evaluate(state),
-      "round_s": lambda: round_fn(state, ids, batch, rng),
+    "merge_s": lambda: merge(state, ids, batch),
+    "train_s": lambda: train_stage(state, ids, batch, rng),
+    "server_s": lambda: server(state, ids, batch, deltas),
+    "eval_s": lambda: evaluate(state),
+    "round_s": lambda: round_fn(state, ids, batch, rng),
   }
-  row = {"kind": "breakdown", "algorithm": config.algorithm,
-         "num_global_models": config.num_global_models, **setting(config, data),
-         "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
-         "client_chunk_size": config.client_chunk_size}
+  row = {
+    "kind": "breakdown",
+    "algorithm": config.algorithm,
+    "num_global_models": config.num_global_models,
+    **setting(config, data),
+    "client_parallelism": parallel.resolve_parallelism(config.client_parallelism),
+    "client_chunk_size": config.client_chunk_size,
+  }
   for name, fn in stages.items():
     jax.block_until_ready(fn())  # Compile.
     row[name] = median_time(lambda: jax.block_until_ready(fn()), num_rounds)

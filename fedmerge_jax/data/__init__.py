@@ -11,13 +11,13 @@ from fedmerge_jax.data.federated import ClientArrays, FederatedData
 __all__ = ["ClientArrays", "DataError", "FederatedData", "DATASET_NAMES", "load"]
 
 _LOADERS = {
-    "digits_groups": digits.load,
-    "cifar100_cluster": cifar100.load_cluster,
-    "cifar100_personal": cifar100.load_personal,
-    "domainnet": domains.load_domainnet,
-    "pacs": domains.load_pacs,
-    "femnist": femnist.load,
-    "leaf_femnist": leaf.load,
+  "digits_groups": digits.load,
+  "cifar100_cluster": cifar100.load_cluster,
+  "cifar100_personal": cifar100.load_personal,
+  "domainnet": domains.load_domainnet,
+  "pacs": domains.load_pacs,
+  "femnist": femnist.load,
+  "leaf_femnist": leaf.load,
 }
 DATASET_NAMES = tuple(_LOADERS)
 

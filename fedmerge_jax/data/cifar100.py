@@ -36,11 +36,12 @@ STD = np.array([0.2675, 0.2565, 0.2761], np.float32)
 Arrays = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x, y, test x, y.
 
 PREPARE_HINT = (
-    "Either put the original archive (cifar-100-binary.tar.gz or cifar-100-python.tar.gz "
-    "from https://www.cs.toronto.edu/~kriz/cifar.html) in --config.data.data_dir, or "
-    "prepare TFDS's cifar100 once in an environment with TensorFlow (its builder needs it): "
-    "pip install tensorflow && python -c \"import tensorflow_datasets as tfds; "
-    "tfds.data_source('cifar100', data_dir='DIR')\" and pass --config.data.data_dir=DIR.")
+  "Either put the original archive (cifar-100-binary.tar.gz or cifar-100-python.tar.gz "
+  "from https://www.cs.toronto.edu/~kriz/cifar.html) in --config.data.data_dir, or "
+  "prepare TFDS's cifar100 once in an environment with TensorFlow (its builder needs it): "
+  'pip install tensorflow && python -c "import tensorflow_datasets as tfds; '
+  "tfds.data_source('cifar100', data_dir='DIR')\" and pass --config.data.data_dir=DIR."
+)
 
 
 class Cifar100NotFoundError(DataError):
@@ -52,15 +53,22 @@ def _read_binary(read) -> Arrays:
   out = []
   for name in ("train.bin", "test.bin"):
     records = np.frombuffer(read(name), np.uint8).reshape(-1, 2 + 3072)
-    out += [records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
-            records[:, 1].astype(np.int32)]
+    out += [
+      records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+      records[:, 1].astype(np.int32),
+    ]
   return tuple(out)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles the python archive's dicts of bytes, lists and arrays, and nothing else."""
-  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-              ("numpy", "ndarray"), ("numpy", "dtype")}
+
+  _ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+  }
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
@@ -86,9 +94,11 @@ def read_archive(data_dir: str) -> Optional[Arrays]:
   for stem, reader in _ARCHIVES:
     folder = os.path.join(data_dir, stem)
     if os.path.isdir(folder):
+
       def read(name, folder=folder):
         with open(os.path.join(folder, name), "rb") as f:
           return f.read()
+
       return reader(read)
     path = folder + ".tar.gz"
     if os.path.isfile(path):
@@ -100,21 +110,25 @@ def read_archive(data_dir: str) -> Optional[Arrays]:
 def read_tfds(data_dir: str) -> Arrays:
   """Arrays from a prepared TFDS cifar100 (array_record), in the original order."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    sources = tfds.data_source("cifar100", split=["train", "test"], data_dir=data_dir or None,
-                               download=False)
+    sources = tfds.data_source(
+      "cifar100", split=["train", "test"], data_dir=data_dir or None, download=False
+    )
   except Exception as e:  # TFDS fails in many ways on a missing or tfrecord copy.
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     raise Cifar100NotFoundError(
-        f"CIFAR-100 not found: no cifar-100-binary / cifar-100-python archive in "
-        f"data.data_dir={data_dir!r} and no prepared TFDS cifar100 (array_record) in {where} "
-        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {PREPARE_HINT}"
+      f"CIFAR-100 not found: no cifar-100-binary / cifar-100-python archive in "
+      f"data.data_dir={data_dir!r} and no prepared TFDS cifar100 (array_record) in {where} "
+      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {PREPARE_HINT}"
     ) from e
   out = []
   for source in sources:
     examples = sorted((source[i] for i in range(len(source))), key=lambda ex: ex["id"])
-    out += [np.stack([ex["image"] for ex in examples]).astype(np.uint8),
-            np.array([ex["label"] for ex in examples], np.int32)]
+    out += [
+      np.stack([ex["image"] for ex in examples]).astype(np.uint8),
+      np.array([ex["label"] for ex in examples], np.int32),
+    ]
   return tuple(out)
 
 
@@ -142,22 +156,30 @@ def client_split(images, labels, parts) -> ClientArrays:
   offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
   x = np.empty((len(order), *images.shape[1:]), np.float32)
   for start in range(0, len(order), NORMALIZE_ROWS):
-    rows = order[start:start + NORMALIZE_ROWS]
-    x[start:start + len(rows)] = normalize(images[rows])
+    rows = order[start : start + NORMALIZE_ROWS]
+    x[start : start + len(rows)] = normalize(images[rows])
   return ClientArrays(x, np.asarray(labels[order], np.int32), offsets)
 
 
 def _federation(name, train, test, val, groups=None) -> FederatedData:
   """Clients client_000.. with the splits `train`, `test` and `val` (None: no validation)."""
-  return FederatedData(tuple(f"client_{i:03d}" for i in range(train.num_clients)), train, test,
-                       val, NUM_CLASSES, None if groups is None else np.asarray(groups, np.int32),
-                       name)
+  return FederatedData(
+    tuple(f"client_{i:03d}" for i in range(train.num_clients)),
+    train,
+    test,
+    val,
+    NUM_CLASSES,
+    None if groups is None else np.asarray(groups, np.int32),
+    name,
+  )
 
 
 def _check_partition(c, expected: str) -> None:
   if c.partition != expected:
-    raise ValueError(f"data.name={c.name!r} uses data.partition={expected!r}, got "
-                     f"{c.partition!r}; set --config.data.partition={expected}.")
+    raise ValueError(
+      f"data.name={c.name!r} uses data.partition={expected!r}, got "
+      f"{c.partition!r}; set --config.data.partition={expected}."
+    )
 
 
 def cluster_federation(arrays: Arrays, c) -> FederatedData:
@@ -165,13 +187,23 @@ def cluster_federation(arrays: Arrays, c) -> FederatedData:
   _check_partition(c, "cluster")
   train_x, train_y, test_x, test_y = arrays
   split = partition.cluster_partition(
-      train_y, test_y, c.num_clients, c.num_clusters, c.classes_per_cluster, c.dirichlet_alpha,
-      c.val_fraction, c.seed, num_classes=NUM_CLASSES)
+    train_y,
+    test_y,
+    c.num_clients,
+    c.num_clusters,
+    c.classes_per_cluster,
+    c.dirichlet_alpha,
+    c.val_fraction,
+    c.seed,
+    num_classes=NUM_CLASSES,
+  )
   return _federation(
-      "cifar100_cluster", client_split(train_x, train_y, split.train),
-      client_split(test_x, test_y, split.test),
-      client_split(train_x, train_y, split.val) if c.val_fraction > 0 else None,
-      split.client_cluster)
+    "cifar100_cluster",
+    client_split(train_x, train_y, split.train),
+    client_split(test_x, test_y, split.test),
+    client_split(train_x, train_y, split.val) if c.val_fraction > 0 else None,
+    split.client_cluster,
+  )
 
 
 def personal_federation(arrays: Arrays, c) -> FederatedData:
@@ -180,26 +212,50 @@ def personal_federation(arrays: Arrays, c) -> FederatedData:
   train_x, train_y, test_x, test_y = arrays
   x, y = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
   train, val, test = partition.personal_partition(
-      y, c.num_clients, c.dirichlet_alpha, c.min_client_size, c.test_fraction, c.val_fraction,
-      c.seed, num_classes=NUM_CLASSES)
-  return _federation("cifar100_personal", client_split(x, y, train), client_split(x, y, test),
-                     client_split(x, y, val) if c.val_fraction > 0 else None)
+    y,
+    c.num_clients,
+    c.dirichlet_alpha,
+    c.min_client_size,
+    c.test_fraction,
+    c.val_fraction,
+    c.seed,
+    num_classes=NUM_CLASSES,
+  )
+  return _federation(
+    "cifar100_personal",
+    client_split(x, y, train),
+    client_split(x, y, test),
+    client_split(x, y, val) if c.val_fraction > 0 else None,
+  )
 
 
 def split_statistics(data: FederatedData) -> dict:
   """Plain-Python summary of a federation: clients per group, client sizes, classes each."""
+
   def sizes(arrays):
     n = arrays.counts
-    return {"total": int(n.sum()), "min": int(n.min()), "median": float(np.median(n)),
-            "max": int(n.max())}
+    return {
+      "total": int(n.sum()),
+      "min": int(n.min()),
+      "median": float(np.median(n)),
+      "max": int(n.max()),
+    }
+
   present = np.zeros((data.num_clients, data.num_classes), bool)
   for i in range(data.num_clients):
     present[i, data.train.client(i)[1]] = True
   classes = present.sum(1)
-  stats = {"name": data.name, "num_clients": data.num_clients,
-           "train": sizes(data.train), "test": sizes(data.test),
-           "classes_per_client": {"min": int(classes.min()), "median": float(np.median(classes)),
-                                  "max": int(classes.max())}}
+  stats = {
+    "name": data.name,
+    "num_clients": data.num_clients,
+    "train": sizes(data.train),
+    "test": sizes(data.test),
+    "classes_per_client": {
+      "min": int(classes.min()),
+      "median": float(np.median(classes)),
+      "max": int(classes.max()),
+    },
+  }
   if data.val is not None:
     stats["val"] = sizes(data.val)
   if data.groups is not None:

@@ -39,7 +39,7 @@ def split_client(indices: np.ndarray, test_fraction: float, val_fraction: float,
   indices = rng.permutation(indices)
   n_test = int(round(len(indices) * test_fraction))
   n_val = int(round(len(indices) * val_fraction))
-  return indices[n_test + n_val:], indices[:n_test], indices[n_test:n_test + n_val]
+  return indices[n_test + n_val :], indices[:n_test], indices[n_test : n_test + n_val]
 
 
 def load(data_config) -> FederatedData:
@@ -50,10 +50,10 @@ def load(data_config) -> FederatedData:
   num_classes = 10
   c = data_config
   if c.num_groups < 1 or c.num_clients < c.num_groups:
-    raise ValueError(f"data.num_groups={c.num_groups} must be in [1, data.num_clients="
-                     f"{c.num_clients}].")
-  parts = partition.partition_by_name(c.partition, labels, c,
-                                      min_size=max(c.min_client_size, 10))
+    raise ValueError(
+      f"data.num_groups={c.num_groups} must be in [1, data.num_clients={c.num_clients}]."
+    )
+  parts = partition.partition_by_name(c.partition, labels, c, min_size=max(c.min_client_size, 10))
   transforms = group_transforms(c.num_groups, c.group_transform, num_classes, c.seed)
   groups = np.arange(c.num_clients) % c.num_groups  # Interleaved: ids reveal nothing.
   rng = np.random.default_rng(c.seed + 1)
@@ -61,9 +61,15 @@ def load(data_config) -> FederatedData:
   for client, indices in enumerate(parts):
     image_fn, label_map = transforms[groups[client]]
     cid = f"client_{client:03d}"
-    for name, idx in zip(("train", "test", "val"),
-                         split_client(indices, c.test_fraction, c.val_fraction, rng)):
+    for name, idx in zip(
+      ("train", "test", "val"), split_client(indices, c.test_fraction, c.val_fraction, rng)
+    ):
       splits[name][cid] = (np.ascontiguousarray(image_fn(images[idx])), label_map[labels[idx]])
   return FederatedData.from_arrays(
-      splits["train"], splits["test"], splits["val"] if c.val_fraction > 0 else None,
-      num_classes=num_classes, groups=dict(zip(splits["train"], groups)), name="digits_groups")
+    splits["train"],
+    splits["test"],
+    splits["val"] if c.val_fraction > 0 else None,
+    num_classes=num_classes,
+    groups=dict(zip(splits["train"], groups)),
+    name="digits_groups",
+  )

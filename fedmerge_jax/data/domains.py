@@ -30,16 +30,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FOLDER_LAYOUT = "<data.data_dir>/<domain>/<class>/*.jpg|*.jpeg|*.png"
 
 DOMAINNET_HOWTO = (
-    "tfds.data_source reads DomainNet in the array_record format. Preparing it needs "
-    "TensorFlow (TFDS's domainnet builder reads its files with tf.io.gfile) and downloads "
-    "about 20 GB: in an environment with `pip install tensorflow tensorflow-datasets`, run "
-    "`tfds build domainnet/<domain> --file_format=array_record --data_dir=DIR` for each "
-    f"domain of {DOMAINNET_DOMAINS}, then copy DIR here if needed and pass "
-    "--config.data.data_dir=DIR.")
+  "tfds.data_source reads DomainNet in the array_record format. Preparing it needs "
+  "TensorFlow (TFDS's domainnet builder reads its files with tf.io.gfile) and downloads "
+  "about 20 GB: in an environment with `pip install tensorflow tensorflow-datasets`, run "
+  "`tfds build domainnet/<domain> --file_format=array_record --data_dir=DIR` for each "
+  f"domain of {DOMAINNET_DOMAINS}, then copy DIR here if needed and pass "
+  "--config.data.data_dir=DIR."
+)
 PACS_HOWTO = (
-    "Download PACS (Li et al. 2017, https://domaingeneralization.github.io/; the 'kfold' "
-    f"image folder) and point --config.data.data_dir at the folder that holds {PACS_DOMAINS} "
-    f"(or at its parent holding kfold/). Expected layout: {FOLDER_LAYOUT}.")
+  "Download PACS (Li et al. 2017, https://domaingeneralization.github.io/; the 'kfold' "
+  f"image folder) and point --config.data.data_dir at the folder that holds {PACS_DOMAINS} "
+  f"(or at its parent holding kfold/). Expected layout: {FOLDER_LAYOUT}."
+)
 
 
 class DataNotFoundError(DataError):
@@ -76,8 +78,10 @@ def class_mapping(requested: Sequence[str], names: Sequence[str], dataset: str) 
   index = {n: i for i, n in enumerate(names)}
   unknown = [n for n in requested if n not in index]
   if unknown or len(set(requested)) != len(requested):
-    raise ValueError(f"data.classes={tuple(requested)} must be distinct class names of "
-                     f"{dataset}; unknown: {unknown}; e.g. {tuple(names[:5])}.")
+    raise ValueError(
+      f"data.classes={tuple(requested)} must be distinct class names of "
+      f"{dataset}; unknown: {unknown}; e.g. {tuple(names[:5])}."
+    )
   mapping = np.full(len(names), -1)
   mapping[[index[n] for n in requested]] = np.arange(len(requested))
   return mapping
@@ -88,8 +92,9 @@ def _domain_seed(seed: int, domain: str) -> int:
   return int(np.random.SeedSequence((seed, zlib.crc32(domain.encode()))).generate_state(1)[0])
 
 
-def federate_domains(domains: Sequence[Domain], data_config, num_classes: int,
-                     name: str) -> FederatedData:
+def federate_domains(
+  domains: Sequence[Domain], data_config, num_classes: int, name: str
+) -> FederatedData:
   """Splits each domain into data.clients_per_domain clients, then each client into splits."""
   c = data_config
   splits = {"train": {}, "test": {}, "val": {}}
@@ -98,27 +103,41 @@ def federate_domains(domains: Sequence[Domain], data_config, num_classes: int,
     if not len(labels):
       raise ValueError(f"{name}: domain {domain!r} has no examples of the selected classes.")
     seed = _domain_seed(c.seed, domain)
-    parts = partition.partition_by_name(c.partition, labels, c, num_clients=c.clients_per_domain,
-                                        seed=seed)
+    parts = partition.partition_by_name(
+      c.partition, labels, c, num_clients=c.clients_per_domain, seed=seed
+    )
     report = partition.describe_partition(labels, parts, num_classes)
-    logging.info("%s/%s: %d examples, %d clients, sizes min %d median %.0f max %d", name,
-                 domain, len(labels), len(parts), report["size_min"], report["size_median"],
-                 report["size_max"])
+    logging.info(
+      "%s/%s: %d examples, %d clients, sizes min %d median %.0f max %d",
+      name,
+      domain,
+      len(labels),
+      len(parts),
+      report["size_min"],
+      report["size_median"],
+      report["size_max"],
+    )
     rng = np.random.default_rng(seed + 1)
     for i, indices in enumerate(parts):
       cid = f"{domain}_{i:03d}"
       groups[cid] = g
-      for split, idx in zip(("train", "test", "val"),
-                            split_client(indices, c.test_fraction, c.val_fraction, rng)):
-        splits[split][cid] = (images[idx].astype(np.float32) / 255.0,
-                              labels[idx].astype(np.int32))
+      for split, idx in zip(
+        ("train", "test", "val"), split_client(indices, c.test_fraction, c.val_fraction, rng)
+      ):
+        splits[split][cid] = (images[idx].astype(np.float32) / 255.0, labels[idx].astype(np.int32))
   return FederatedData.from_arrays(
-      splits["train"], splits["test"], splits["val"] if c.val_fraction > 0 else None,
-      num_classes=num_classes, groups=groups, name=name)
+    splits["train"],
+    splits["test"],
+    splits["val"] if c.val_fraction > 0 else None,
+    num_classes=num_classes,
+    groups=groups,
+    name=name,
+  )
 
 
-def read_image_folder(root: str, domains: Sequence[str], classes: Sequence[str],
-                      image_size: int, howto: str) -> Tuple[Tuple[str, ...], list]:
+def read_image_folder(
+  root: str, domains: Sequence[str], classes: Sequence[str], image_size: int, howto: str
+) -> Tuple[Tuple[str, ...], list]:
   """`root/<domain>/<class>/*.jpg|png` -> (class names, [(domain, images, labels)]).
 
   Class names are the sorted union of the domains' class folders (or `classes`, in its
@@ -131,8 +150,14 @@ def read_image_folder(root: str, domains: Sequence[str], classes: Sequence[str],
   for d in domains:
     if not os.path.isdir(os.path.join(root, d)):
       raise DataNotFoundError(f"Domain folder {os.path.join(root, d)!r} is missing. {howto}")
-  names = sorted({k for d in domains for k in os.listdir(os.path.join(root, d))
-                  if os.path.isdir(os.path.join(root, d, k))})
+  names = sorted(
+    {
+      k
+      for d in domains
+      for k in os.listdir(os.path.join(root, d))
+      if os.path.isdir(os.path.join(root, d, k))
+    }
+  )
   mapping = class_mapping(classes, names, root)
   out = []
   for d in domains:
@@ -146,8 +171,9 @@ def read_image_folder(root: str, domains: Sequence[str], classes: Sequence[str],
           images.append(decode_image(os.path.join(folder, f), image_size))
           labels.append(mapping[k])
     if not labels:
-      raise DataNotFoundError(f"Domain folder {os.path.join(root, d)!r} has no images of the "
-                              f"selected classes. {howto}")
+      raise DataNotFoundError(
+        f"Domain folder {os.path.join(root, d)!r} has no images of the selected classes. {howto}"
+      )
     out.append((d, np.stack(images), np.array(labels, np.int32)))
   return tuple(classes) or tuple(names), out
 
@@ -167,13 +193,21 @@ def load_pacs(data_config) -> FederatedData:
 def _tfds_split(domain: str, split: str, data_dir):
   """TFDS `domainnet/<domain>` `split` as a data source whose images stay encoded bytes."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    return tfds.data_source(f"domainnet/{domain}", split=split, data_dir=data_dir,
-                            download=False, decoders={"image": tfds.decode.SkipDecoding()})
+    return tfds.data_source(
+      f"domainnet/{domain}",
+      split=split,
+      data_dir=data_dir,
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
   except Exception as e:  # TFDS raises several types for "not prepared (as array_record)".
     where = tfds.builder(f"domainnet/{domain}", data_dir=data_dir).data_dir
-    raise DataNotFoundError(f"DomainNet domain {domain!r} is not prepared for tfds.data_source "
-                            f"under {where!r} ({type(e).__name__}: {e}). {DOMAINNET_HOWTO}") from e
+    raise DataNotFoundError(
+      f"DomainNet domain {domain!r} is not prepared for tfds.data_source "
+      f"under {where!r} ({type(e).__name__}: {e}). {DOMAINNET_HOWTO}"
+    ) from e
 
 
 def _read_tfds_domain(domain: str, data_dir, mapping: np.ndarray, image_size: int) -> Domain:
@@ -188,13 +222,17 @@ def _read_tfds_domain(domain: str, data_dir, mapping: np.ndarray, image_size: in
         images.append(decode_image(bytes(example["image"]), image_size))
         labels.append(label)
   shape = (0, image_size, image_size, 3)
-  return (domain, np.stack(images) if images else np.zeros(shape, np.uint8),
-          np.array(labels, np.int32))
+  return (
+    domain,
+    np.stack(images) if images else np.zeros(shape, np.uint8),
+    np.array(labels, np.int32),
+  )
 
 
 def load_domainnet(data_config) -> FederatedData:
   """DomainNet from TFDS, each domain split into data.clients_per_domain clients."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   c = data_config
   domains = select_domains(c.domains, DOMAINNET_DOMAINS, "domainnet")
   data_dir = c.data_dir or None

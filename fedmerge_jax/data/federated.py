@@ -18,27 +18,38 @@ def check_client(where: str, x: np.ndarray, y: np.ndarray, example_shape, num_cl
   """DataError naming `where` (e.g. "from_arrays: train['alice']") and the fix, for a client's
   (x, y) that would give a wrong result or a crash later."""
   if len(x) != len(y):
-    raise DataError(f"{where}: x has {len(x)} examples but y has {len(y)}; give one label "
-                    "per example.")
+    raise DataError(
+      f"{where}: x has {len(x)} examples but y has {len(y)}; give one label per example."
+    )
   if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-    raise DataError(f"{where}: x has dtype {x.dtype}, which can be neither an image nor a "
-                    "feature; give numbers (float32 features, uint8 or float images).")
+    raise DataError(
+      f"{where}: x has dtype {x.dtype}, which can be neither an image nor a "
+      "feature; give numbers (float32 features, uint8 or float images)."
+    )
   if not np.issubdtype(y.dtype, np.integer):
-    raise DataError(f"{where}: labels must be integers, got {y.dtype}; map the classes to "
-                    "0..num_classes-1 (e.g. np.unique(y, return_inverse=True)[1]).")
+    raise DataError(
+      f"{where}: labels must be integers, got {y.dtype}; map the classes to "
+      "0..num_classes-1 (e.g. np.unique(y, return_inverse=True)[1])."
+    )
   if tuple(x.shape[1:]) != tuple(example_shape):
-    raise DataError(f"{where}: example shape {tuple(x.shape[1:])} differs from "
-                    f"{tuple(example_shape)} (the first client's); give every client and "
-                    "split examples of one shape.")
+    raise DataError(
+      f"{where}: example shape {tuple(x.shape[1:])} differs from "
+      f"{tuple(example_shape)} (the first client's); give every client and "
+      "split examples of one shape."
+    )
   if np.issubdtype(x.dtype, np.floating):
     finite = np.isfinite(x.reshape(len(x), int(np.prod(x.shape[1:])))).all(axis=1)
     if not finite.all():
-      raise DataError(f"{where}: x contains NaN or infinite values (example "
-                      f"{int(np.argmin(finite))} first); clean or drop those examples.")
+      raise DataError(
+        f"{where}: x contains NaN or infinite values (example "
+        f"{int(np.argmin(finite))} first); clean or drop those examples."
+      )
   if len(y) and (y.min() < 0 or y.max() >= num_classes):
     bad = int(y.min() if y.min() < 0 else y.max())
-    raise DataError(f"{where}: label {bad} is outside [0, {num_classes}); fix the labels, or "
-                    "pass a num_classes that covers them.")
+    raise DataError(
+      f"{where}: label {bad} is outside [0, {num_classes}); fix the labels, or "
+      "pass a num_classes that covers them."
+    )
 
 
 def padded_length(n: int, multiple: int, cap: Optional[int] = None) -> int:
@@ -62,13 +73,14 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
   nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
   raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
   start = -raw.ctypes.data % ALIGNMENT
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
+  return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientArrays:
   """One split for all clients, ragged: client i's examples are rows offsets[i]:offsets[i+1]
   of x `[total, ...]` and y `[total]`; nothing is stored for padding."""
+
   x: np.ndarray
   y: np.ndarray
   offsets: np.ndarray  # [N + 1], int64.
@@ -111,27 +123,29 @@ class ClientArrays:
     length = max(int(counts.max(initial=0)) if length is None else int(length), 1)
     if counts.max(initial=0) > length:
       raise ValueError(
-          f"gather: a client holds {counts.max()} examples, more than length={length}.")
+        f"gather: a client holds {counts.max()} examples, more than length={length}."
+      )
     x = aligned_zeros((len(ids), length, *self.x.shape[1:]), self.x.dtype)
     y = aligned_zeros((len(ids), length), self.y.dtype)
     for row, (i, n) in enumerate(zip(ids, counts)):
       if n:
         start = self.offsets[i]
-        x[row, :n] = self.x[start:start + n]
-        y[row, :n] = self.y[start:start + n]
+        x[row, :n] = self.x[start : start + n]
+        y[row, :n] = self.y[start : start + n]
     return ClientData(x, y, counts)
 
   @classmethod
-  def from_clients(cls, per_client: Sequence[Tuple[np.ndarray, np.ndarray]], example_shape,
-                   x_dtype=np.float32) -> "ClientArrays":
+  def from_clients(
+    cls, per_client: Sequence[Tuple[np.ndarray, np.ndarray]], example_shape, x_dtype=np.float32
+  ) -> "ClientArrays":
     """Concatenates clients' (x, y) into one ragged split."""
     counts = np.array([len(y) for _, y in per_client], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     x = np.zeros((int(offsets[-1]), *example_shape), x_dtype)
     y = np.zeros((int(offsets[-1]),), np.int32)
     for i, (xi, yi) in enumerate(per_client):
-      x[offsets[i]:offsets[i + 1]] = xi
-      y[offsets[i]:offsets[i + 1]] = yi
+      x[offsets[i] : offsets[i + 1]] = xi
+      y[offsets[i] : offsets[i + 1]] = yi
     return cls(x, y, offsets)
 
 
@@ -141,6 +155,7 @@ class FederatedData:
 
   `groups` holds each client's hidden group where the data has one (for analysis only).
   """
+
   client_ids: Tuple[str, ...]
   train: ClientArrays
   test: ClientArrays
@@ -156,20 +171,30 @@ class FederatedData:
       if arrays is None:
         continue
       if arrays.num_clients != self.num_clients:
-        raise DataError(f"{self.name}: {split} holds {arrays.num_clients} clients, not the "
-                        f"{self.num_clients} of client_ids; give every split the same clients.")
+        raise DataError(
+          f"{self.name}: {split} holds {arrays.num_clients} clients, not the "
+          f"{self.num_clients} of client_ids; give every split the same clients."
+        )
       for i, cid in enumerate(self.client_ids):
-        check_client(f"{self.name}: {split}[{cid!r}]", *arrays.client(i),
-                     self.train.x.shape[1:], self.num_classes)
+        check_client(
+          f"{self.name}: {split}[{cid!r}]",
+          *arrays.client(i),
+          self.train.x.shape[1:],
+          self.num_classes,
+        )
     empty = [cid for cid, n in zip(self.client_ids, self.train.counts) if n == 0]
     if empty:
-      raise DataError(f"{self.name}: train{empty[:5]} ha{'s' if len(empty) == 1 else 've'} no "
-                      "training examples, and every sampled client trains: drop "
-                      f"{'it' if len(empty) == 1 else 'them'} (from test and val too) or give "
-                      "each some examples.")
+      raise DataError(
+        f"{self.name}: train{empty[:5]} ha{'s' if len(empty) == 1 else 've'} no "
+        "training examples, and every sampled client trains: drop "
+        f"{'it' if len(empty) == 1 else 'them'} (from test and val too) or give "
+        "each some examples."
+      )
     if not self.test.counts.sum():
-      raise DataError(f"{self.name}: the test split has no examples, and every evaluation "
-                      "needs them; give each client test examples.")
+      raise DataError(
+        f"{self.name}: the test split has no examples, and every evaluation "
+        "needs them; give each client test examples."
+      )
 
   @property
   def num_clients(self) -> int:
@@ -180,11 +205,15 @@ class FederatedData:
     return tuple(self.train.x.shape[1:])
 
   @classmethod
-  def from_arrays(cls, train: Mapping[str, Tuple[np.ndarray, np.ndarray]],
-                  test: Mapping[str, Tuple[np.ndarray, np.ndarray]],
-                  val: Optional[Mapping[str, Tuple[np.ndarray, np.ndarray]]] = None,
-                  num_classes: Optional[int] = None, groups: Optional[Dict[str, int]] = None,
-                  name: str = "custom") -> "FederatedData":
+  def from_arrays(
+    cls,
+    train: Mapping[str, Tuple[np.ndarray, np.ndarray]],
+    test: Mapping[str, Tuple[np.ndarray, np.ndarray]],
+    val: Optional[Mapping[str, Tuple[np.ndarray, np.ndarray]]] = None,
+    num_classes: Optional[int] = None,
+    groups: Optional[Dict[str, int]] = None,
+    name: str = "custom",
+  ) -> "FederatedData":
     """Builds from dicts `client_id -> (x, y)` of NumPy arrays.
 
     Client order is the order of `train`. Every client of `train` needs training examples
@@ -197,42 +226,57 @@ class FederatedData:
       raise DataError("from_arrays: train has no clients; give {client_id: (x, y)}.")
     ids = [str(k) for k in train]
     if not test:
-      raise DataError("from_arrays: test has no clients, and every evaluation needs them; "
-                      "give {client_id: (x, y)} for each client of train.")
+      raise DataError(
+        "from_arrays: test has no clients, and every evaluation needs them; "
+        "give {client_id: (x, y)} for each client of train."
+      )
     missing = [cid for cid in ids if cid not in set(map(str, test))]
     if missing:
-      raise DataError(f"from_arrays: test lacks {len(missing)} of the {len(ids)} clients "
-                      f"({missing[:5]}); give each one a test entry (an empty (x, y) for "
-                      "one without test examples), or drop it from train.")
+      raise DataError(
+        f"from_arrays: test lacks {len(missing)} of the {len(ids)} clients "
+        f"({missing[:5]}); give each one a test entry (an empty (x, y) for "
+        "one without test examples), or drop it from train."
+      )
     splits = {"train": train, "test": test, "val": val}
     example_shape = np.asarray(next(iter(train.values()))[0]).shape[1:]
-    labels = [np.asarray(y) for clients in splits.values() if clients
-              for _, y in clients.values()]
-    max_label = max((int(y.max()) for y in labels if len(y) and y.dtype.kind in "iub"),
-                    default=-1)
+    labels = [np.asarray(y) for clients in splits.values() if clients for _, y in clients.values()]
+    max_label = max((int(y.max()) for y in labels if len(y) and y.dtype.kind in "iub"), default=-1)
     num_classes = num_classes or max_label + 1
     for split, clients in splits.items():
       if clients is None:
         continue
       extra = set(map(str, clients)) - set(ids)
       if extra:
-        raise DataError(f"from_arrays: {split} has clients that train lacks: {sorted(extra)[:5]}; "
-                        "every client must be in train.")
+        raise DataError(
+          f"from_arrays: {split} has clients that train lacks: {sorted(extra)[:5]}; "
+          "every client must be in train."
+        )
       for cid, (x, y) in clients.items():
-        check_client(f"from_arrays: {split}[{cid!r}]", np.asarray(x), np.asarray(y),
-                     example_shape, num_classes)
+        check_client(
+          f"from_arrays: {split}[{cid!r}]", np.asarray(x), np.asarray(y), example_shape, num_classes
+        )
 
     def arrays(clients):
       empty = (np.zeros((0, *example_shape), np.float32), np.zeros((0,), np.int32))
       by_id = {str(k): v for k, v in clients.items()}
       per_client = [by_id.get(cid, empty) for cid in ids]
       # float16 images stay float16 (half the host memory); anything else becomes float32.
-      x_dtype = np.float16 if all(np.asarray(x).dtype == np.float16 for x, _ in per_client
-                                  if len(x)) else np.float32
-      return ClientArrays.from_clients([(np.asarray(x), np.asarray(y)) for x, y in per_client],
-                                       example_shape, x_dtype)
+      x_dtype = (
+        np.float16
+        if all(np.asarray(x).dtype == np.float16 for x, _ in per_client if len(x))
+        else np.float32
+      )
+      return ClientArrays.from_clients(
+        [(np.asarray(x), np.asarray(y)) for x, y in per_client], example_shape, x_dtype
+      )
 
     group_array = None if groups is None else np.array([groups[k] for k in train], np.int32)
-    return cls(tuple(ids), arrays(train), arrays(test), None if val is None else arrays(val),
-               num_classes, group_array, name)
-
+    return cls(
+      tuple(ids),
+      arrays(train),
+      arrays(test),
+      None if val is None else arrays(val),
+      num_classes,
+      group_array,
+      name,
+    )

@@ -51,6 +51,7 @@ Writers = Dict[str, Tuple[np.ndarray, np.ndarray]]  # client id -> (uint8 images
 
 # --- Reading FedJAX's SQLite files. ---------------------------------------------------
 
+
 def _ndarray_from_ext(code: int, payload: bytes) -> np.ndarray:
   """msgpack ext hook: FedJAX's ndarray encoding -> np.ndarray."""
   if code != _NDARRAY_EXT:
@@ -74,8 +75,10 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 
 def _fix(path: str, url: str) -> str:
-  return (f"Delete {path} and run again to download a fresh copy, or replace it with one "
-          f"downloaded from {url} (then point --config.data.data_dir at its directory).")
+  return (
+    f"Delete {path} and run again to download a fresh copy, or replace it with one "
+    f"downloaded from {url} (then point --config.data.data_dir at its directory)."
+  )
 
 
 def _check_header(path: str, url: str) -> None:
@@ -91,8 +94,7 @@ def _check_header(path: str, url: str) -> None:
   size = os.path.getsize(path)
   if size % page_size or (pages_valid and size < pages * page_size):
     expected = f"{pages * page_size}" if pages_valid else f"a multiple of {page_size}"
-    raise DataError(f"{path} is truncated ({size} bytes, expected {expected}). "
-                    f"{_fix(path, url)}")
+    raise DataError(f"{path} is truncated ({size} bytes, expected {expected}). {_fix(path, url)}")
 
 
 def _connect(path: str, url: str) -> sqlite3.Connection:
@@ -107,8 +109,10 @@ def _connect(path: str, url: str) -> sqlite3.Connection:
     raise DataError(f"{path} is not a readable SQLite file ({e}). {_fix(path, url)}") from e
   if "federated_data" not in tables:
     conn.close()
-    raise DataError(f"{path} has no table 'federated_data' (it has {sorted(tables)}): not a "
-                    f"FedJAX federated EMNIST file. {_fix(path, url)}")
+    raise DataError(
+      f"{path} has no table 'federated_data' (it has {sorted(tables)}): not a "
+      f"FedJAX federated EMNIST file. {_fix(path, url)}"
+    )
   return conn
 
 
@@ -124,14 +128,16 @@ def _check_row(pixels, label, num_examples: int, num_classes: int) -> Optional[s
     return f"labels have dtype {label.dtype}, expected integers"
   if len(label) and (label.min() < 0 or label.max() >= num_classes):
     return f"labels span [{label.min()}, {label.max()}], expected [0, {num_classes})"
-  if len(pixels) and not (np.all(np.isfinite(pixels)) and -1e-3 <= pixels.min()
-                          and pixels.max() <= 1 + 1e-3):
+  if len(pixels) and not (
+    np.all(np.isfinite(pixels)) and -1e-3 <= pixels.min() and pixels.max() <= 1 + 1e-3
+  ):
     return "pixels are not all finite values in [0, 1]"
   return None
 
 
-def read_sqlite(path: str, num_classes: int,
-                url: str = URL) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
+def read_sqlite(
+  path: str, num_classes: int, url: str = URL
+) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
   """Yields (writer id, uint8 images [N, 28, 28], int32 labels [N]) for every row, checked.
 
   Raises DataError naming `path` (and the writer) for a truncated or corrupt file.
@@ -139,8 +145,9 @@ def read_sqlite(path: str, num_classes: int,
   path = os.fspath(path)
   conn = _connect(path, url)
   try:
-    rows = conn.execute("SELECT client_id, data, num_examples FROM federated_data "
-                        "ORDER BY client_id")
+    rows = conn.execute(
+      "SELECT client_id, data, num_examples FROM federated_data ORDER BY client_id"
+    )
     for client_id, blob, num_examples in rows:
       cid = client_id.decode() if isinstance(client_id, bytes) else str(client_id)
       try:
@@ -148,8 +155,10 @@ def read_sqlite(path: str, num_classes: int,
         pixels = np.asarray(tree["pixels"], np.float32)
         label = np.asarray(tree["label"])
       except Exception as e:  # zlib, msgpack, dtype or shape errors: all mean corrupt.
-        raise DataError(f"{path}: the row of writer {cid!r} does not decode "
-                        f"({type(e).__name__}: {e}). {_fix(path, url)}") from e
+        raise DataError(
+          f"{path}: the row of writer {cid!r} does not decode "
+          f"({type(e).__name__}: {e}). {_fix(path, url)}"
+        ) from e
       problem = _check_row(pixels, label, num_examples, num_classes)
       if problem:
         raise DataError(f"{path}: writer {cid!r}: {problem}. {_fix(path, url)}")
@@ -162,23 +171,28 @@ def read_sqlite(path: str, num_classes: int,
 
 # --- The TFDS builder. ----------------------------------------------------------------
 
+
 @dataclasses.dataclass(eq=False)
 class FemnistConfig(tfds.core.BuilderConfig):
   """One variant: FedJAX's file names (train, test) and the number of classes."""
+
   files: Tuple[str, str] = ("", "")
   num_classes: int = 62
 
 
 VARIANTS = {
-    "full": FemnistConfig(
-        name="full", num_classes=62,
-        files=("federated_emnist_train.sqlite", "federated_emnist_test.sqlite"),
-        description="62 classes: digits, upper- and lower-case letters."),
-    "digits": FemnistConfig(
-        name="digits", num_classes=10,
-        files=("federated_emnist_digitsonly_train.sqlite",
-               "federated_emnist_digitsonly_test.sqlite"),
-        description="The 10 digit classes only."),
+  "full": FemnistConfig(
+    name="full",
+    num_classes=62,
+    files=("federated_emnist_train.sqlite", "federated_emnist_test.sqlite"),
+    description="62 classes: digits, upper- and lower-case letters.",
+  ),
+  "digits": FemnistConfig(
+    name="digits",
+    num_classes=10,
+    files=("federated_emnist_digitsonly_train.sqlite", "federated_emnist_digitsonly_test.sqlite"),
+    description="The 10 digit classes only.",
+  ),
 }
 
 
@@ -189,20 +203,25 @@ class FemnistFedjax(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "One example per writer; pixels uint8, background 0."}
   BUILDER_CONFIGS = list(VARIANTS.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Optional: put FedJAX's federated_emnist_{{train,test}}.sqlite (or the "
-      f"digitsonly ones) from {URL} in the manual dir; otherwise they are downloaded.")
+    f"Optional: put FedJAX's federated_emnist_{{train,test}}.sqlite (or the "
+    f"digitsonly ones) from {URL} in the manual dir; otherwise they are downloaded."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "client_id": tfds.features.Text(),
-            "pixels": tfds.features.Tensor(shape=(None, *IMAGE_SHAPE), dtype=np.uint8,
-                                           encoding="zlib"),
-            "label": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding="zlib"),
-        }),
-        homepage="https://github.com/google/fedjax",
-        citation="Cohen et al., EMNIST: Extending MNIST to handwritten letters, IJCNN 2017.")
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "client_id": tfds.features.Text(),
+          "pixels": tfds.features.Tensor(
+            shape=(None, *IMAGE_SHAPE), dtype=np.uint8, encoding="zlib"
+          ),
+          "label": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding="zlib"),
+        }
+      ),
+      homepage="https://github.com/google/fedjax",
+      citation="Cohen et al., EMNIST: Extending MNIST to handwritten letters, IJCNN 2017.",
+    )
 
   local_sources = False  # Set by `prepare` when every file is in data_dir: nothing to download.
 
@@ -222,8 +241,10 @@ class FemnistFedjax(tfds.core.GeneratorBasedBuilder):
       logging.info("FEMNIST: downloading %s", sorted(missing.values()))
       paths.update(_download(dl_manager, missing, _manual_dir(dl_manager)))
     self.source_paths = {names[split]: os.fspath(path) for split, path in paths.items()}
-    return {split: self._generate_examples(os.fspath(path), URL + names[split])
-            for split, path in paths.items()}
+    return {
+      split: self._generate_examples(os.fspath(path), URL + names[split])
+      for split, path in paths.items()
+    }
 
   def _generate_examples(self, path: str, url: str):
     for cid, images, labels in read_sqlite(path, self.builder_config.num_classes, url):
@@ -245,12 +266,13 @@ def _check_reachable(url: str, timeout: float = 10.0) -> None:
 
 
 def offline_message(names: Sequence[str], looked_in, error: BaseException) -> str:
-  where = (f"in {looked_in}" if looked_in else
-           "locally (no --config.data.data_dir was given)")
+  where = f"in {looked_in}" if looked_in else "locally (no --config.data.data_dir was given)"
   reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-  return (f"FEMNIST files {', '.join(names)} were not found {where}, and downloading them "
-          f"from {URL} failed ({reason}). Download them from {URL} into a folder and set "
-          "--config.data.data_dir=<that folder>.")
+  return (
+    f"FEMNIST files {', '.join(names)} were not found {where}, and downloading them "
+    f"from {URL} failed ({reason}). Download them from {URL} into a folder and set "
+    "--config.data.data_dir=<that folder>."
+  )
 
 
 def _download(dl_manager, missing: Mapping[str, str], looked_in) -> Dict[str, pathlib.Path]:
@@ -294,13 +316,19 @@ def prepare(data_dir: str = "", only_digits: bool = False) -> FemnistFedjax:
   """
   data_dir = os.path.expanduser(data_dir) if data_dir else None
   if data_dir and not os.path.isdir(data_dir):
-    raise DataError(f"--config.data.data_dir={data_dir} does not exist. Create it and put "
-                    f"FEMNIST's files from {URL} there, or fix the path.")
-  make = lambda: FemnistFedjax(config="digits" if only_digits else "full", data_dir=data_dir,
-                               file_format="array_record")
+    raise DataError(
+      f"--config.data.data_dir={data_dir} does not exist. Create it and put "
+      f"FEMNIST's files from {URL} there, or fix the path."
+    )
+  make = lambda: FemnistFedjax(
+    config="digits" if only_digits else "full", data_dir=data_dir, file_format="array_record"
+  )
   builder = make()
-  local = {name: os.path.join(data_dir, name) for name in builder.builder_config.files
-           if data_dir and os.path.isfile(os.path.join(data_dir, name))}
+  local = {
+    name: os.path.join(data_dir, name)
+    for name in builder.builder_config.files
+    if data_dir and os.path.isfile(os.path.join(data_dir, name))
+  }
   stale = _stale_cache_reason(builder, local)
   if stale:
     logging.warning("FEMNIST: %s; rebuilding the cache in %s.", stale, builder.data_dir)
@@ -310,8 +338,9 @@ def prepare(data_dir: str = "", only_digits: bool = False) -> FemnistFedjax:
   dataset_folder = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
   existed = os.path.exists(dataset_folder)
   try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=data_dir, try_download_gcs=False))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=data_dir, try_download_gcs=False)
+    )
   except DataError:
     if not existed:  # Only TFDS's metadata of a cache never built: leave nothing half-made.
       shutil.rmtree(dataset_folder, ignore_errors=True)
@@ -347,8 +376,10 @@ def _stale_cache_reason(builder: FemnistFedjax, local: Mapping[str, str]) -> Opt
     record = json.load(f)
   for name, path in sorted(local.items()):
     if name in record and os.path.getsize(path) != record[name]["size"]:
-      return f"{path} changed since the cache was built (size {record[name]['size']} -> " \
-             f"{os.path.getsize(path)} bytes)"
+      return (
+        f"{path} changed since the cache was built (size {record[name]['size']} -> "
+        f"{os.path.getsize(path)} bytes)"
+      )
     if name in record and fingerprint(path)["sha256"] != record[name]["sha256"]:
       return f"{path} changed since the cache was built (its SHA-256 differs)"
   return None
@@ -356,11 +387,14 @@ def _stale_cache_reason(builder: FemnistFedjax, local: Mapping[str, str]) -> Opt
 
 def read_split(builder: FemnistFedjax, split: str) -> Writers:
   """A prepared split as {writer id: (uint8 images [N, 28, 28], int32 labels [N])}."""
-  return {ex["client_id"].decode(): (ex["pixels"], ex["label"])
-          for ex in builder.as_data_source(split=split)}
+  return {
+    ex["client_id"].decode(): (ex["pixels"], ex["label"])
+    for ex in builder.as_data_source(split=split)
+  }
 
 
 # --- Writers -> FederatedData (shared with the LEAF loader). ---------------------------
+
 
 def check_fraction(fraction: float) -> None:
   """Rejects a `data.client_fraction` outside (0, 1] (before anything is downloaded)."""
@@ -397,9 +431,13 @@ def split_validation(writers: Writers, fraction: float, seed: int) -> Tuple[Writ
 def ragged_images(per_client: Sequence[Tuple[np.ndarray, np.ndarray]]) -> ClientArrays:
   """uint8 images -> a ragged split: float16 `[total, 28, 28, 1]` in [0, 1], labels, offsets."""
   return ClientArrays.from_clients(
-      [((np.asarray(x, np.float32)[..., None] / 255).astype(np.float16), y)  # float16 early:
-       for x, y in per_client],                                                # lower peak.
-      (*IMAGE_SHAPE, 1), x_dtype=np.float16)
+    [
+      ((np.asarray(x, np.float32)[..., None] / 255).astype(np.float16), y)  # float16 early:
+      for x, y in per_client
+    ],  # lower peak.
+    (*IMAGE_SHAPE, 1),
+    x_dtype=np.float16,
+  )
 
 
 def writer_domain(client_id: str) -> Optional[int]:
@@ -410,8 +448,9 @@ def writer_domain(client_id: str) -> Optional[int]:
   return 0 if 2100 <= int(match.group(1)) <= 2599 else 1
 
 
-def to_federated(train: Writers, test: Writers, num_classes: int, data_config,
-                 name: str) -> FederatedData:
+def to_federated(
+  train: Writers, test: Writers, num_classes: int, data_config, name: str
+) -> FederatedData:
   """Writers -> FederatedData, keeping `data.client_fraction` of the writers.
 
   A validation split is carved out of train when `data.val_fraction` > 0; `groups` holds
@@ -419,8 +458,10 @@ def to_federated(train: Writers, test: Writers, num_classes: int, data_config,
   """
   extra = sorted(set(test) - set(train))
   if extra:
-    raise DataError(f"{name}: the test data has {len(extra)} writers that train lacks "
-                    f"(e.g. {extra[:3]}); train and test must come from the same source.")
+    raise DataError(
+      f"{name}: the test data has {len(extra)} writers that train lacks "
+      f"(e.g. {extra[:3]}); train and test must come from the same source."
+    )
   ids = select_clients(list(train), data_config.client_fraction, data_config.seed)
   train = {cid: train[cid] for cid in ids}
   val = None
@@ -429,19 +470,24 @@ def to_federated(train: Writers, test: Writers, num_classes: int, data_config,
   empty = (np.zeros((0, *IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int32))
   domains = [writer_domain(cid) for cid in ids]
   return FederatedData(
-      client_ids=tuple(ids),
-      train=ragged_images([train[cid] for cid in ids]),
-      test=ragged_images([test.get(cid, empty) for cid in ids]),
-      val=None if val is None else ragged_images([val[cid] for cid in ids]),
-      num_classes=num_classes,
-      groups=None if None in domains else np.array(domains, np.int32),
-      name=name)
+    client_ids=tuple(ids),
+    train=ragged_images([train[cid] for cid in ids]),
+    test=ragged_images([test.get(cid, empty) for cid in ids]),
+    val=None if val is None else ragged_images([val[cid] for cid in ids]),
+    num_classes=num_classes,
+    groups=None if None in domains else np.array(domains, np.int32),
+    name=name,
+  )
 
 
 def load(data_config) -> FederatedData:
   """FEMNIST as `data_config` asks (`data_dir`, `only_digits`, `client_fraction`, ...)."""
   check_fraction(data_config.client_fraction)
   builder = prepare(data_config.data_dir, data_config.only_digits)
-  return to_federated(read_split(builder, "train"), read_split(builder, "test"),
-                      builder.builder_config.num_classes, data_config,
-                      "femnist_digits" if data_config.only_digits else "femnist")
+  return to_federated(
+    read_split(builder, "train"),
+    read_split(builder, "test"),
+    builder.builder_config.num_classes,
+    data_config,
+    "femnist_digits" if data_config.only_digits else "femnist",
+  )

@@ -13,8 +13,14 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> List[np.nda
   return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
-def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                        min_size: int = 1, max_tries: int = 1000) -> List[np.ndarray]:
+def dirichlet_partition(
+  labels: np.ndarray,
+  num_clients: int,
+  alpha: float,
+  seed: int,
+  min_size: int = 1,
+  max_tries: int = 1000,
+) -> List[np.ndarray]:
   """Per class, the class's examples are split over clients by Dirichlet(alpha) shares.
 
   Redrawn until every client holds at least `min_size` examples. Small alpha: each client
@@ -35,8 +41,10 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
         sizes[client] += len(chunk)
     if sizes.min() >= min_size:
       return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-  raise ValueError(f"dirichlet_partition: no split with >= {min_size} examples per client in "
-                   f"{max_tries} draws; raise alpha or lower num_clients/min_size.")
+  raise ValueError(
+    f"dirichlet_partition: no split with >= {min_size} examples per client in "
+    f"{max_tries} draws; raise alpha or lower num_clients/min_size."
+  )
 
 
 def label_histograms(labels: np.ndarray, parts: List[np.ndarray], num_classes: int) -> np.ndarray:
@@ -44,8 +52,9 @@ def label_histograms(labels: np.ndarray, parts: List[np.ndarray], num_classes: i
   return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
 
 
-def pathological_partition(labels: np.ndarray, num_clients: int, classes_per_client: int,
-                           seed: int) -> list[np.ndarray]:
+def pathological_partition(
+  labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int
+) -> list[np.ndarray]:
   """Each client gets exactly `classes_per_client` classes, each class split evenly.
 
   An exact-k variant of McMahan et al. (2017)'s shards: clients, in a random order, take
@@ -58,8 +67,10 @@ def pathological_partition(labels: np.ndarray, num_clients: int, classes_per_cli
   classes = np.unique(labels)
   k = classes_per_client
   if not 1 <= k <= len(classes):
-    raise ValueError(f"pathological_partition: classes_per_client={k} must be in "
-                     f"[1, {len(classes)}] (the number of classes present).")
+    raise ValueError(
+      f"pathological_partition: classes_per_client={k} must be in "
+      f"[1, {len(classes)}] (the number of classes present)."
+    )
   rng = np.random.default_rng(seed)
   holders = [[] for _ in classes]
   for client in rng.permutation(num_clients):
@@ -70,8 +81,10 @@ def pathological_partition(labels: np.ndarray, num_clients: int, classes_per_cli
   for c, clients in enumerate(holders):
     idx = rng.permutation(np.flatnonzero(labels == classes[c]))
     if clients and len(idx) < len(clients):
-      raise ValueError(f"pathological_partition: class {classes[c]} has {len(idx)} examples "
-                       f"for {len(clients)} clients; lower num_clients or classes_per_client.")
+      raise ValueError(
+        f"pathological_partition: class {classes[c]} has {len(idx)} examples "
+        f"for {len(clients)} clients; lower num_clients or classes_per_client."
+      )
     for client, chunk in zip(sorted(clients), np.array_split(idx, max(len(clients), 1))):
       parts[client].extend(chunk.tolist())
   return [np.sort(np.array(p, np.int64)) for p in parts]
@@ -97,16 +110,16 @@ def describe_partition(labels: np.ndarray, parts: list[np.ndarray], num_classes:
   assigned = np.concatenate([np.asarray(p, np.int64) for p in parts]) if parts else np.zeros(0)
   unique = len(np.unique(assigned))
   return {
-      "num_clients": len(parts),
-      "num_examples": int(sizes.sum()),
-      "sizes": sizes.tolist(),
-      "size_min": int(sizes.min()) if len(sizes) else 0,
-      "size_median": float(np.median(sizes)) if len(sizes) else 0.0,
-      "size_max": int(sizes.max(initial=0)),
-      "classes_per_client": (hist > 0).sum(1).tolist(),
-      "label_histograms": hist.tolist(),
-      "disjoint": unique == len(assigned),
-      "coverage": unique / max(len(labels), 1),
+    "num_clients": len(parts),
+    "num_examples": int(sizes.sum()),
+    "sizes": sizes.tolist(),
+    "size_min": int(sizes.min()) if len(sizes) else 0,
+    "size_median": float(np.median(sizes)) if len(sizes) else 0.0,
+    "size_max": int(sizes.max(initial=0)),
+    "classes_per_client": (hist > 0).sum(1).tolist(),
+    "label_histograms": hist.tolist(),
+    "disjoint": unique == len(assigned),
+    "coverage": unique / max(len(labels), 1),
   }
 
 
@@ -114,16 +127,24 @@ def describe_partition(labels: np.ndarray, parts: list[np.ndarray], num_classes:
 # label-based partitioners here; 'natural' needs an id column, not labels: see
 # natural_partition.
 PARTITIONERS = {
-    "iid": lambda labels, c, n, seed, min_size: iid_partition(len(labels), n, seed),
-    "dirichlet": lambda labels, c, n, seed, min_size: dirichlet_partition(
-        labels, n, c.dirichlet_alpha, seed, min_size=min_size),
-    "pathological": lambda labels, c, n, seed, min_size: pathological_partition(
-        labels, n, c.classes_per_client, seed),
+  "iid": lambda labels, c, n, seed, min_size: iid_partition(len(labels), n, seed),
+  "dirichlet": lambda labels, c, n, seed, min_size: dirichlet_partition(
+    labels, n, c.dirichlet_alpha, seed, min_size=min_size
+  ),
+  "pathological": lambda labels, c, n, seed, min_size: pathological_partition(
+    labels, n, c.classes_per_client, seed
+  ),
 }
 
 
-def partition_by_name(name: str, labels: np.ndarray, config_data, num_clients: int | None = None,
-                      seed: int | None = None, min_size: int | None = None) -> list[np.ndarray]:
+def partition_by_name(
+  name: str,
+  labels: np.ndarray,
+  config_data,
+  num_clients: int | None = None,
+  seed: int | None = None,
+  min_size: int | None = None,
+) -> list[np.ndarray]:
   """The split that `data.partition` names, with its knobs read from `config_data`.
 
   num_clients, seed and min_size default to config_data's num_clients, seed and
@@ -131,16 +152,19 @@ def partition_by_name(name: str, labels: np.ndarray, config_data, num_clients: i
   with at least min_size examples.
   """
   if name not in PARTITIONERS:
-    raise ValueError(f"data.partition={name!r} cannot split by labels here; choose one of "
-                     f"{tuple(PARTITIONERS)}.")
+    raise ValueError(
+      f"data.partition={name!r} cannot split by labels here; choose one of {tuple(PARTITIONERS)}."
+    )
   n = config_data.num_clients if num_clients is None else num_clients
   seed = config_data.seed if seed is None else seed
   min_size = config_data.min_client_size if min_size is None else min_size
   parts = PARTITIONERS[name](np.asarray(labels), config_data, n, seed, min_size)
   smallest = min(len(p) for p in parts)
   if smallest < min_size:
-    raise ValueError(f"{name} partition of {len(labels)} examples over {n} clients gives a "
-                     f"client {smallest} examples (< {min_size}); use fewer clients.")
+    raise ValueError(
+      f"{name} partition of {len(labels)} examples over {n} clients gives a "
+      f"client {smallest} examples (< {min_size}); use fewer clients."
+    )
   return parts
 
 
@@ -158,25 +182,31 @@ def _fix_total(counts: np.ndarray, total: int, limit: Optional[int] = None) -> n
   moves = 0
   while counts.sum() != total:
     counts[np.argmax(counts) if counts.sum() > total else np.argmin(counts)] += (
-        -1 if counts.sum() > total else 1)
+      -1 if counts.sum() > total else 1
+    )
     moves += 1
     if limit is not None and moves > limit:
       break
   if counts.sum() != total:
-    raise ValueError(f"cannot round {len(counts)} shares to a total of {total} in {limit} moves "
-                     f"(the authors' rule); use fewer clients per class.")
+    raise ValueError(
+      f"cannot round {len(counts)} shares to a total of {total} in {limit} moves "
+      f"(the authors' rule); use fewer clients per class."
+    )
   return counts
 
 
-def cycling_class_clusters(num_classes: int, classes_per_cluster: Sequence[int],
-                           py_rng) -> List[List[int]]:
+def cycling_class_clusters(
+  num_classes: int, classes_per_cluster: Sequence[int], py_rng
+) -> List[List[int]]:
   """The authors' class picker: `py_rng.choice` from a list, removing the pick, refilled
   with every class when empty. A cluster can hold a class twice (right after a refill).
   """
   if sum(classes_per_cluster) < num_classes or max(classes_per_cluster) > num_classes:
-    raise ValueError(f"classes per cluster {list(classes_per_cluster)} must each be <= "
-                     f"{num_classes} and cover all {num_classes} classes together; raise "
-                     f"data.num_clusters or data.classes_per_cluster.")
+    raise ValueError(
+      f"classes per cluster {list(classes_per_cluster)} must each be <= "
+      f"{num_classes} and cover all {num_classes} classes together; raise "
+      f"data.num_clusters or data.classes_per_cluster."
+    )
   available, clusters = list(range(num_classes)), []
   for size in classes_per_cluster:
     cluster = []
@@ -190,13 +220,16 @@ def cycling_class_clusters(num_classes: int, classes_per_cluster: Sequence[int],
   return clusters
 
 
-def clients_per_cluster(num_clusters: int, num_clients: int, rs: np.random.RandomState,
-                        min_clients: int = 2) -> np.ndarray:
+def clients_per_cluster(
+  num_clusters: int, num_clients: int, rs: np.random.RandomState, min_clients: int = 2
+) -> np.ndarray:
   """Cluster sizes: round(uniform_filter1d(rand(K), 3) scaled to num_clients), each >= 2,
   then fixed to the total (the authors' produce_client_by_class)."""
   if num_clients < num_clusters * min_clients:
-    raise ValueError(f"num_clients={num_clients} < {num_clusters} clusters x {min_clients} "
-                     f"clients each; raise num_clients or lower num_clusters.")
+    raise ValueError(
+      f"num_clients={num_clients} < {num_clusters} clusters x {min_clients} "
+      f"clients each; raise num_clients or lower num_clusters."
+    )
   smooth = ndimage.uniform_filter1d(rs.rand(num_clusters), size=3)
   counts = np.round(smooth * num_clients / np.sum(smooth)).astype(int)
   counts[counts < min_clients] = min_clients
@@ -216,6 +249,7 @@ def _authors_class_counts(shares: np.ndarray, n: int) -> np.ndarray:
 
 class ClusterPartition(NamedTuple):
   """The 'cluster' split: class clusters, each client's cluster, per-client indices."""
+
   cluster_classes: List[List[int]]  # [num_clusters] each cluster's picks (may repeat one).
   client_cluster: np.ndarray  # [num_clients] each client's cluster (contiguous blocks).
   train: List[np.ndarray]  # Per client: indices into the train labels.
@@ -223,10 +257,17 @@ class ClusterPartition(NamedTuple):
   test: List[np.ndarray]  # Per client: indices into the test labels.
 
 
-def cluster_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int,
-                      num_clusters: int, classes_per_cluster: int, alpha: float,
-                      val_fraction: float, seed: int,
-                      num_classes: Optional[int] = None) -> ClusterPartition:
+def cluster_partition(
+  train_labels: np.ndarray,
+  test_labels: np.ndarray,
+  num_clients: int,
+  num_clusters: int,
+  classes_per_cluster: int,
+  alpha: float,
+  val_fraction: float,
+  seed: int,
+  num_classes: Optional[int] = None,
+) -> ClusterPartition:
   """The authors' 'cluster' split (their train2trainval and produce_client_by_*).
 
   Legacy NumPy stream `RandomState(seed)`, in this order: per class, a permutation of its
@@ -252,8 +293,9 @@ def cluster_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_cli
   kept, held = np.concatenate(kept), np.concatenate(held)
   kept, held = kept[rs.permutation(len(kept))], held[rs.permutation(len(held))]
   clusters = cycling_class_clusters(num_classes, [classes_per_cluster] * num_clusters, py_rng)
-  client_cluster = np.repeat(np.arange(num_clusters), clients_per_cluster(
-      num_clusters, num_clients, rs))
+  client_cluster = np.repeat(
+    np.arange(num_clusters), clients_per_cluster(num_clusters, num_clients, rs)
+  )
   sources = [kept, held, np.arange(len(test_labels))]
   source_labels = [train_labels[kept], train_labels[held], test_labels]
   parts = [[[] for _ in range(num_clients)] for _ in sources]
@@ -275,15 +317,23 @@ def cluster_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_cli
 
 class PersonalPartition(NamedTuple):
   """The 'personal' split: per-client indices into the pooled labels."""
+
   train: List[np.ndarray]
   val: List[np.ndarray]
   test: List[np.ndarray]
 
 
-def personal_partition(labels: np.ndarray, num_clients: int, alpha: float, min_size: int,
-                       test_fraction: float, val_fraction: float, seed: int,
-                       num_classes: Optional[int] = None,
-                       max_tries: int = 1000) -> PersonalPartition:
+def personal_partition(
+  labels: np.ndarray,
+  num_clients: int,
+  alpha: float,
+  min_size: int,
+  test_fraction: float,
+  val_fraction: float,
+  seed: int,
+  num_classes: Optional[int] = None,
+  max_tries: int = 1000,
+) -> PersonalPartition:
   """The authors' 'personal' split (their separate_data 'dir' mode and split_data_val).
 
   Legacy NumPy stream `RandomState(seed)`: per class in order, `shuffle` its examples, draw
@@ -311,8 +361,10 @@ def personal_partition(labels: np.ndarray, num_clients: int, alpha: float, min_s
     if min(len(h) for h in held) >= min_size:
       break
   else:
-    raise ValueError(f"personal partition: no split with >= {min_size} examples per client in "
-                     f"{max_tries} draws; lower data.min_client_size or data.num_clients.")
+    raise ValueError(
+      f"personal partition: no split with >= {min_size} examples per client in "
+      f"{max_tries} draws; lower data.min_client_size or data.num_clients."
+    )
   train, val, test = [], [], []
   for h in held:
     idx = np.asarray(h, np.int64)

@@ -20,12 +20,14 @@ from fedmerge_jax.models.resnet import ResNet9
 
 HEAD = "head"
 
-registry.MODELS.add_builtins({
+registry.MODELS.add_builtins(
+  {
     "mlp": lambda cfg, n: MLP(num_classes=n, hidden_sizes=tuple(cfg.hidden_sizes)),
     "emnist_cnn": lambda cfg, n: EmnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
     "leaf_femnist_cnn": lambda cfg, n: LeafFemnistCNN(num_classes=n, conv_impl=cfg.conv_impl),
     "resnet9": lambda cfg, n: ResNet9(num_classes=n, conv_impl=cfg.conv_impl),
-})
+  }
+)
 MODEL_NAMES = registry.BUILTIN_MODELS  # The built-in models; registered_names() adds the users'.
 Builder = Callable[[ml_collections.ConfigDict, int], nn.Module]
 
@@ -75,10 +77,11 @@ def head_mask(variables) -> dict:
   if not any(jax.tree.leaves(mask)):
     top = sorted(variables.get("params", {})) if hasattr(variables, "get") else []
     raise config_lib.ConfigError(
-        f"update_mode='official' computes the logit gradient from the model's last layer "
-        f"named 'head', and this model has none (its top-level layers: {top}). Name the "
-        f"last layer 'head' (e.g. nn.Dense(num_classes, name='head')), or set "
-        f"--config.update_mode=gradient.")
+      f"update_mode='official' computes the logit gradient from the model's last layer "
+      f"named 'head', and this model has none (its top-level layers: {top}). Name the "
+      f"last layer 'head' (e.g. nn.Dense(num_classes, name='head')), or set "
+      f"--config.update_mode=gradient."
+    )
   return mask
 
 
@@ -93,19 +96,24 @@ def _keys(path) -> tuple:
 def layers_mask(variables, names, collections=None) -> dict:
   """Bools over `variables`: True on the leaves of the top-level layers named in `names`
   (e.g. ('head',)), in every collection or only those in `collections`."""
+
   def inside(path, _):
     keys = _keys(path)
-    return (len(keys) >= 2 and keys[1] in names
-            and (collections is None or keys[0] in collections))
+    return len(keys) >= 2 and keys[1] in names and (collections is None or keys[0] in collections)
+
   return jax.tree_util.tree_map_with_path(inside, variables)
 
 
 def batch_norm_mask(variables) -> dict:
   """Bools over `variables`: True on BatchNorm layers, i.e. every module that keeps
   'batch_stats': its statistics and its 'params' (scale, bias). All False without any."""
-  stats = {_keys(path)[:-1] for path, _ in
-           jax.tree_util.tree_flatten_with_path(dict(variables).get("batch_stats", {}))[0]}
+  stats = {
+    _keys(path)[:-1]
+    for path, _ in jax.tree_util.tree_flatten_with_path(dict(variables).get("batch_stats", {}))[0]
+  }
+
   def in_batch_norm(path, _):
     keys = _keys(path)
     return keys[0] == "batch_stats" or (keys[0] == "params" and keys[1:-1] in stats)
+
   return jax.tree_util.tree_map_with_path(in_batch_norm, variables)

@@ -10,6 +10,7 @@ class EmnistCNN(nn.Module):
 
   conv3x3(32) -> conv3x3(64) -> maxpool2 -> dropout .25 -> dense 128 -> dropout .5 -> head.
   """
+
   num_classes: int = 62
   conv_impl: str = "auto"
 
@@ -31,6 +32,7 @@ class LeafFemnistCNN(nn.Module):
 
   conv5x5(32, same) -> maxpool2 -> conv5x5(64, same) -> maxpool2 -> dense 2048 -> head.
   """
+
   num_classes: int = 62
   conv_impl: str = "auto"
 

@@ -32,8 +32,11 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 # XLA:CPU's default YNNPACK fusions (single dots, reductions, single convolutions) less the
 # convolutions: with 'canonical', XLA:CPU then runs them in Eigen, measured ~20% faster
 # for the EMNIST CNN's training and no slower for the other models (docs/pages/performance.md).
-CPU_CANONICAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_CANONICAL_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  )
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +81,10 @@ def explicit_padding(padding, kernel_size: Sequence[int], strides: int):
     return ((0, 0), (0, 0))
   if padding == "SAME" and strides == 1:
     return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_size)
-  raise ValueError(f"padding={padding!r} with strides={strides}; expected 'VALID', an int, or "
-                   "'SAME' with stride 1.")
+  raise ValueError(
+    f"padding={padding!r} with strides={strides}; expected 'VALID', an int, or "
+    "'SAME' with stride 1."
+  )
 
 
 def pad_spatial(x: jax.Array, padding) -> jax.Array:
@@ -94,8 +99,11 @@ def shifted_views(x: jax.Array, kernel_size: Sequence[int], strides: int):
   out_h = (x.shape[-3] - kh) // strides + 1
   out_w = (x.shape[-2] - kw) // strides + 1
   last_h, last_w = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
-  return [x[..., i:i + last_h:strides, j:j + last_w:strides, :]
-          for i in range(kh) for j in range(kw)]
+  return [
+    x[..., i : i + last_h : strides, j : j + last_w : strides, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]
 
 
 def extract_patches(x: jax.Array, kernel_size: Sequence[int], padding, strides: int = 1):
@@ -107,9 +115,15 @@ def extract_patches(x: jax.Array, kernel_size: Sequence[int], padding, strides: 
 def _conv(x, kernel, strides: int, padding, lhs_dilation: int = 1, rhs_dilation: int = 1):
   """XLA's NHWC convolution, accumulating in float32 (for bf16 inputs), in the inputs' dtype."""
   return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), padding, lhs_dilation=(lhs_dilation,) * 2,
-      rhs_dilation=(rhs_dilation,) * 2, dimension_numbers=NHWC,
-      preferred_element_type=jnp.float32).astype(x.dtype)
+    x,
+    kernel,
+    (strides, strides),
+    padding,
+    lhs_dilation=(lhs_dilation,) * 2,
+    rhs_dilation=(rhs_dilation,) * 2,
+    dimension_numbers=NHWC,
+    preferred_element_type=jnp.float32,
+  ).astype(x.dtype)
 
 
 def _fold_clients_into_batch(conv, axis_size, x, kernel):
@@ -122,6 +136,7 @@ def per_client_kernel_op(unbatched, batched_kernel):
   """A `custom_vmap` op of (x, kernel): `unbatched(x, kernel)` for one client; under vmap a
   shared kernel folds the clients into the batch, and a batched one (per-client models)
   gives `batched_kernel(op, axis_size, x_batched, x, kernel)`."""
+
   @custom_batching.custom_vmap
   def op(x, kernel):
     return unbatched(x, kernel)
@@ -141,12 +156,14 @@ def _unbatched_conv(strides: int, padding, lhs_dilation: int, rhs_dilation: int)
   """`_conv` whose vmap keeps every convolution canonical: a batch of inputs joins the
   conv's own batch; a batch of kernels (per-client models) becomes one conv per kernel,
   independent ops XLA:CPU runs side by side, instead of one slow grouped convolution."""
+
   def one_conv_per_kernel(conv, axis_size, x_batched, x, kernel):
     return jnp.stack([conv(x[i] if x_batched else x, kernel[i]) for i in range(axis_size)])
 
   return per_client_kernel_op(
-      lambda x, kernel: _conv(x, kernel, strides, padding, lhs_dilation, rhs_dilation),
-      one_conv_per_kernel)
+    lambda x, kernel: _conv(x, kernel, strides, padding, lhs_dilation, rhs_dilation),
+    one_conv_per_kernel,
+  )
 
 
 def _canonical(x, kernel, strides, padding, lhs_dilation=1, rhs_dilation=1):
@@ -177,15 +194,16 @@ def input_grad_as_conv(conv, grad, kernel, in_hw, strides, padding):
 def kernel_grad_as_conv(conv, x, grad, kernel_hw, strides, padding):
   """d/dkernel of a convolution as one canonical convolution `conv`: input channels as the
   batch, the batch as features, the gradient as the (stride-dilated) kernel."""
-  dk = conv(x.transpose(3, 1, 2, 0), grad.transpose(1, 2, 0, 3), 1, padding,
-            rhs_dilation=strides)
-  return dk[:, :kernel_hw[0], :kernel_hw[1]].transpose(1, 2, 0, 3)
+  dk = conv(x.transpose(3, 1, 2, 0), grad.transpose(1, 2, 0, 3), 1, padding, rhs_dilation=strides)
+  return dk[:, : kernel_hw[0], : kernel_hw[1]].transpose(1, 2, 0, 3)
 
 
 def _canonical_conv_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
-  return (input_grad_as_conv(_canonical, grad, kernel, x.shape[1:3], strides, padding),
-          kernel_grad_as_conv(_canonical, x, grad, kernel.shape[:2], strides, padding))
+  return (
+    input_grad_as_conv(_canonical, grad, kernel, x.shape[1:3], strides, padding),
+    kernel_grad_as_conv(_canonical, x, grad, kernel.shape[:2], strides, padding),
+  )
 
 
 canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
@@ -252,7 +270,7 @@ def client_conv_input_grad(form: str, grad, kernel, in_hw, strides: int, padding
   taps_ij = [(i, j) for i in range(kh) for j in range(kw)]
   dx = sum(_unshift(d, tap, strides, padded_hw) for d, tap in zip(d_views, taps_ij))
   (top, _), (left, _) = padding
-  return dx[..., top:top + in_hw[0], left:left + in_hw[1], :].astype(grad.dtype)
+  return dx[..., top : top + in_hw[0], left : left + in_hw[1], :].astype(grad.dtype)
 
 
 def _clients(axis_size, batched, x):
@@ -264,13 +282,17 @@ def _client_batched_ops(form: str, strides: int, padding, kernel_hw, in_hw):
   """(forward, input_grad, kernel_grad): XLA's convolutions for one client; under vmap with
   a batched kernel (or, for the kernel gradient, any batched operand) client-batched matmuls."""
   forward = per_client_kernel_op(
-      lambda x, kernel: _conv(x, kernel, strides, padding),
-      lambda _, n, x_batched, x, kernel: client_conv_forward(
-          form, _clients(n, x_batched, x), kernel, strides, padding))
+    lambda x, kernel: _conv(x, kernel, strides, padding),
+    lambda _, n, x_batched, x, kernel: client_conv_forward(
+      form, _clients(n, x_batched, x), kernel, strides, padding
+    ),
+  )
   input_grad = per_client_kernel_op(
-      lambda grad, kernel: input_grad_as_conv(_conv, grad, kernel, in_hw, strides, padding),
-      lambda _, n, grad_batched, grad, kernel: client_conv_input_grad(
-          form, _clients(n, grad_batched, grad), kernel, in_hw, strides, padding))
+    lambda grad, kernel: input_grad_as_conv(_conv, grad, kernel, in_hw, strides, padding),
+    lambda _, n, grad_batched, grad, kernel: client_conv_input_grad(
+      form, _clients(n, grad_batched, grad), kernel, in_hw, strides, padding
+    ),
+  )
 
   @custom_batching.custom_vmap
   def kernel_grad(x, grad):
@@ -285,8 +307,9 @@ def _client_batched_ops(form: str, strides: int, padding, kernel_hw, in_hw):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def batched_matmul_conv(x, kernel, strides: int, padding: Tuple[Tuple[int, int], ...],
-                        form: str = "patches"):
+def batched_matmul_conv(
+  x, kernel, strides: int, padding: Tuple[Tuple[int, int], ...], form: str = "patches"
+):
   """XLA's NHWC convolution for one client; with per-client kernels under `vmap`, client-batched
   matmuls forward and backward (`form` 'patches' or 'shifted', see above). x, kernel: one dtype."""
   return _batched_matmul_conv_fwd(x, kernel, strides, padding, form)[0]
@@ -299,8 +322,9 @@ def _batched_matmul_conv_fwd(x, kernel, strides, padding, form):
 
 def _batched_matmul_conv_bwd(strides, padding, form, residuals, grad):
   x, kernel = residuals
-  _, input_grad, kernel_grad = _client_batched_ops(form, strides, padding, kernel.shape[:2],
-                                                   x.shape[1:3])
+  _, input_grad, kernel_grad = _client_batched_ops(
+    form, strides, padding, kernel.shape[:2], x.shape[1:3]
+  )
   return input_grad(grad, kernel), kernel_grad(x, grad)
 
 
@@ -322,7 +346,7 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
   0, where the ReLU's gradient is 0 anyway.
   """
   b, h, w, c = x.shape
-  x = x[:, :h - h % window, :w - w % window]
+  x = x[:, : h - h % window, : w - w % window]
   return jnp.max(x.reshape(b, h // window, window, w // window, window, c), axis=(2, 4))
 
 
@@ -332,6 +356,7 @@ class Conv(nn.Module):
 
   `padding` is 'VALID', 'SAME' (stride 1) or an int applied on every side (PyTorch's).
   """
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   padding: Union[str, int] = "VALID"
@@ -343,8 +368,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     in_features = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, in_features, self.features))
+    kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, in_features, self.features))
     impl = resolve_conv_impl(self.impl)
     padding = explicit_padding(self.padding, self.kernel_size, self.strides)
     if impl == "xla":
@@ -353,8 +377,9 @@ class Conv(nn.Module):
       y = canonical_conv(x, kernel, self.strides, padding)
     elif impl in BATCHED_IMPLS:
       dtype = jnp.result_type(x, kernel)
-      y = batched_matmul_conv(x.astype(dtype), kernel.astype(dtype), self.strides, padding,
-                              BATCHED_IMPLS[impl])
+      y = batched_matmul_conv(
+        x.astype(dtype), kernel.astype(dtype), self.strides, padding, BATCHED_IMPLS[impl]
+      )
     else:
       patches = extract_patches(x, self.kernel_size, self.padding, self.strides)
       y = patches @ kernel.reshape(-1, self.features)
@@ -375,6 +400,7 @@ class BatchNorm(nn.Module):
   Statistics are computed in float32 whatever the input's dtype (bf16 compute); the output
   has the input's dtype.
   """
+
   use_running_average: bool
   momentum: float = 0.9
   epsilon: float = 1e-5

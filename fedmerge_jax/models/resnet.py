@@ -34,25 +34,34 @@ torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 def torch_bias_init(fan_in: int):
   """PyTorch's default Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in ** -0.5
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+  bound = fan_in**-0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def torch_batch_norm(train: bool, name: str) -> BatchNorm:
   """PyTorch's BatchNorm2d defaults: momentum 0.1 (flax 0.9), eps 1e-5, unbiased running var."""
-  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   unbiased_running_var=True, name=name)
+  return BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, unbiased_running_var=True, name=name
+  )
 
 
 def conv(features: int, size: int, stride: int, impl: str, name: str) -> Conv:
   """A bias-free square conv with PyTorch's padding (size-1)//2 on every side."""
-  return Conv(features, (size, size), (size - 1) // 2, impl, strides=stride, use_bias=False,
-              kernel_init=torch_kernel_init, name=name)
+  return Conv(
+    features,
+    (size, size),
+    (size - 1) // 2,
+    impl,
+    strides=stride,
+    use_bias=False,
+    kernel_init=torch_kernel_init,
+    name=name,
+  )
 
 
 class BasicBlock(nn.Module):
   """conv3x3(stride) -> BN -> relu -> conv3x3 -> BN, plus the (projected) input, -> relu."""
+
   features: int
   stride: int = 1
   conv_impl: str = "auto"
@@ -72,6 +81,7 @@ class BasicBlock(nn.Module):
 
 class ResNet9(nn.Module):
   """The authors' narrow ResNet-9: stem, four one-block stages, global pool, 'head'."""
+
   num_classes: int = 100
   widths: tuple = WIDTHS
   conv_impl: str = "auto"
@@ -83,8 +93,13 @@ class ResNet9(nn.Module):
     x = conv(self.widths[0], 3, 1, self.conv_impl, name="stem_conv")(x)
     x = nn.relu(torch_batch_norm(train, "stem_bn")(x, mask))
     for stage, width in enumerate(self.widths):
-      x = BasicBlock(width, 1 if stage == 0 else 2, self.conv_impl,
-                     name=f"stage_{stage + 1}")(x, train, mask)
+      x = BasicBlock(width, 1 if stage == 0 else 2, self.conv_impl, name=f"stage_{stage + 1}")(
+        x, train, mask
+      )
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=torch_kernel_init,
-                    bias_init=torch_bias_init(x.shape[-1]), name="head")(x)
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=torch_kernel_init,
+      bias_init=torch_bias_init(x.shape[-1]),
+      name="head",
+    )(x)
