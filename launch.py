@@ -3,7 +3,7 @@
 Override any config field on the command line, e.g. --config.num_rounds=20.
 All logic lives in `fedmerge_jax.train` so that Colab and tests can import it.
 On several hosts (a TPU pod slice, a GPU cluster) run the same command on every host
-with --multihost: see README.md, "Devices and pods". Quiet by default: --verbosity=1
+with --multihost: see docs/pages/devices.md. Quiet by default: --verbosity=1
 shows the libraries' log lines too.
 
 The config is checked before JAX is imported, so a bad one fails in about a second;

@@ -114,7 +114,7 @@ def test_logit_gradient_keeps_its_precision_when_the_globals_are_close():
   print(
     f"logit gradient, relative error against float64: autodiff {autodiff:.1e}, "
     f"differences first {stable:.1e}"
-  )  # README's numbers: pytest -s -k precision.
+  )  # docs/pages/concepts.md's numbers: pytest -s -k precision.
   assert stable < 2e-6, stable
   assert autodiff > 100 * stable, (autodiff, stable)  # The case is one where precision matters.
 

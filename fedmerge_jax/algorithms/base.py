@@ -37,7 +37,7 @@ class Algorithm(NamedTuple):
   donates its state, shards per-client leaves (leading axis `num_clients`) over devices,
   checkpoints the state and evaluates `personalized` models with `predict`. The state
   is any pytree of arrays; the simplest algorithms reuse `fedmerge.make` with their own
-  `ServerUpdate` (see fedavg.py and README "Your own algorithm").
+  `ServerUpdate` (see fedavg.py and docs/pages/extending.md, "Your own algorithm").
 
   init(rng) -> state.
   round(state, client_ids [C], data: ClientData with leading axis C, rng) -> (state, metrics);
