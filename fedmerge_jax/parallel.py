@@ -28,7 +28,8 @@ CLIENT_PARALLELISMS = choices.CLIENT_PARALLELISMS
 
 
 def resolve_parallelism(parallelism: str) -> str:
-  """'auto' -> 'sequential' on CPU (measured fastest there: docs/pages/performance.md), 'vmap' on GPU/TPU."""
+  """'auto' -> 'sequential' on CPU (measured fastest there: docs/pages/performance.md),
+  'vmap' on GPU/TPU."""
   if parallelism == "auto":
     return "sequential" if jax.default_backend() == "cpu" else "vmap"
   if parallelism not in CLIENT_PARALLELISMS:

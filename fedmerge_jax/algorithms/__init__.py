@@ -1,7 +1,8 @@
 """Federated algorithms, selected by `config.algorithm`; all share one shape (see base).
 
 Each module builds an `Algorithm` from the shared merge, local-training and round pieces.
-Users add theirs with `register_algorithm(name, factory)`; docs/pages/extending.md, "Your own algorithm".
+Users add theirs with `register_algorithm(name, factory)`: docs/pages/extending.md,
+"Your own algorithm".
 """
 
 from typing import Callable, Tuple
