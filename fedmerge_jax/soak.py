@@ -8,7 +8,9 @@ the final checkpoint), exactly, on CPU.
 Each kill is (signal, moment): SIGKILL, SIGTERM, SIGINT or SIGUSR1, during the k-th round,
 evaluation or checkpoint write of that session (hooked into the child: exact and
 repeatable from --seed), or with --timed after a random time (any moment: start-up,
-compilation, data loading included). Once the run has finished no more kills are drawn.
+compilation, data loading included). Once the run has finished no more kills are drawn;
+a signal the child sent whose run still finished was lost: a difference. The children take
+SIGINT as Ctrl-C does even when the soak runs in a background job (which ignores SIGINT).
 The last line says how many kills the run survived and what differed.
 """
 
