@@ -8,7 +8,9 @@ the final checkpoint), exactly, on CPU.
 Each kill is (signal, moment): SIGKILL, SIGTERM, SIGINT or SIGUSR1, during the k-th round,
 evaluation or checkpoint write of that session (hooked into the child: exact and
 repeatable from --seed), or with --timed after a random time (any moment: start-up,
-compilation, data loading included). Once the run has finished no more kills are drawn.
+compilation, data loading included). Once the run has finished no more kills are drawn;
+a signal the child sent whose run still finished was lost: a difference. The children take
+SIGINT as Ctrl-C does even when the soak runs in a background job (which ignores SIGINT).
 The last line says how many kills the run survived and what differed.
 """
 
@@ -33,9 +35,15 @@ TIMING = ("rounds_per_s", "wall_time_s")  # Differ between any two runs.
 PHASES = ("round", "evaluate", "checkpoint")
 SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGUSR1")
 
+SENT = "soak: sending"  # The child's line when its hook sends the signal.
+
 # Runs launch.py; first sends `signal` to itself during the `at`-th `phase` of this session.
+# SIGINT raises KeyboardInterrupt as Ctrl-C does in a terminal, even where the soak was started
+# by a background job: its shell set SIGINT to SIG_IGN, every child inherits that, and Python
+# then installs no handler (a SIGINT sent would be lost and the run would simply finish).
 CHILD = """
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = ["launch.py", *{args!r}]
 kill, phase, at = {kill!r}
 if kill:
@@ -46,6 +54,7 @@ if kill:
       result = original(*args, **kwargs) if phase == "checkpoint" else None
       calls[0] += 1
       if calls[0] == at:
+        print({sent!r}, kill, "during", phase, at, file=sys.stderr, flush=True)
         os.kill(os.getpid(), getattr(signal, kill))  # A handler, if any, runs here.
       return result if phase == "checkpoint" else original(*args, **kwargs)
     return call
@@ -92,7 +101,9 @@ def run_child(args: Sequence[str], kill: Optional[Kill], timeout: float = 600):
     if kill and kill.phase != "timed"
     else (None, None, None)
   )
-  script = CHILD.format(args=list(args), kill=hook, launch=os.path.join(ROOT, "launch.py"))
+  script = CHILD.format(
+    args=list(args), kill=hook, sent=SENT, launch=os.path.join(ROOT, "launch.py")
+  )
   child = subprocess.Popen(
     [sys.executable, "-c", script],
     cwd=ROOT,
@@ -216,23 +227,25 @@ def soak(
   """Kills the run `args` names once per `kills`, resumes it each time, finishes it and
   compares with `reference` (a finished uninterrupted run). Returns the figures.
 
-  Once a session ends with the run finished (its kill came too late), no more kills are
-  drawn: `drawn` says how many were. A session that ended otherwise than `kill` should
-  (a crash, a FATAL line) is a difference. `finish()`, if given, does the last resume
-  instead of a fresh launch.py (a test's shortcut: the same train_and_evaluate, in this
-  process)."""
-  statuses, differences, finished = [], [], False
+  A session that ends with the run finished stops the schedule: `drawn` says how many kills
+  were. Where its kill never came (the session had fewer such moments; a timed kill after
+  the run's end) that kill is not drawn; where the child said it sent the signal
+  (`SENT`), the signal was lost: a difference. A session that ended otherwise than `kill`
+  should (a crash, a FATAL line) is a difference too. `finish()`, if given, does the last
+  resume instead of a fresh launch.py (a test's shortcut: the same train_and_evaluate, in
+  this process)."""
+  statuses, differences, finished, late = [], [], False, False
   for i, kill in enumerate(kills):
     status, stderr = run_child(args, kill)
     last = (stderr.strip().splitlines() or [""])[-1]
     statuses.append((str(kill), status, last))
     log(f"kill {i + 1}/{len(kills)}: {kill}: exit status {status}: {last[:160]}")
     if status == 0:
-      log(
-        f"  the run finished before this kill came; the remaining {len(kills) - i - 1} are "
-        "not drawn"
-      )
-      finished = True
+      finished, late = True, SENT not in stderr
+      if not late:
+        differences.append(f"kill {i + 1} ({kill}): sent, yet the run finished (exit status 0)")
+      when = "before this kill came" if late else "although this kill was sent (lost)"
+      log(f"  the run finished {when}; the remaining {len(kills) - i - 1} are not drawn")
       break
     if status not in expected_statuses(kill):
       differences.append(f"kill {i + 1} ({kill}): exit status {status}: {last[:300]}")
@@ -246,7 +259,7 @@ def soak(
   survived = sum(1 for (_, s, _), kill in zip(statuses, kills) if s in expected_statuses(kill))
   return {
     "kills": len(kills),
-    "drawn": len(statuses) - finished,
+    "drawn": len(statuses) - late,
     "survived": survived,
     "statuses": statuses,
     "differences": differences,

@@ -220,9 +220,19 @@ SOAK_OVERRIDES = {
 }
 
 
-def test_soak_kills_and_resumes_to_the_uninterrupted_run(tmp_path):
+@pytest.fixture
+def sigint_ignored():
+  """SIGINT ignored here, and so in every child, as in a job a script starts in the
+  background (`cmd &` in `bash -c`): how the soak's SIGINT was once lost in a CI run."""
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  yield
+  signal.signal(signal.SIGINT, before)
+
+
+def test_soak_kills_and_resumes_to_the_uninterrupted_run(tmp_path, sigint_ignored):
   """SIGKILL during a checkpoint write, SIGINT during an evaluation, SIGTERM during a round:
-  the resumed run's files and final state equal an uninterrupted run's exactly."""
+  the resumed run's files and final state equal an uninterrupted run's exactly. Started
+  with SIGINT ignored: the soak's child must still take it as Ctrl-C."""
   reference = str(tmp_path / "uninterrupted")
   config = runpy.run_path(os.path.join(ROOT, "configs/default.py"))["get_config"]()
   config.update_from_flattened_dict(SOAK_OVERRIDES)
@@ -241,6 +251,7 @@ def test_soak_kills_and_resumes_to_the_uninterrupted_run(tmp_path):
     log=lambda line: None,
     finish=lambda: train.train_and_evaluate(config, workdir),
   )
+  assert figures["drawn"] == 3, figures  # Each kill came before the run's end.
   (_, killed, _), (_, interrupted, ctrl_c), (_, stopped, line) = figures["statuses"]
   assert killed == -signal.SIGKILL
   # Whether the killed write of round 8 finished decides where the next sessions resume.

@@ -55,6 +55,25 @@ def test_no_kill_is_drawn_after_the_run_finished(scripted):
   )
 
 
+def test_a_signal_sent_whose_run_still_finished_is_a_lost_signal(scripted):
+  """Exit status 0 after the child said it sent the signal: not a late kill but a lost one
+  (as when SIGINT was ignored): a difference, and that kill counts as drawn."""
+  ran = scripted(
+    (-9, ""),
+    (0, f"{soak.SENT} SIGINT during evaluate 1\n{{'test/acc_mean': 0.3}}"),
+  )
+  lines = []
+  figures = soak.soak(ARGS, KILLS[1:], "/tmp/reference", log=lines.append, finish=lambda: None)
+  assert ran == KILLS[1:3]
+  assert figures["differences"] == [
+    "kill 2 (SIGINT during evaluate 1 of the session): sent, yet the run finished (exit status 0)"
+  ]
+  assert (figures["drawn"], figures["survived"]) == (2, 1)
+  assert lines[-1] == (
+    "  the run finished although this kill was sent (lost); the remaining 2 are not drawn"
+  )
+
+
 def test_a_session_that_ends_otherwise_than_its_kill_is_a_difference(scripted):
   ran = scripted(
     (138, "stopped by SIGUSR1; ..."),
