@@ -116,6 +116,7 @@ def test_local_training_has_no_gap(tiny_config):
   assert scalars["gap/acc_mean"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.plots  # The suite's runs skip plots (conftest); this one draws them.
 def test_runs_write_the_gap(tmp_path, tiny_config):
   tiny_config.clients_per_round = 3
   summary = train.train_and_evaluate(tiny_config, str(tmp_path), data=federation())

@@ -29,6 +29,10 @@ class OwnNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+# The suite's runs skip plots (conftest): this module's runs draw them, titles checked.
+pytestmark = pytest.mark.plots
+
+
 @pytest.fixture(scope="module")
 def own_comparison(tmp_path_factory):
   """compare's run of FedMerge on a user's own data and model (config: digits_groups, mlp)."""

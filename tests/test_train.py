@@ -132,6 +132,7 @@ def read_events(path):
   return found
 
 
+@pytest.mark.plots  # The suite's runs skip plots (conftest); this one draws them.
 def test_tensorboard_clients_npz_and_plots_are_written(tiny_config, tiny_data, tmp_path):
   tiny_data = tiny_data.__class__(**{**tiny_data.__dict__, "groups": np.array([0, 0, 1, 1, 2])})
   summary = train.train_and_evaluate(tiny_config, str(tmp_path), data=tiny_data)
