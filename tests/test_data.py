@@ -224,7 +224,7 @@ def test_ragged_splits_take_their_real_size():
 def test_from_arrays_keeps_uint8_images_only_with_a_transform_that_says_what_they_mean():
   uint8 = {"a": _xy(2, dtype=np.uint8), "b": _xy(3, label=1, dtype=np.uint8)}
   half = {"a": _xy(2, dtype=np.float16), "b": _xy(3, label=1, dtype=np.float16)}
-  transform = Standardize((0.5,), (0.25,), scale=1 / 255)
+  transform = Standardize((0.5,), (0.25,), divide_by=255)
   kept = FederatedData.from_arrays(uint8, uint8, input_transform=transform)
   assert kept.train.x.dtype == kept.test.x.dtype == np.uint8 and kept.input_transform == transform
   assert FederatedData.from_arrays(uint8, uint8).train.x.dtype == np.float32  # As before.

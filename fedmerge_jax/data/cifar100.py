@@ -151,7 +151,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 
 # What the model sees of the stored uint8 images: `normalize`, inside the jitted programs.
-INPUT_TRANSFORM = Standardize(MEAN, STD, scale=1 / 255)
+INPUT_TRANSFORM = Standardize(MEAN, STD, divide_by=255)
 
 
 def client_split(images, labels, parts) -> ClientArrays:

@@ -177,7 +177,7 @@ class FederatedData:
         raise DataError(
           f"{self.name}: input_transform {self.input_transform!r} is not hashable, and the "
           "jitted programs take it as a static argument; use a frozen dataclass such as "
-          "data.Standardize(mean, std, scale)."
+          "data.Standardize(mean, std, divide_by)."
         ) from e
     for split in ("train", "test", "val"):
       arrays = getattr(self, split)
