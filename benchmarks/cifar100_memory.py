@@ -43,6 +43,9 @@ flags.DEFINE_bool(
   "Write a synthetic CIFAR-100-sized binary archive to "
   "config.data.data_dir first (if none is there).",
 )
+flags.DEFINE_string(
+  "round_hlo", "", "Write the compiled round's optimised HLO text to this file (to read it)."
+)
 FLAGS = flags.FLAGS
 MB = 2**20
 
@@ -103,6 +106,9 @@ def main(argv):
     round_fn = train.compile_round(algorithm, config, mesh, shardings)
     compiled = round_fn.lower(state, sharded_ids, batch, rng).compile()
     programs["round"] = program_mb(compiled)
+    if FLAGS.round_hlo:
+      with open(FLAGS.round_hlo, "w") as f:
+        f.write(compiled.as_text())
   with peaks.stage("round"):
     state, round_metrics = compiled(state, sharded_ids, batch, rng)
     jax.block_until_ready(state)

@@ -74,13 +74,16 @@ def _digest(*arrays) -> str:
 
 
 def data_fingerprint(data) -> Dict[str, Any]:
-  """Clients, counts, shapes, dtypes and a hash of each split (labels in full, x sampled)."""
+  """Clients, counts, shapes, dtypes, the input transform (its repr; None: absent, as in
+  workdirs from before transforms) and a hash of each split (labels in full, x sampled)."""
+  transform = data.input_transform
   found = {
     "name": data.name,
     "clients": data.num_clients,
     "classes": data.num_classes,
     "example_shape": list(data.example_shape),
     "client_ids": _digest(np.asarray(data.client_ids, dtype=str)),
+    "input_transform": None if transform is None else repr(transform),
   }
   for split in ("train", "test", "val"):
     arrays = getattr(data, split)

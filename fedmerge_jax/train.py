@@ -43,7 +43,9 @@ def build(
 
   With a `layout`, for its padded population and device-aligned chunks (and, on several
   devices, clients vmapped: `auto` parallelism would otherwise pick one at a time on CPU).
-  A given `model` (any flax.linen module) replaces the one `config.model` names.
+  A given `model` (any flax.linen module) replaces the one `config.model` names. Where the
+  data carries an `input_transform`, the model sees its inputs through it
+  (`models.with_input_transform`): every path that applies the model transforms each batch.
   """
   num_clients = data.num_clients
   if layout is not None:
@@ -52,6 +54,7 @@ def build(
     if layout.num_devices > 1 and config.client_parallelism == "auto":
       config.client_parallelism = "vmap"  # One client at a time would idle all devices but one.
   model = model if model is not None else models.get_model(config.model, data.num_classes)
+  model = models.with_input_transform(model, data.input_transform)
   algorithm = algorithms.get_algorithm(
     model,
     config,
@@ -103,7 +106,9 @@ def chosen_chunk_size(
   picked = by_size[np.linspace(0, n - 1, sampled).round().astype(np.int64)]
   steps = [client_lib.num_local_steps(int(c), local) for c in picked]
   length = data.train.padded_length(np.arange(n), config.batch_size)
-  model = models.get_model(config.model, data.num_classes)
+  model = models.with_input_transform(
+    models.get_model(config.model, data.num_classes), data.input_transform
+  )
   m = CHUNK_PROBE_MEMBERS
   example = jnp.zeros((1, *data.example_shape), jnp.float32)
   one = jax.eval_shape(lambda: flax.core.unfreeze(model.init(jax.random.key(0), example)))
@@ -238,7 +243,7 @@ def set_up(config, workdir: str, data=None, model=None, start_over: bool = False
     data.name,
     data.num_clients,
     data.num_classes,
-    type(model).__name__,
+    type(models.transformed.unwrapped(model)).__name__,
     mesh.size,
   )
   restore.record_experiment(config, workdir, data, model, start_over, main_process, ran)

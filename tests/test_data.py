@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedmerge_jax.config import base_config
-from fedmerge_jax.data import DataError, FederatedData, digits, load, partition
+from fedmerge_jax.data import DataError, FederatedData, Standardize, digits, load, partition
 
 
 def test_from_arrays_pads_and_counts():
@@ -29,6 +29,16 @@ def _xy(n, shape=(2,), label=0, dtype=np.float32):
 
 
 GOOD = {"a": _xy(2), "b": _xy(3, label=1)}
+
+
+@dataclasses.dataclass
+class _MutableScale:  # A dataclass that is not frozen: unhashable.
+  scale: float = 0.5
+
+  def __call__(self, x):
+    return x * self.scale
+
+
 NAN = np.ones((2, 2), np.float32)
 NAN[1, 0] = np.nan
 
@@ -134,6 +144,12 @@ NAN[1, 0] = np.nan
       {"val": {"a": _xy(1, label=7)}, "num_classes": 2},
       "from_arrays: val['a']: label 7 is outside [0, 2)",
     ),
+    (
+      GOOD,
+      GOOD,
+      {"input_transform": _MutableScale()},
+      "custom: input_transform _MutableScale(scale=0.5) is not hashable",
+    ),
   ],
 )
 def test_from_arrays_rejects_bad_data_naming_the_client_and_the_fix(train, test, kwargs, message):
@@ -203,3 +219,19 @@ def test_ragged_splits_take_their_real_size():
   data = FederatedData.from_arrays(train, train)
   real = sum(sizes) * (28 * 28 * 2 + 4)  # float16 pixels + int32 label per example.
   assert real <= data.train.nbytes <= real + 8 * (len(sizes) + 1)  # + the offsets.
+
+
+def test_from_arrays_keeps_uint8_images_only_with_a_transform_that_says_what_they_mean():
+  uint8 = {"a": _xy(2, dtype=np.uint8), "b": _xy(3, label=1, dtype=np.uint8)}
+  half = {"a": _xy(2, dtype=np.float16), "b": _xy(3, label=1, dtype=np.float16)}
+  transform = Standardize((0.5,), (0.25,), divide_by=255)
+  kept = FederatedData.from_arrays(uint8, uint8, input_transform=transform)
+  assert kept.train.x.dtype == kept.test.x.dtype == np.uint8 and kept.input_transform == transform
+  assert FederatedData.from_arrays(uint8, uint8).train.x.dtype == np.float32  # As before.
+  assert FederatedData.from_arrays(half, half).train.x.dtype == np.float16
+  mixed = {"a": _xy(2, dtype=np.uint8), "b": _xy(3, label=1)}
+  assert FederatedData.from_arrays(mixed, GOOD, input_transform=transform).train.x.dtype == (
+    np.float32
+  )
+  with pytest.raises(ValueError, match="one positive std per mean"):
+    Standardize((0.5, 0.5), (0.25,))

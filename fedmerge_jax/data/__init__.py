@@ -7,8 +7,9 @@ from fedmerge_jax.data import femnist
 from fedmerge_jax.data import leaf
 from fedmerge_jax.data.errors import DataError
 from fedmerge_jax.data.federated import ClientArrays, FederatedData
+from fedmerge_jax.data.transforms import Standardize
 
-__all__ = ["ClientArrays", "DataError", "FederatedData", "DATASET_NAMES", "load"]
+__all__ = ["ClientArrays", "DataError", "FederatedData", "DATASET_NAMES", "Standardize", "load"]
 
 _LOADERS = {
   "digits_groups": digits.load,

@@ -6,7 +6,7 @@ recompiles only when a round needs a bucket it has not used before.
 """
 
 import dataclasses
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -154,6 +154,9 @@ class FederatedData:
   """A federated dataset: the same N clients in train, test and (optionally) val.
 
   `groups` holds each client's hidden group where the data has one (for analysis only).
+  `input_transform` (e.g. `transforms.Standardize`): what the stored examples become where
+  they enter the model, computed inside the jitted programs (CIFAR-100's uint8 images are
+  standardised there); None: the model sees them as stored.
   """
 
   client_ids: Tuple[str, ...]
@@ -163,9 +166,19 @@ class FederatedData:
   num_classes: int
   groups: Optional[np.ndarray] = None
   name: str = "custom"
+  input_transform: Optional[Callable] = None
 
   def __post_init__(self):
     """Every loader's data is checked here, each bad case naming the client and the fix."""
+    if self.input_transform is not None:
+      try:
+        hash(self.input_transform)
+      except TypeError as e:
+        raise DataError(
+          f"{self.name}: input_transform {self.input_transform!r} is not hashable, and the "
+          "jitted programs take it as a static argument; use a frozen dataclass such as "
+          "data.Standardize(mean, std, divide_by)."
+        ) from e
     for split in ("train", "test", "val"):
       arrays = getattr(self, split)
       if arrays is None:
@@ -213,6 +226,7 @@ class FederatedData:
     num_classes: Optional[int] = None,
     groups: Optional[Dict[str, int]] = None,
     name: str = "custom",
+    input_transform: Optional[Callable] = None,
   ) -> "FederatedData":
     """Builds from dicts `client_id -> (x, y)` of NumPy arrays.
 
@@ -220,7 +234,10 @@ class FederatedData:
     and a `test` entry (an empty one for a client without test examples: it is left out
     of the per-client means); a client missing from `val` has no validation examples.
     Labels must be integers in [0, num_classes); num_classes defaults to max label + 1.
-    Bad input raises DataError naming the client and the fix.
+    Images are stored as float32, except float16 ones (kept) and, with an `input_transform`
+    (e.g. `Standardize`: what the model sees of them, computed in the jitted programs),
+    uint8 ones (kept: a quarter of float32's memory). Bad input raises DataError naming the
+    client and the fix.
     """
     if not train:
       raise DataError("from_arrays: train has no clients; give {client_id: (x, y)}.")
@@ -260,12 +277,14 @@ class FederatedData:
       empty = (np.zeros((0, *example_shape), np.float32), np.zeros((0,), np.int32))
       by_id = {str(k): v for k, v in clients.items()}
       per_client = [by_id.get(cid, empty) for cid in ids]
-      # float16 images stay float16 (half the host memory); anything else becomes float32.
-      x_dtype = (
-        np.float16
-        if all(np.asarray(x).dtype == np.float16 for x, _ in per_client if len(x))
-        else np.float32
-      )
+      # float16 images stay float16 (half the host memory), uint8 ones uint8 where a transform
+      # says what the model sees of them (a quarter); anything else becomes float32.
+      dtypes = {np.asarray(x).dtype for x, _ in per_client if len(x)}
+      x_dtype = np.float32
+      if dtypes <= {np.dtype(np.float16)}:
+        x_dtype = np.float16
+      elif dtypes == {np.dtype(np.uint8)} and input_transform is not None:
+        x_dtype = np.uint8
       return ClientArrays.from_clients(
         [(np.asarray(x), np.asarray(y)) for x, y in per_client], example_shape, x_dtype
       )
@@ -279,4 +298,5 @@ class FederatedData:
       num_classes,
       group_array,
       name,
+      input_transform,
     )

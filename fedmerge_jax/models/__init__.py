@@ -17,6 +17,10 @@ from fedmerge_jax.models import layers
 from fedmerge_jax.models.cnn import EmnistCNN, LeafFemnistCNN
 from fedmerge_jax.models.mlp import MLP
 from fedmerge_jax.models.resnet import ResNet9
+from fedmerge_jax.models import transformed
+
+# `model` seeing the data's input transform (train.build wraps every run's model in it).
+with_input_transform = transformed.with_input_transform
 
 HEAD = "head"
 
@@ -64,7 +68,8 @@ def takes_mask(model: nn.Module) -> bool:
   Algorithms ask this of the module they build and tell local training
   (`client.local_train(..., takes_mask=...)`), so wrappers around `apply` keep it.
   """
-  return "mask" in inspect.signature(type(model).__call__).parameters
+  module = transformed.unwrapped(model)  # A wrapper passes `mask=` on to the module it wraps.
+  return "mask" in inspect.signature(type(module).__call__).parameters
 
 
 def head_mask(variables) -> dict:
