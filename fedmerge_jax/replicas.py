@@ -242,7 +242,9 @@ def train_and_evaluate_many(
   states = stack(states)
 
   group_round = make_group_round(algorithm, first)
-  evaluate = train.round_evaluator(algorithm, data, first, mesh, (eval_clients, eval_examples))
+  evaluate = train.round_evaluator(
+    algorithm, data, first, mesh, (eval_clients, eval_examples), replicas=True
+  )
   num_rounds = first.num_rounds
   start = time.perf_counter()
   stops = preemption.StopRequests().install()
@@ -274,11 +276,9 @@ def train_and_evaluate_many(
       ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
       keys = jnp.stack([jax.random.fold_in(m.round_rng, r) for m in members])
       states, round_metrics = group_round(states, active, ids, batch, keys)
-      finite = np.asarray(round_metrics["finite"])
+      round_metrics = jax.device_get(round_metrics)
       for i, m in enumerate(members):
-        if not active[i]:
-          continue
-        if not finite[i]:
+        if active[i] and not round_metrics["finite"][i]:
           m.save(r - 1, row(states.inner, i))  # The guarded round kept its last good state.
           raise FloatingPointError(
             f"{m.workdir}: "
@@ -286,11 +286,15 @@ def train_and_evaluate_many(
               row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."
             )
           )
+      now = time.perf_counter()
+      # Every replica evaluated at once (those not active too: their results are dropped).
+      evaluations = evaluate(states, r, np.stack(ordered), round_metrics) if evaluating else ()
+      for i, m in enumerate(members):
+        if not active[i]:
+          continue
         m.state_round = r
         if evaluating:
-          record_evaluation(
-            m, r, data, lambda i=i: evaluate(row(states, i), r, ordered[i], row(round_metrics, i))
-          )
+          record_evaluation(m, r, data, now, evaluations[i])
         m.done = r
         if m.checkpoints and m.schedule.due(r):
           m.save(r, row(states.inner, i))
@@ -322,11 +326,11 @@ def train_and_evaluate_many(
   return summaries
 
 
-def record_evaluation(member: Member, r: int, data, evaluate) -> None:
-  """One replica's evaluation round (`evaluate()`: train.round_evaluator's metrics, per-client
-  arrays and merging weights): the metrics line, events and clients.npz of train.py."""
-  now = time.perf_counter()
-  metrics, per_client, weights = evaluate()
+def record_evaluation(member: Member, r: int, data, now: float, evaluated) -> None:
+  """One replica's evaluation round (`evaluated`: train.round_evaluator's metrics, per-client
+  arrays and merging weights, evaluated from time `now` on): the metrics line, events and
+  clients.npz of train.py."""
+  metrics, per_client, weights = evaluated
   metrics["rounds_per_s"] = (r - member.last_round) / (now - member.last_time)
   member.best = reporting.best_by_validation(metrics, member.best)
   member.metrics = metrics
