@@ -22,6 +22,7 @@ import numpy as np
 
 from fedmerge_jax import benchmark
 from fedmerge_jax import config as config_lib
+from fedmerge_jax import evaluation
 from fedmerge_jax import hyperparams
 from fedmerge_jax import parallel
 from fedmerge_jax import replicas
@@ -33,6 +34,12 @@ flags.DEFINE_list("replicas", ["1", "4", "16"], "Replica counts R.")
 flags.DEFINE_integer("group_rounds", 3, "Timed group rounds (after one warm-up round).")
 flags.DEFINE_integer("run_rounds", 200, "Rounds of one run, for runs per hour.")
 flags.DEFINE_string("group_algorithm", "fedmerge", "Algorithm of every replica.")
+flags.DEFINE_integer(
+  "eval_rounds",
+  0,
+  "Also time this many evaluations (after a warm-up one that compiles): the group's, all "
+  "replicas at once (train.round_evaluator(replicas=True)), against one replica at a time.",
+)
 
 # model -> (client sizes, clients per round, batch size).
 SETTINGS = {
@@ -83,6 +90,7 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
         benchmark.useful_examples(data.train.counts[s], config.local_epochs) for s in sampled
       )
   seconds = float(np.median(times))
+  evaluations = time_evaluations(algorithm, data, config, layout, configs, states, group_round)
   return {
     "model": model,
     "algorithm": FLAGS.group_algorithm,
@@ -91,7 +99,45 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
     "useful_examples_per_s": round(useful / sum(times), 1),
     "runs_per_hour": round(3600 * num_replicas / (seconds * FLAGS.run_rounds), 2),
     "backend": jax.default_backend(),
+    **evaluations,
   }
+
+
+def time_evaluations(algorithm, data, config, layout, configs, states, group_round) -> dict:
+  """Median seconds of `--eval_rounds` evaluations of the group after a round with the test
+  split attached (the gap's): all replicas at once, and one replica at a time (the separate
+  evaluator called R times, as the runner evaluated before)."""
+  if not FLAGS.eval_rounds:
+    return {}
+  mesh = parallel.make_mesh(1)
+  chunks = evaluation.chunk_sizes(config, data)
+  num_replicas = len(configs)
+  sampled = [
+    train.sample_clients(jax.random.key(c.seed), data.num_clients, config.clients_per_round)
+    for c in configs
+  ]
+  ordered, ids, batch = replicas.round_batches(data, layout, sampled, config.batch_size, True)
+  active = np.ones(num_replicas, bool)
+  keys = jax.random.split(jax.random.key(0), num_replicas)
+  states, metrics = group_round(states, active, ids, batch, keys)
+  metrics = jax.device_get(metrics)
+  together = train.round_evaluator(algorithm, data, config, mesh, chunks, replicas=True)
+  alone = train.round_evaluator(algorithm, data, config, mesh, chunks)
+  ways = {
+    "s_per_evaluation": lambda: together(states, 1, np.stack(ordered), metrics),
+    "s_per_evaluation_one_at_a_time": lambda: [
+      alone(replicas.row(states, i), 1, ordered[i], replicas.row(metrics, i))
+      for i in range(num_replicas)
+    ],
+  }
+  seconds = {name: [] for name in ways}
+  for repeat in range(FLAGS.eval_rounds + 1):
+    for name, evaluate in ways.items():  # Interleaved: the machine's load hits both alike.
+      start = time.perf_counter()
+      evaluate()
+      if repeat:  # Repeat 0 compiles.
+        seconds[name].append(time.perf_counter() - start)
+  return {name: round(float(np.median(s)), 4) for name, s in seconds.items()}
 
 
 def main(argv):

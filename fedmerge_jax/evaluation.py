@@ -2,7 +2,6 @@
 chunks of clients and, within a client, of examples: memory holds one chunk's activations,
 however large the splits."""
 
-import functools
 from typing import Dict, Tuple
 
 import jax
@@ -81,30 +80,44 @@ def summarize(
   }
 
 
-def chunk_program(algorithm, example_chunk: int, mesh, compiler_options=None):
+def over_replicas(fn, replicas: bool, in_axes):
+  """`fn` itself, or (`replicas`) `fn` vmapped over a leading replica axis of the arguments
+  whose `in_axes` are 0 (the state's always): one program evaluates every replica."""
+  return jax.vmap(fn, in_axes=in_axes) if replicas else fn
+
+
+def chunk_program(algorithm, example_chunk: int, mesh, compiler_options=None, replicas=False):
   """The jitted evaluation of one chunk of clients, (state, ids, train, {split: data}) ->
   {split: (correct [C], summed CE [C])}, each client's model built once for all splits and
-  its examples evaluated `example_chunk` at a time (`evaluate_client`)."""
+  its examples evaluated `example_chunk` at a time (`evaluate_client`). With `replicas`,
+  `state` has a leading replica axis R and the results [R, C]: one program for all."""
   clients = parallel.client_sharding(mesh)
 
-  @functools.partial(
-    jax.jit,
-    in_shardings=(None, clients, clients, clients),
-    out_shardings=parallel.replicated(mesh),
-    compiler_options=compiler_options,
-  )
   def eval_chunk(state, client_ids, train: ClientData, batches):
     personal = algorithm.personalized(state, client_ids, train)
     evaluate_all = jax.vmap(lambda m, d: evaluate_client(algorithm.predict, m, d, example_chunk))
     return {name: evaluate_all(personal, batch) for name, batch in batches.items()}
 
-  return eval_chunk
+  return jax.jit(
+    over_replicas(eval_chunk, replicas, (0, None, None, None)),
+    in_shardings=(None, clients, clients, clients),
+    out_shardings=parallel.replicated(mesh),
+    compiler_options=compiler_options,
+  )
 
 
 def make_evaluator(
-  algorithm, data, chunk_size: int, mesh=None, compiler_options=None, example_chunk: int = 0
+  algorithm,
+  data,
+  chunk_size: int,
+  mesh=None,
+  compiler_options=None,
+  example_chunk: int = 0,
+  replicas: bool = False,
 ):
-  """Returns evaluate(state) -> metrics for the test (and val) split of every client.
+  """Returns evaluate(state) -> metrics for the test (and val) split of every client; with
+  `replicas`, evaluate(states) -> [metrics of each replica] for states with a leading replica
+  axis, all replicas evaluated by one program per chunk.
 
   Besides the summary scalars, `clients/<split>_acc` holds every client's accuracy
   (NaN for a client without examples in that split), for histograms and plots.
@@ -125,7 +138,7 @@ def make_evaluator(
   if data.val is not None:
     splits["val"] = data.val
 
-  eval_chunk = chunk_program(algorithm, example_chunk, mesh, compiler_options)
+  eval_chunk = chunk_program(algorithm, example_chunk, mesh, compiler_options, replicas)
 
   every = {"train": data.train, **splits}
   sizes = sum(arrays.counts.astype(np.int64) for arrays in every.values())
@@ -140,22 +153,25 @@ def make_evaluator(
     batches = {name: arrays.gather(ids, lengths[name]) for name, arrays in splits.items()}
     return ids, data.train.gather(ids, lengths["train"]), batches
 
-  def evaluate(state) -> Dict[str, float]:
-    correct = {name: np.zeros(n) for name in splits}
-    loss_sum = {name: np.zeros(n) for name in splits}
+  def evaluate(state):
+    correct, loss_sum = {}, {}  # split -> [R, N] (R = 1 without replicas).
     for ids, real, lengths in chunks:
       arrays = parallel.client_arrays(mesh, ids, lambda block: gather(block, lengths))
       results = jax.device_get(eval_chunk(state, *arrays))
-      for name, (c, l) in results.items():
-        correct[name][ids[:real]] = c[:real]
-        loss_sum[name][ids[:real]] = l[:real]
-    metrics = {}
-    for name, arrays in splits.items():
-      metrics.update(summarize(correct[name], loss_sum[name], arrays.counts, name))
-      with np.errstate(invalid="ignore", divide="ignore"):
-        metrics[f"clients/{name}_acc"] = np.where(
-          arrays.counts > 0, correct[name] / arrays.counts, np.nan
-        )
-    return metrics
+      for name, scores in results.items():
+        for totals, score in zip((correct, loss_sum), scores):
+          score = np.reshape(score, (-1, len(ids)))
+          totals.setdefault(name, np.zeros((len(score), n)))[:, ids[:real]] = score[:, :real]
+    every_replica = []
+    for r in range(len(correct["test"])):
+      metrics = {}
+      for name, arrays in splits.items():
+        metrics.update(summarize(correct[name][r], loss_sum[name][r], arrays.counts, name))
+        with np.errstate(invalid="ignore", divide="ignore"):
+          metrics[f"clients/{name}_acc"] = np.where(
+            arrays.counts > 0, correct[name][r] / arrays.counts, np.nan
+          )
+      every_replica.append(metrics)
+    return every_replica if replicas else every_replica[0]
 
   return evaluate

@@ -78,7 +78,12 @@ def summarize(
 
 
 def make_gap_evaluator(
-  algorithm, data, chunk_size: int = 0, compiler_options=None, example_chunk: int = 0
+  algorithm,
+  data,
+  chunk_size: int = 0,
+  compiler_options=None,
+  example_chunk: int = 0,
+  replicas: bool = False,
 ):
   """Returns gap(state, client_ids, round_metrics) -> (scalars, per-client arrays over all N).
 
@@ -86,7 +91,9 @@ def make_gap_evaluator(
   with `WithTest` data; round_metrics holds its 'clients/gap_trained_*' (phantoms after the
   real clients). (b) is evaluated `chunk_size` clients at a time (all if 0), each client's
   examples `example_chunk` at a time (all if 0); the per-client arrays are NaN for clients
-  not trained in the round.
+  not trained in the round. With `replicas`, everything has a leading replica axis R (each
+  replica its own clients, `client_ids` [R, C]) and gap returns a list of R such pairs, all
+  replicas evaluated by one program per chunk.
   """
   received = algorithm.received or algorithm.personalized
 
@@ -96,30 +103,39 @@ def make_gap_evaluator(
       lambda m, d: evaluation.evaluate_client(algorithm.predict, m, d, example_chunk)
     )(models, test)
 
-  evaluate_chunk = jax.jit(evaluate_chunk, compiler_options=compiler_options)
+  evaluate_chunk = jax.jit(
+    evaluation.over_replicas(evaluate_chunk, replicas, 0), compiler_options=compiler_options
+  )
 
-  def gap(state, client_ids, round_metrics) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
-    ids = np.asarray(client_ids)
-    c = len(ids)
+  def gather(arrays, rows):
+    """`arrays` of each replica's ids (rows), padded to one length; stacked with `replicas`."""
+    length = max(arrays.padded_length(ids, 8) for ids in rows)
+    parts = [arrays.gather(ids, length) for ids in rows]
+    return jax.tree.map(lambda *xs: np.stack(xs), *parts) if replicas else parts[0]
+
+  def gap(state, client_ids, round_metrics):
+    ids = np.asarray(client_ids).reshape(len(client_ids) if replicas else 1, -1)  # [R, C].
+    c = ids.shape[1]
     chunk = c if chunk_size <= 0 else min(chunk_size, c)
-    correct, loss_sum = np.zeros(c), np.zeros(c)
-    for start, (padded, real) in zip(range(0, c, chunk), parallel.padded_chunks(ids, chunk)):
-      got = jax.device_get(
-        evaluate_chunk(
-          state,
-          padded,
-          data.train.gather(padded, data.train.padded_length(padded, 8)),
-          data.test.gather(padded, data.test.padded_length(padded, 8)),
-        )
+    correct, loss_sum = np.zeros(ids.shape), np.zeros(ids.shape)
+    every_row = [parallel.padded_chunks(row, chunk) for row in ids]
+    for start, pieces in zip(range(0, c, chunk), zip(*every_row)):
+      padded, real = np.stack([p for p, _ in pieces]), pieces[0][1]
+      args = (padded if replicas else padded[0], gather(data.train, padded))
+      got = jax.device_get(evaluate_chunk(state, *args, gather(data.test, padded)))
+      correct[:, start : start + real] = np.reshape(got[0], (len(ids), -1))[:, :real]
+      loss_sum[:, start : start + real] = np.reshape(got[1], (len(ids), -1))[:, :real]
+    every_replica = []
+    for r, row in enumerate(ids):
+      trained = tuple(
+        np.reshape(round_metrics[f"clients/{k}"], (len(ids), -1))[r, :c] for k in TRAINED_KEYS
       )
-      correct[start : start + real] = got[0][:real]
-      loss_sum[start : start + real] = got[1][:real]
-    trained = tuple(np.asarray(round_metrics[f"clients/{k}"])[:c] for k in TRAINED_KEYS)
-    scalars, per_client = summarize(trained, (correct, loss_sum), data.test.counts[ids])
-    full = {}
-    for name, values in per_client.items():
-      full[f"clients/gap_{name}"] = np.full(data.num_clients, np.nan)
-      full[f"clients/gap_{name}"][ids] = values
-    return scalars, full
+      scalars, per_client = summarize(trained, (correct[r], loss_sum[r]), data.test.counts[row])
+      full = {}
+      for name, values in per_client.items():
+        full[f"clients/gap_{name}"] = np.full(data.num_clients, np.nan)
+        full[f"clients/gap_{name}"][row] = values
+      every_replica.append((scalars, full))
+    return every_replica if replicas else every_replica[0]
 
   return gap

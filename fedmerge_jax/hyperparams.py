@@ -19,7 +19,8 @@ import numpy as np
 
 from fedmerge_jax import config as config_lib
 
-# The config fields that are values of the state (`ValuedState.values`), not constants.
+# The config fields that are values of the state (`ValuedState.values`), not constants: the
+# seed and every float that a built-in algorithm reads (none changes a shape or the program).
 VALUE_FIELDS = (
   "seed",
   "client_lr",
@@ -27,6 +28,20 @@ VALUE_FIELDS = (
   "server_lr_globals",
   "server_lr_logits",
   "ditto_lambda",
+  "apfl_alpha",
+  "perfedavg_alpha",
+  "pfedme_lambda",
+  "pfedme_personal_lr",
+  "pfedme_beta",
+  "pfedme_l2",
+  "fedfomo_epsilon",
+  "fedfomo_epsilon_decay",
+  "fedfomo_val_fraction",
+  "fedamp_alpha",
+  "fedamp_lambda",
+  "fedamp_sigma",
+  "cfl_eps1",
+  "cfl_eps2",
 )
 
 

@@ -5,39 +5,38 @@
 stacked on a leading replica axis, one round a `vmap` of the algorithm's round over it
 (`hyperparams.valued`: the values are arguments, so it compiles once). Each replica samples
 its own clients, shuffles and drops out with its own seed's keys, exactly as its separate
-run (`train.train_and_evaluate`) does; each is evaluated (test and val splits, the gap
-metric, merging weights) with the separate run's evaluators, compiled once for all replicas,
-and writes its own workdir exactly as a separate run writes it: config.json,
+run (`train.train_and_evaluate`) does. All replicas are evaluated at once (test and val
+splits, the gap metric, merging weights: `train.round_evaluator(replicas=True)`, the
+separate run's programs vmapped over the replica axis), and each writes its own workdir
+through the separate run's `restore.Checkpointing` and `reporting.Reporter`: config.json,
 experiment.json, metrics.jsonl, TensorBoard events, clients.npz, checkpoints, plots and
 summary.json. So a replica can be resumed alone by `train_and_evaluate` and vice versa.
 
 Resume: every replica restores its own latest checkpoint. The group runs from the earliest
 replica's round to the last; a replica already past a round (it stopped later, or finished
 in a separate command) keeps its state frozen in that round and writes nothing for it.
-`wall_time_s` of each replica is the group's.
+`wall_time_s` of each replica runs from the group's start to its own summary.
 
 A group runs on one device (replicas do not split over a mesh; `compare` runs further
 groups one after another).
 """
 
-import json
+import contextlib
+import functools
 import os
-import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmerge_jax import checkpoint as checkpoint_lib
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
 from fedmerge_jax import failures
 from fedmerge_jax import gap
 from fedmerge_jax import hyperparams
-from fedmerge_jax import metric_writers
 from fedmerge_jax import parallel
 from fedmerge_jax import plot
 from fedmerge_jax import preemption
@@ -84,69 +83,36 @@ def row(tree, i: int):
 
 
 class Member:
-  """One replica's run: its config, workdir, checkpoints, writers and progress."""
+  """One replica's run: its checkpoints and reports, a separate run's (restore.Checkpointing,
+  reporting.Reporter); `done`: rounds whose outputs are written, `state_round`: the round
+  of its row of the group's state."""
 
-  def __init__(self, config, workdir: str):
-    self.config, self.workdir = config, workdir
-    schedule = checkpoint_lib.Schedule(
-      config.checkpoint_every, config.checkpoint_every_minutes, config.num_rounds
-    )
-    self.schedule = schedule
-    self.checkpoints = (
-      checkpoint_lib.Checkpoints(workdir, config.checkpoint_keep) if schedule.enabled else None
-    )
-    init_rng, *rngs = jax.random.split(jax.random.key(config.seed), 3)
-    self.init_rng = init_rng
-    self.rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))
-    self.done, self.best, self.metrics = 0, None, {}
-    self.start_round = self.state_round = 0
-    self.jsonl = self.tensorboard = None
-    self.last_time, self.last_round = time.perf_counter(), 0
+  def __init__(self, config, workdir: str, layout, data):
+    self.config, self.workdir, self.data = config, workdir, data
+    self.checkpointing = restore.Checkpointing(config, workdir, layout)
+    self.done = self.state_round = 0
+    self.reporter = None
 
-  def restore(self, fresh_inner):
-    """The state to start from: the latest checkpoint's, or `fresh_inner` (round 0)."""
-    restored = self.checkpoints and self.checkpoints.restore_latest(
-      {"algorithm": fresh_inner, "rngs": self.rng_data}
+  def restore_or_initialise(self, init, mesh, values):
+    """Its state to start from: the latest checkpoint's, or `init`'s of (its key, `values`)."""
+    start = self.checkpointing.restore_or_initialise(init, mesh, train.all_finite, values)
+    self.done = self.state_round = start.round
+    self.sample_rng, self.round_rng = jax.random.wrap_key_data(start.rng_data)
+    self.reporter = reporting.Reporter(
+      self.workdir,
+      self.config,
+      self.data,
+      start.round,
+      start.best,
+      start.metrics,
+      label=self.workdir,
     )
-    inner = fresh_inner
-    if restored:
-      self.done, saved, progress = restored
-      inner, self.rng_data = saved["algorithm"], saved["rngs"]
-      self.best, self.metrics = progress["best"], progress["metrics"]
-      if not bool(train.all_finite(inner)):
-        raise FloatingPointError(
-          f"The checkpoint of round {self.done} in {self.checkpoints.directory} holds "
-          "non-finite values; resuming cannot help: start over with a new --workdir."
-        )
-      logging.info("Resuming %s from the checkpoint of round %d.", self.workdir, self.done)
-    self.start_round = self.state_round = self.done
-    self.sample_rng, self.round_rng = jax.random.wrap_key_data(self.rng_data)
-    self.jsonl = metric_writers.JsonlWriter(self.workdir, self.start_round)
-    if self.config.tensorboard:
-      self.tensorboard = metric_writers.TensorBoardWriter(self.workdir, self.start_round)
-    self.last_round = self.start_round
-    return inner
+    return start.state
 
   def save(self, round_index: int, inner) -> None:
-    """Checkpoints `inner` as this replica's state after `round_index` (as train.py's save)."""
-    if (
-      self.checkpoints is not None
-      and self.start_round < round_index == self.state_round
-      and inner is not None
-      and restore.alive(inner)
-    ):
-      self.checkpoints.save(
-        round_index,
-        {"algorithm": inner, "rngs": self.rng_data},
-        {"round": round_index, "best": self.best, "metrics": self.metrics},
-      )
-      self.schedule.saved()
-
-  def close(self) -> None:
-    if self.checkpoints:
-      self.checkpoints.close()
-    if self.tensorboard:
-      self.tensorboard.close()
+    """Checkpoints `inner` as its state after `round_index` where it is (Checkpointing.save)."""
+    if inner is not None:
+      self.checkpointing.save(round_index, self.state_round, inner, self.reporter.progress)
 
 
 def round_batches(
@@ -230,70 +196,81 @@ def train_and_evaluate_many(
     ", ".join(workdirs),
   )
 
-  members = [Member(c, w) for c, w in zip(configs, workdirs)]
+  members = [Member(c, w, layout, data) for c, w in zip(configs, workdirs)]
   values = hyperparams.stacked_values(configs)
   # One replica's init, compiled once and called R times: XLA compiles the vmapped init's
   # random bits far slower (measured 2m14s for the offline default's 8 replicas on 2 cores).
-  init = jax.jit(algorithm.init)
-  states = []
-  for i, m in enumerate(members):
-    fresh = init((m.init_rng, row(values, i)))
-    states.append(hyperparams.ValuedState(m.restore(fresh.inner), fresh.values))
-  states = stack(states)
+  init = InnerInit(lambda key_and_values: algorithm.init(key_and_values).inner)
+  states = hyperparams.ValuedState(
+    stack([m.restore_or_initialise(init, mesh, row(values, i)) for i, m in enumerate(members)]),
+    jax.tree.map(jnp.asarray, values),
+  )
 
   group_round = make_group_round(algorithm, first)
-  evaluate = train.round_evaluator(algorithm, data, first, mesh, (eval_clients, eval_examples))
+  evaluate = train.round_evaluator(
+    algorithm, data, first, mesh, (eval_clients, eval_examples), replicas=True
+  )
   num_rounds = first.num_rounds
-  start = time.perf_counter()
   stops = preemption.StopRequests().install()
   r = min(m.done for m in members)
 
   def save_all():
+    alive = restore.alive(states)
     for i, m in enumerate(members):
-      m.save(m.done, row(states.inner, i) if restore.alive(states) else None)
+      m.save(m.done, row(states.inner, i) if alive else None)
 
   try:
-    for r in range(min(m.done for m in members) + 1, num_rounds + 1):
-      signal_name = stops.stop_before(r)
-      if signal_name:
-        save_all()
-        for m in members:
-          if m.checkpoints:
-            m.checkpoints.wait()
-        raise preemption.Stopped(
-          signal_name, stops.signal_number, restore.stopped_saying(members[0].checkpoints)
-        )
-      active = np.array([m.done < r for m in members])
-      sampled = [
-        sampling.sample_clients(
-          jax.random.fold_in(m.sample_rng, r), data.num_clients, first.clients_per_round
-        )
-        for m in members
-      ]
-      evaluating = r % first.eval_every == 0 or r == num_rounds
-      ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
-      keys = jnp.stack([jax.random.fold_in(m.round_rng, r) for m in members])
-      states, round_metrics = group_round(states, active, ids, batch, keys)
-      finite = np.asarray(round_metrics["finite"])
-      for i, m in enumerate(members):
-        if not active[i]:
-          continue
-        if not finite[i]:
-          m.save(r - 1, row(states.inner, i))  # The guarded round kept its last good state.
-          raise FloatingPointError(
-            f"{m.workdir}: "
-            + failures.non_finite_message(
-              row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."
+    with contextlib.ExitStack() as reporters:
+      for m in members:
+        reporters.enter_context(m.reporter)
+      for r in range(min(m.done for m in members) + 1, num_rounds + 1):
+        signal_name = stops.stop_before(r)
+        if signal_name:
+          save_all()
+          for m in members:
+            m.checkpointing.wait()
+          raise preemption.Stopped(
+            signal_name, stops.signal_number, members[0].checkpointing.stopped_saying()
+          )
+        active = np.array([m.done < r for m in members])
+        sampled = [
+          sampling.sample_clients(
+            jax.random.fold_in(m.sample_rng, r), data.num_clients, first.clients_per_round
+          )
+          for m in members
+        ]
+        evaluating = r % first.eval_every == 0 or r == num_rounds
+        ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
+        keys = jnp.stack([jax.random.fold_in(m.round_rng, r) for m in members])
+        states, round_metrics = group_round(states, active, ids, batch, keys)
+        round_metrics = jax.device_get(round_metrics)
+        for i, m in enumerate(members):
+          if active[i] and not round_metrics["finite"][i]:
+            m.save(r - 1, row(states.inner, i))  # The guarded round kept its last good state.
+            raise FloatingPointError(
+              f"{m.workdir}: "
+              + failures.non_finite_message(
+                row(round_metrics, i), r, ordered[i], "Other replicas are checkpointed."
+              )
             )
-          )
-        m.state_round = r
-        if evaluating:
-          record_evaluation(
-            m, r, data, lambda i=i: evaluate(row(states, i), r, ordered[i], row(round_metrics, i))
-          )
-        m.done = r
-        if m.checkpoints and m.schedule.due(r):
-          m.save(r, row(states.inner, i))
+        evaluated = []  # Every replica's, evaluated at once when the first reports.
+
+        def evaluation_of(i):
+          if not evaluated:  # Inactive replicas too: their results are dropped.
+            evaluated.extend(evaluate(states, r, np.stack(ordered), round_metrics))
+          return evaluated[i]
+
+        for i, m in enumerate(members):
+          if not active[i]:
+            continue
+          m.state_round = r
+          m.reporter.advance()
+          if evaluating:
+            m.reporter.report(r, functools.partial(evaluation_of, i))
+          m.done = r
+          if m.checkpointing.due(r):
+            m.save(r, row(states.inner, i))
+    return [m.reporter.summary() for m in members]  # summary.json and the plots.
   except BaseException as e:
     save_all()
     if failures.is_out_of_memory(e):
@@ -306,38 +283,13 @@ def train_and_evaluate_many(
   finally:
     stops.uninstall()
     for m in members:
-      m.close()
-  wall = time.perf_counter() - start
-  summaries = []
-  for m in members:
-    summary = dict(m.metrics)
-    summary.update(m.best or {})
-    summary["wall_time_s"] = wall
-    metric_writers.write_atomically(
-      os.path.join(m.workdir, "summary.json"),
-      lambda f, s=summary: f.write(json.dumps(s, indent=2).encode()),
-    )
-    plot.write_plots(m.workdir)
-    summaries.append(summary)
-  return summaries
+      m.checkpointing.close()
 
 
-def record_evaluation(member: Member, r: int, data, evaluate) -> None:
-  """One replica's evaluation round (`evaluate()`: train.round_evaluator's metrics, per-client
-  arrays and merging weights): the metrics line, events and clients.npz of train.py."""
-  now = time.perf_counter()
-  metrics, per_client, weights = evaluate()
-  metrics["rounds_per_s"] = (r - member.last_round) / (now - member.last_time)
-  member.best = reporting.best_by_validation(metrics, member.best)
-  member.metrics = metrics
-  member.jsonl.write(metrics)
-  if member.tensorboard:
-    member.tensorboard.write(r, metrics, per_client, weights)
-  metric_writers.write_clients_npz(
-    member.workdir, r, data.client_ids, per_client, weights, data.groups
-  )
-  logging.info("%s: %s", member.workdir, reporting.format_metrics(metrics))
-  member.last_time, member.last_round = time.perf_counter(), r
+class InnerInit(NamedTuple):
+  """What Checkpointing initialises with: `init((key, values))` -> a replica's own state."""
+
+  init: Callable
 
 
 MAX_AUTO_REPLICAS = 16  # `auto` never groups more (the measured gain flattens before).

@@ -54,7 +54,8 @@ class Reporter:
   """A run's reports from `start_round` on (a resumed run's files drop what came after it).
 
   `best` and `metrics`: the best-by-validation and latest evaluation so far (a checkpoint's).
-  `data`: the run's FederatedData (client ids and groups name clients.npz's rows).
+  `data`: the run's FederatedData (client ids and groups name clients.npz's rows). `label`:
+  the start of each printed line (a replica group's workdir, replicas.py).
   """
 
   def __init__(
@@ -66,8 +67,9 @@ class Reporter:
     best: Optional[dict],
     metrics: dict,
     enabled: bool = True,
+    label: str = "",
   ):
-    self.workdir, self.data, self.enabled = workdir, data, enabled
+    self.workdir, self.data, self.enabled, self.label = workdir, data, enabled, label
     self.num_rounds, self.start_round = config.num_rounds, start_round
     self.best, self.metrics = best, metrics
     self.jsonl = metric_writers.JsonlWriter(workdir, start_round) if enabled else None
@@ -102,7 +104,7 @@ class Reporter:
         self.workdir, round_index, self.data.client_ids, per_client, weights, self.data.groups
       )
     self.bar.show(metrics)
-    self.bar.print(format_metrics(metrics))
+    self.bar.print(f"{self.label}: " * bool(self.label) + format_metrics(metrics))
     self.last_time, self.last_round = time.perf_counter(), round_index
 
   def progress(self):

@@ -185,22 +185,28 @@ def accelerator_line() -> str:
   )
 
 
-def all_merging_weights(algorithm, data: data_lib.FederatedData, chunk_size: int, mesh):
-  """state -> [N, K] every real client's merging weights, chunk by chunk as evaluation goes.
+def all_merging_weights(
+  algorithm, data: data_lib.FederatedData, chunk_size: int, mesh, replicas: bool = False
+):
+  """state -> [N, K] every real client's merging weights, chunk by chunk as evaluation goes
+  (`replicas`: states with a leading replica axis -> [R, N, K], one program for all).
 
   They come from the clients' training data where the algorithm looks at it (IFCA's
   assignment), so plots and the ARI show the weights that evaluation used.
   """
   n = data.num_clients
   chunk = parallel.client_layout(mesh.size, n, 0, chunk_size).eval_chunk
-  weights_fn = jax.jit(algorithm.merging_weights, out_shardings=parallel.replicated(mesh))
+  weights_fn = jax.jit(
+    evaluation.over_replicas(algorithm.merging_weights, replicas, (0, None, None)),
+    out_shardings=parallel.replicated(mesh),
+  )
 
   def weights(state) -> np.ndarray:
     rows = []
     for ids, real in parallel.padded_chunks(np.arange(n), chunk):
       train = data.train.gather(ids, data.train.padded_length(ids, 8))  # Bucketed: few shapes.
-      rows.append(np.asarray(weights_fn(state, ids, train))[:real])
-    return np.concatenate(rows)
+      rows.append(np.asarray(weights_fn(state, ids, train))[..., :real, :])
+    return np.concatenate(rows, axis=-2)
 
   return weights
 
@@ -255,36 +261,37 @@ def make_round_evaluator(run: Run):
   return round_evaluator(run.algorithm, run.data, run.config, run.mesh, run.eval_chunks)
 
 
-def round_evaluator(algorithm, data, config, mesh, eval_chunks):
+def round_evaluator(algorithm, data, config, mesh, eval_chunks, replicas: bool = False):
   """evaluate(state, r, ids, round_metrics) -> (metrics, per-client arrays, merging weights
   or None) for an evaluation round: the round's training metrics, every client's test and
   validation metrics, the local-global gap of the round's clients (gap.py), the merging
   weights' agreement with known groups, and the communication per round. `eval_chunks`:
-  evaluation's (clients, examples) at once (evaluation.chunk_sizes)."""
+  evaluation's (clients, examples) at once (evaluation.chunk_sizes). With `replicas`, the
+  state, ids ([R, C]) and round metrics have a leading replica axis R and evaluate returns
+  a list of R such triples, every replica evaluated by the same programs at once."""
   eval_clients, eval_examples = eval_chunks
+  options = compiler_options(config)
   measure_gap = gap.make_gap_evaluator(
-    algorithm, data, eval_clients, compiler_options(config), eval_examples
+    algorithm, data, eval_clients, options, eval_examples, replicas
   )
   evaluate_clients = evaluation.make_evaluator(
-    algorithm, data, eval_clients, mesh, compiler_options(config), eval_examples
+    algorithm, data, eval_clients, mesh, options, eval_examples, replicas
   )
   merging_weights = (
-    all_merging_weights(algorithm, data, eval_clients, mesh)
+    all_merging_weights(algorithm, data, eval_clients, mesh, replicas)
     if algorithm.merging_weights is not None
     else None
   )
   down, up = algorithm.communication
 
-  def evaluate(state, round_index: int, ids, round_metrics):
+  def evaluate_one(round_index: int, ids, round_metrics, evaluated, gaps, weights):
     metrics = {"round": round_index}
     metrics.update({k: float(v) for k, v in round_metrics.items() if k.startswith("train/")})
-    evaluated = evaluate_clients(state)
     per_client = {k: evaluated.pop(k) for k in list(evaluated) if k.startswith("clients/")}
     metrics.update(evaluated)
-    gap_scalars, gap_clients = measure_gap(state, ids, round_metrics)
+    gap_scalars, gap_clients = gaps
     metrics.update(gap_scalars)
     per_client.update(gap_clients)
-    weights = merging_weights(state) if merging_weights else None
     if weights is not None and data.groups is not None:
       metrics["groups/ari"] = plot.dominant_model_ari(weights, data.groups)
     metrics.update(
@@ -295,6 +302,23 @@ def round_evaluator(algorithm, data, config, mesh, eval_chunks):
       }
     )
     return metrics, per_client, weights
+
+  def evaluate(state, round_index: int, ids, round_metrics):
+    evaluated, gaps = evaluate_clients(state), measure_gap(state, ids, round_metrics)
+    weights = merging_weights(state) if merging_weights else None
+    if not replicas:
+      return evaluate_one(round_index, ids, round_metrics, evaluated, gaps, weights)
+    return [
+      evaluate_one(
+        round_index,
+        ids[i],
+        {k: v[i] for k, v in round_metrics.items()},
+        evaluated[i],
+        gaps[i],
+        None if weights is None else weights[i],
+      )
+      for i in range(len(ids))
+    ]
 
   return evaluate
 

@@ -27,26 +27,30 @@ def data():
 
 
 def test_one_compiled_round_serves_two_learning_rates_and_seeds(data):
-  """The program compiled once for the values gives each value's separately built round."""
+  """The program compiled once for the values gives the second value's separately built
+  round (and the first value's differs from it)."""
   config = config_lib.resolve(tiny_base_config())
   build = lambda c: train.build(c, data)[1]
   valued = hyperparams.valued(build, config)
   round_fn, init = jax.jit(valued.round), jax.jit(valued.init)
   ids = np.arange(data.num_clients)
   batch = data.train.gather(ids)
+  losses = []
   for client_lr, seed in [(0.1, 0), (0.4, 3)]:
     own = config.copy_and_resolve_references()
     own.client_lr, own.seed = client_lr, seed
     state, metrics = round_fn(
       init((jax.random.key(seed), hyperparams.values_of(own))), ids, batch, jax.random.key(7)
     )
-    separate = build(own)
-    expected_state, expected = jax.jit(separate.round)(
-      separate.init(jax.random.key(seed)), ids, batch, jax.random.key(7)
-    )
-    np.testing.assert_allclose(metrics["train/loss"], expected["train/loss"], atol=TOL)
-    for got, want in zip(jax.tree.leaves(state.inner), jax.tree.leaves(expected_state)):
-      np.testing.assert_allclose(got, want, atol=TOL)
+    losses.append(float(metrics["train/loss"]))
+  separate = build(own)
+  expected_state, expected = jax.jit(separate.round)(
+    separate.init(jax.random.key(seed)), ids, batch, jax.random.key(7)
+  )
+  np.testing.assert_allclose(losses[1], expected["train/loss"], atol=TOL)
+  assert abs(losses[0] - losses[1]) > 1e-3
+  for got, want in zip(jax.tree.leaves(state.inner), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(got, want, atol=TOL)
   assert round_fn._cache_size() == 1  # pylint: disable=protected-access
 
 
@@ -59,23 +63,44 @@ def test_program_key_ignores_only_the_value_fields():
   assert hyperparams.program_key(other) != hyperparams.program_key(config)
 
 
+# Algorithms reading value fields other than the seed and the ones the group tests vary.
+OTHER_VALUED = ["apfl", "perfedavg", "fedfomo", "fedamp", "cfl"]
+
+
+@pytest.mark.parametrize("algorithm", OTHER_VALUED)
+def test_every_float_an_algorithm_reads_traces_as_a_value(algorithm, data):
+  """The vmapped round of 2 replicas traces with every VALUE_FIELD an array (a Python `if`
+  on one, or a shape from one, would fail here; pfedme_lambda's results: the group test)."""
+  config = config_lib.resolve(run_config(algorithm, "official"))
+  valued = hyperparams.valued(lambda c: train.build(c, data)[1], config)
+  values = hyperparams.stacked_values([config, config])
+  keys = jax.random.split(jax.random.key(0), 2)
+  states = jax.eval_shape(jax.vmap(valued.init), (keys, values))
+  ids = np.stack([np.arange(3)] * 2)
+  batch = jax.tree.map(lambda *x: np.stack(x), *[data.train.gather(np.arange(3))] * 2)
+  _, metrics = jax.eval_shape(jax.vmap(valued.round), states, ids, batch, keys)
+  assert metrics["train/loss"].shape == (2,)
+
+
 # --- Replica groups against separate runs -------------------------------------------------
 
 MODELS = {"bn": TinyBN(), "dropout": TinyDropout()}
-# (algorithm, update_mode, model): BatchNorm and dropout models across the algorithms.
+REPLICAS = [{"seed": 0, "client_lr": 0.1}, {"seed": 1, "client_lr": 0.3}]  # Each replica's.
+# (algorithm, update_mode, model, replicas): BatchNorm and dropout models across the
+# algorithms (FedAvg: the sweep test's). pFedMe's replicas differ only in pfedme_lambda.
 CASES = [
-  ("fedmerge", "official", "bn"),
-  ("fedmerge", "gradient", "dropout"),
-  ("fedavg", "official", "bn"),
-  ("ditto", "official", "dropout"),
-  ("ifca", "official", "bn"),
-  ("fedem", "official", "dropout"),
+  ("fedmerge", "official", "bn", REPLICAS),
+  ("fedmerge", "gradient", "dropout", REPLICAS),
+  ("ditto", "official", "dropout", REPLICAS),
+  ("ifca", "official", "bn", REPLICAS),
+  ("fedem", "official", "dropout", REPLICAS),
+  ("pfedme", "official", "bn", [{"pfedme_lambda": 15.0}, {"pfedme_lambda": 3.0}]),
 ]
-REPLICAS = [(0, 0.1), (1, 0.3)]  # (seed, client_lr) of each replica.
 
 
-def run_config(algorithm, update_mode, seed, client_lr, **overrides):
-  """Three rounds of 3 of 5 unequal clients (partial last batches), evaluated every round."""
+def run_config(algorithm, update_mode, seed=0, client_lr=0.1, **overrides):
+  """Two rounds (three: `num_rounds`) of 3 of 5 unequal clients (partial last batches),
+  evaluated every round."""
   config = tiny_base_config()
   config.algorithm, config.update_mode, config.seed, config.client_lr = (
     algorithm,
@@ -84,7 +109,7 @@ def run_config(algorithm, update_mode, seed, client_lr, **overrides):
     client_lr,
   )
   config.num_global_models = 2
-  config.num_rounds, config.clients_per_round = 3, 3
+  config.num_rounds, config.clients_per_round = 2, 3
   config.checkpoint_every, config.tensorboard = 0, False
   for key, value in overrides.items():
     setattr(config, key, value)
@@ -119,10 +144,12 @@ def root(tmp_path_factory):
   return tmp_path_factory.mktemp("replicas")
 
 
-@pytest.mark.parametrize("algorithm,update_mode,model_name", CASES)
-def test_replica_metrics_equal_the_separate_runs(algorithm, update_mode, model_name, data, root):
-  """Replica 1 (another seed and client_lr than replica 0) equals its own separate run."""
-  configs = [run_config(algorithm, update_mode, s, lr) for s, lr in REPLICAS]
+@pytest.mark.parametrize("algorithm,update_mode,model_name,values", CASES)
+def test_replica_metrics_equal_the_separate_runs(
+  algorithm, update_mode, model_name, values, data, root
+):
+  """Replica 1 (other values than replica 0's) equals its own separate run."""
+  configs = [run_config(algorithm, update_mode, **v) for v in values]
   workdirs = [str(root / f"{algorithm}_{update_mode}" / f"replica_{i}") for i in range(2)]
   summaries = replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS[model_name])
   history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
@@ -130,28 +157,38 @@ def test_replica_metrics_equal_the_separate_runs(algorithm, update_mode, model_n
   assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
 
 
-def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(
-  data, root, monkeypatch
-):
-  """compare's grid of 2 client_lr x 2 seeds: one program of 4 replicas; the last replica
-  (neither the first lr nor the first seed) equals its separate run."""
+SWEEP_ROUNDS = 3  # The resume test's rounds: it stops before round 2, then before round 3.
+
+
+@pytest.fixture(scope="module")
+def sweep(data, root):
+  """compare's grid of 2 client_lr x 2 seeds of FedAvg (BatchNorm model), 3 rounds, with the
+  sizes of the groups it ran; the resume test's uninterrupted runs too."""
   groups = []
   many = replicas.train_and_evaluate_many
-  monkeypatch.setattr(
-    replicas,
-    "train_and_evaluate_many",
-    lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k),
-  )
-  results = compare.run_comparison(
-    run_config("fedavg", "official", 0, 0.1),
-    ["fedavg"],
-    str(root / "sweep"),
-    data=data,
-    seeds=[0, 1],
-    sweeps=[("client_lr", [0.1, 0.3])],
-    model=MODELS["bn"],
-    replicas=4,
-  )
+  with pytest.MonkeyPatch.context() as patched:
+    patched.setattr(
+      replicas,
+      "train_and_evaluate_many",
+      lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k),
+    )
+    results = compare.run_comparison(
+      run_config("fedavg", "official", num_rounds=SWEEP_ROUNDS),
+      ["fedavg"],
+      str(root / "sweep"),
+      data=data,
+      seeds=[0, 1],
+      sweeps=[("client_lr", [0.1, 0.3])],
+      model=MODELS["bn"],
+      replicas=4,
+    )
+  return groups, results
+
+
+def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(sweep, data, root):
+  """compare's grid of 2 client_lr x 2 seeds: one program of 4 replicas; the last replica
+  (neither the first lr nor the first seed) equals its separate run."""
+  groups, results = sweep
   assert groups == [4]
   assert [(r.setting, r.seed) for r in results] == [
     ((("client_lr", lr),), s) for lr in (0.1, 0.3) for s in (0, 1)
@@ -159,7 +196,9 @@ def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(
   assert len({r.summary["test/loss"] for r in results}) == 4
   assert_same_history(
     results[-1].history,
-    separate_history(run_config("fedavg", "official", 1, 0.3), "bn", data, root),
+    separate_history(
+      run_config("fedavg", "official", 1, 0.3, num_rounds=SWEEP_ROUNDS), "bn", data, root
+    ),
   )
 
 
@@ -196,13 +235,16 @@ def test_auto_replicas_follow_the_free_memory(data):
 
 
 def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_same_metrics(
-  data, root, monkeypatch
+  sweep, data, root, monkeypatch
 ):
   """The group stops before round 2; replica 1 alone (train_and_evaluate, from the group's
   checkpoint) runs round 2 and stops; rerun, the group runs round 2 for replica 0 only
-  (replica 1 frozen), then round 3 for both. Both end as the uninterrupted runs did; a
-  finished group is not rerun."""
-  configs = [run_config("fedavg", "official", s, lr, checkpoint_every=1) for s, lr in REPLICAS]
+  (replica 1 frozen), then round 3 for both. Both end as the uninterrupted runs (the sweep's)
+  did; a finished group is not rerun."""
+  configs = [
+    run_config("fedavg", "official", **v, checkpoint_every=1, num_rounds=SWEEP_ROUNDS)
+    for v in REPLICAS
+  ]
   workdirs = [str(root / "resumed" / f"replica_{i}") for i in range(2)]
   stop_before = lambda at: lambda self, round_index: "SIGTERM" if round_index == at else None
   rounds = lambda i: [m["round"] for m in metric_writers.read_jsonl(f"{workdirs[i]}/metrics.jsonl")]
@@ -217,8 +259,8 @@ def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_sa
     assert rounds(1) == [1, 2]
   replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
   histories = [metric_writers.read_jsonl(f"{w}/metrics.jsonl") for w in workdirs]
-  uninterrupted = metric_writers.read_jsonl(str(root / "fedavg_official/replica_0/metrics.jsonl"))
-  assert_same_history(histories[0], uninterrupted)
-  assert_same_history(histories[1], separate_history(configs[1], "bn", data, root))
+  uninterrupted = {(r.seed, dict(r.setting)["client_lr"]): r.history for r in sweep[1]}
+  assert_same_history(histories[0], uninterrupted[(0, 0.1)])
+  assert_same_history(histories[1], uninterrupted[(1, 0.3)])
   replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])  # All done.
   assert [metric_writers.read_jsonl(f"{w}/metrics.jsonl") for w in workdirs] == histories
