@@ -456,6 +456,25 @@ def test_fedfomo_validation_split_is_fixed_disjoint_and_padding_free():
     rows = sorted(np.asarray(train_part.y[:8]).tolist() + np.asarray(val.y[:2]).tolist())
     assert rows == list(range(10))  # Disjoint, and every real example is in one of them.
   np.testing.assert_array_equal(splits[0][1].y[:2], splits[1][1].y[:2])
+  assert [v.y.shape[0] for _, v in splits] == [2, 3]  # Validation rows only, not the padding.
+
+
+def test_fedfomo_validation_part_is_short_and_holds_every_held_out_example():
+  """Every count up to the padded length (37): the short validation part holds all its
+  held-out examples, and with the training part they are the client's examples once each."""
+  length = 37
+  counts = np.arange(1, length + 1, dtype=np.int32)
+  data = ClientData(np.zeros((length, 1), np.float32), np.arange(length), counts)
+  split = jax.vmap(fedfomo.validation_split, in_axes=(ClientData(None, None, 0), None, None))
+  for fraction in (0.1, 0.3, 0.7):
+    train_part, val = jax.device_get(
+      jax.jit(split, static_argnums=2)(data, jax.random.key(3), fraction)
+    )
+    assert val.y.shape[1] < length
+    for n, t_y, t_n, v_y, v_n in zip(counts, train_part.y, train_part.count, val.y, val.count):
+      held = int(np.floor(np.float32(fraction) * np.float32(n)))  # float32, as the module.
+      assert v_n == (max(held, 1) if n >= 2 else 0)
+      assert sorted(t_y[:t_n].tolist() + v_y[:v_n].tolist()) == list(range(n)), (fraction, n)
 
 
 def test_fedfomo_candidates_are_epsilon_greedy_among_last_uploaders():

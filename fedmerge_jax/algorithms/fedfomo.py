@@ -43,6 +43,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedmerge_jax import client as client_lib
 from fedmerge_jax import evaluation
@@ -64,17 +65,31 @@ class State:
   rounds_done: jax.Array  # [] int32.
 
 
+def validation_rows(padded_length: int, fraction: float) -> int:
+  """Rows that hold every client's validation part: the most any count up to the padded
+  length holds out (float32 as `validation_split` computes it), at least 1."""
+  held = int(np.floor(np.float32(fraction) * np.float32(padded_length))) if fraction > 0 else 0
+  return min(max(held, 1), padded_length)
+
+
 def validation_split(data: client_lib.ClientData, key, fraction: float):
-  """(training part, validation part) of a client's examples: a fixed random `fraction` held out."""
+  """(training part, validation part) of a client's examples: a fixed random `fraction` held out.
+
+  The validation part is `validation_rows` long, not the padded length: candidates are
+  evaluated on its rows alone (about `fraction` of the padded rows' work).
+  """
   n = data.count
   held = jnp.where(
     (fraction > 0) & (n >= 2), jnp.maximum(jnp.floor(fraction * n).astype(n.dtype), 1), 0
   )
-  order = client_lib.epoch_orders(key, n, data.x.shape[0], 1)[0]
-  x, y = data.x[order], data.y[order]
+  length = data.x.shape[0]
+  order = client_lib.epoch_orders(key, n, length, 1)[0]
   train_n = n - held
-  roll = lambda a: jnp.roll(a, -train_n, axis=0)  # Validation rows first.
-  return client_lib.ClientData(x, y, train_n), client_lib.ClientData(roll(x), roll(y), held)
+  rows = order[(train_n + jnp.arange(validation_rows(length, fraction))) % length]
+  return (
+    client_lib.ClientData(data.x[order], data.y[order], train_n),
+    client_lib.ClientData(data.x[rows], data.y[rows], held),
+  )
 
 
 def per_client_uniform(key, num_clients: int):
@@ -105,15 +120,19 @@ def l1_distance(a, b):
   return sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def fomo_weights(predict, own, candidates, valid, validation: client_lib.ClientData):
+def fomo_weights(predict, own, candidates, valid, validation, example_chunk: int = 0):
   """[M] w_n = (L(own) - L(theta_n)) / ||theta_n - own||_1 on the validation examples.
 
-  0 where a candidate is invalid.
+  0 where a candidate is invalid. The M + 1 models are evaluated one after another
+  (`lax.map`), `example_chunk` rows at a time (`evaluation.evaluate_client`): a `vmap` over
+  models would hold M models' activations at once and, on accelerators, make every
+  convolution a grouped one.
   """
-  mean_loss = lambda m: (
-    evaluation.evaluate_client(predict, m, validation)[1] / jnp.maximum(validation.count, 1)
-  )
-  gains = mean_loss(own) - jax.vmap(mean_loss)(candidates)
+  models = jax.tree.map(lambda o, c: jnp.concatenate([o[None], c]), own, candidates)
+  losses = jax.lax.map(
+    lambda m: evaluation.evaluate_client(predict, m, validation, example_chunk)[1], models
+  ) / jnp.maximum(validation.count, 1)
+  gains = losses[0] - losses[1:]
   distance = jax.vmap(lambda c: l1_distance(c["params"], own["params"]))(candidates)
   usable = valid & (distance > 0) & (validation.count > 0)
   return jnp.where(usable, gains / jnp.where(usable, distance, 1.0), 0.0)
@@ -140,6 +159,7 @@ def make(model, config, num_clients, example_input):
   predict = base.model_predict(model)
   downloads = max(min(config.fedfomo_downloads, num_clients - 1), 1)  # top_k needs <= N.
   split_key = jax.random.fold_in(jax.random.key(config.seed), VALIDATION_STREAM)
+  example_chunk = config.eval_batch_size or evaluation.EVAL_EXAMPLES  # As evaluation's.
 
   def init(rng) -> State:
     variables = flax.core.unfreeze(model.init(rng, example_input[None]))
@@ -159,7 +179,7 @@ def make(model, config, num_clients, example_input):
     chosen, valid = choose_candidates(key, state.affinity[client_id], available, downloads, epsilon)
     own = jax.tree.map(lambda x: x[client_id], state.personal)
     candidates = jax.tree.map(lambda x: x[chosen], state.personal)
-    weights = fomo_weights(predict, own, candidates, valid, validation)
+    weights = fomo_weights(predict, own, candidates, valid, validation, example_chunk)
     return federated_start(own, candidates, weights), chosen, weights, train
 
   def round_fn(state: State, client_ids, data, rng):
