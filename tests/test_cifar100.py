@@ -165,7 +165,8 @@ def test_cluster_loader_through_the_registry():
   with tfds.testing.mock_data(num_examples=600, policy=tfds.testing.MockPolicy.USE_CODE):
     data = load(data_config("cifar100_cluster"))
   assert data.name == "cifar100_cluster" and data.num_clients == 10 and data.num_classes == 100
-  assert data.example_shape == (32, 32, 3) and data.train.x.dtype == np.float32
+  assert data.example_shape == (32, 32, 3) and data.train.x.dtype == np.uint8
+  assert data.input_transform == cifar100.INPUT_TRANSFORM  # Standardised inside the programs.
   assert data.train.counts.sum() + data.val.counts.sum() == 600
   assert data.test.counts.sum() == 600
   np.testing.assert_array_equal(data.groups, np.repeat(np.arange(5), 2))
@@ -183,10 +184,10 @@ def test_personal_loader_pools_and_holds_out(mock_arrays):
   assert n.sum() == 1200 and n.min() >= 100
   np.testing.assert_array_equal(data.test.counts, np.ceil(n * (1 / 6)).astype(int))
   np.testing.assert_array_equal(data.val.counts, np.ceil(0.1 * (n - data.test.counts)).astype(int))
-  # Normalised with CIFAR-100's statistics: client 0's first image is one of the inputs.
+  # Kept as uint8 (standardised inside the programs): client 0's first image is an input.
   first = data.train.client(0)[0][0]
-  pooled = cifar100.normalize(np.concatenate([mock_arrays[0], mock_arrays[2]]))
-  assert np.any(np.all(np.isclose(pooled, first, atol=1e-6), axis=(1, 2, 3)))
+  pooled = np.concatenate([mock_arrays[0], mock_arrays[2]])
+  assert np.any(np.all(pooled == first, axis=(1, 2, 3)))
 
 
 def test_loader_rejects_a_mismatched_partition(mock_arrays):
