@@ -57,7 +57,7 @@ def test_one_compiled_round_serves_two_learning_rates_and_seeds(data):
 def test_program_key_ignores_only_the_value_fields():
   config = config_lib.resolve(tiny_base_config())
   other = config.copy_and_resolve_references()
-  other.client_lr, other.seed, other.ditto_lambda = 0.3, 5, 0.7
+  other.client_lr, other.seed, other.ditto_lambda, other.pfedme_lambda = 0.3, 5, 0.7, 2.0
   assert hyperparams.program_key(other) == hyperparams.program_key(config)
   other.local_epochs = 3
   assert hyperparams.program_key(other) != hyperparams.program_key(config)
