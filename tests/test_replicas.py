@@ -57,7 +57,7 @@ def test_one_compiled_round_serves_two_learning_rates_and_seeds(data):
 def test_program_key_ignores_only_the_value_fields():
   config = config_lib.resolve(tiny_base_config())
   other = config.copy_and_resolve_references()
-  other.client_lr, other.seed, other.ditto_lambda = 0.3, 5, 0.7
+  other.client_lr, other.seed, other.ditto_lambda, other.pfedme_lambda = 0.3, 5, 0.7, 2.0
   assert hyperparams.program_key(other) == hyperparams.program_key(config)
   other.local_epochs = 3
   assert hyperparams.program_key(other) != hyperparams.program_key(config)
@@ -126,7 +126,18 @@ def separate_history(config, model_name, data, root):
     workdir = str(root / f"separate_{len(_SEPARATE)}")
     train.train_and_evaluate(config, workdir, data=data, model=MODELS[model_name])
     _SEPARATE[key] = metric_writers.read_jsonl(f"{workdir}/metrics.jsonl")
+    _SEPARATE[key, "workdir"] = workdir
   return _SEPARATE[key]
+
+
+def assert_same_clients_npz(got_workdir, config, model_name):
+  """The last evaluation's per-client arrays and merging weights equal the separate run's."""
+  key = (config_lib.resolve(config).to_json(), model_name)
+  got, want = (np.load(f"{w}/clients.npz") for w in (got_workdir, _SEPARATE[key, "workdir"]))
+  assert sorted(got.files) == sorted(want.files)
+  for name in want.files:
+    if want[name].dtype.kind == "f":
+      np.testing.assert_allclose(got[name], want[name], atol=TOL, err_msg=name)
 
 
 def assert_same_history(got, want):
@@ -148,12 +159,14 @@ def root(tmp_path_factory):
 def test_replica_metrics_equal_the_separate_runs(
   algorithm, update_mode, model_name, values, data, root
 ):
-  """Replica 1 (other values than replica 0's) equals its own separate run."""
+  """Replica 1 (other values than replica 0's) equals its own separate run: metrics round
+  by round, and the last round's per-client arrays and merging weights (clients.npz)."""
   configs = [run_config(algorithm, update_mode, **v) for v in values]
   workdirs = [str(root / f"{algorithm}_{update_mode}" / f"replica_{i}") for i in range(2)]
   summaries = replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS[model_name])
   history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
   assert_same_history(history, separate_history(configs[1], model_name, data, root))
+  assert_same_clients_npz(workdirs[1], configs[1], model_name)
   assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
 
 
