@@ -20,7 +20,8 @@ import numpy as np
 from fedmerge_jax import config as config_lib
 
 # The config fields that are values of the state (`ValuedState.values`), not constants: the
-# seed and every float that a built-in algorithm reads (none changes a shape or the program).
+# seed and every float that a built-in algorithm reads but `fedfomo_val_fraction`, which sets
+# the length of FedFomo's validation part (a shape), so runs that differ in it split groups.
 VALUE_FIELDS = (
   "seed",
   "client_lr",
@@ -36,7 +37,6 @@ VALUE_FIELDS = (
   "pfedme_l2",
   "fedfomo_epsilon",
   "fedfomo_epsilon_decay",
-  "fedfomo_val_fraction",
   "fedamp_alpha",
   "fedamp_lambda",
   "fedamp_sigma",

@@ -61,6 +61,9 @@ def test_program_key_ignores_only_the_value_fields():
   assert hyperparams.program_key(other) == hyperparams.program_key(config)
   other.local_epochs = 3
   assert hyperparams.program_key(other) != hyperparams.program_key(config)
+  other.local_epochs = config.local_epochs
+  other.fedfomo_val_fraction = 0.3  # Sets the length of FedFomo's validation part: a shape.
+  assert hyperparams.program_key(other) != hyperparams.program_key(config)
 
 
 # Algorithms reading value fields other than the seed and the ones the group tests vary.
