@@ -547,7 +547,7 @@ def run_comparison(
 
   for i, (setting, name, seed, run_config) in enumerate(runs):
     run_data = data_of(run_config)
-    run_model = model if model is not None else train.build(run_config, run_data)[0]
+    run_model = train.run_model(run_config, run_data, model)  # What train.build applies.
     experiment = fingerprint_lib.fingerprint(run_config, run_data, run_model)
     summary = None if start_over else finished_summary(run_dirs[i], run_config, experiment)
     if summary is not None:

@@ -24,7 +24,7 @@ groups one after another).
 import contextlib
 import functools
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from absl import logging
 import jax
@@ -200,7 +200,7 @@ def train_and_evaluate_many(
   values = hyperparams.stacked_values(configs)
   # One replica's init, compiled once and called R times: XLA compiles the vmapped init's
   # random bits far slower (measured 2m14s for the offline default's 8 replicas on 2 cores).
-  init = InnerInit(lambda key_and_values: algorithm.init(key_and_values).inner)
+  init = lambda key_and_values: algorithm.init(key_and_values).inner
   states = hyperparams.ValuedState(
     stack([m.restore_or_initialise(init, mesh, row(values, i)) for i, m in enumerate(members)]),
     jax.tree.map(jnp.asarray, values),
@@ -284,12 +284,6 @@ def train_and_evaluate_many(
     stops.uninstall()
     for m in members:
       m.checkpointing.close()
-
-
-class InnerInit(NamedTuple):
-  """What Checkpointing initialises with: `init((key, values))` -> a replica's own state."""
-
-  init: Callable
 
 
 MAX_AUTO_REPLICAS = 16  # `auto` never groups more (the measured gain flattens before).

@@ -126,19 +126,19 @@ class Checkpointing:
     self.start_round, self.rng_data = 0, None
 
   def restore_or_initialise(
-    self, algorithm, mesh, is_finite: Callable[[Any], Any], init_values=None
+    self, init: Callable[[Any], Any], mesh, is_finite: Callable[[Any], Any], init_values=None
   ) -> Start:
     """The newest checkpoint's state (phantoms padded back) or, with none, a fresh one.
 
     `is_finite(tree)`: the NaN guard's check; a checkpoint that fails it raises
-    FloatingPointError (resuming it cannot help). `init_values`: given, `algorithm.init`
-    takes (key, init_values) (a replica's hyper-parameter values, replicas.py).
+    FloatingPointError (resuming it cannot help). `init`: the algorithm's init, of a key
+    or, with `init_values`, of (key, init_values) (a replica's hyper-parameter values, replicas.py).
     """
     layout, checkpoints = self.layout, self.checkpoints
     init_rng, *rngs = jax.random.split(jax.random.key(self.seed), 3)
     self.rng_data = np.asarray(jax.random.key_data(jnp.stack(rngs)))  # Host: multi-host safe.
     init_arg = init_rng if init_values is None else (init_rng, init_values)
-    state, shardings = parallel.sharded_init(algorithm.init, mesh, layout.population, init_arg)
+    state, shardings = parallel.sharded_init(init, mesh, layout.population, init_arg)
     restored = checkpoints and checkpoints.restore_latest(
       {"algorithm": without_phantoms(state, layout, for_restore=True), "rngs": self.rng_data}
     )

@@ -36,6 +36,13 @@ OutOfMemoryError = failures.OutOfMemoryError  # Where users and the mains have c
 sample_clients = sampling.sample_clients
 
 
+def run_model(config, data: data_lib.FederatedData, model=None):
+  """The module a run applies: `model`, or the one `config.model` names, seeing the data's
+  `input_transform` (`models.with_input_transform`)."""
+  model = model if model is not None else models.get_model(config.model, data.num_classes)
+  return models.with_input_transform(model, data.input_transform)
+
+
 def build(
   config, data: data_lib.FederatedData, layout: Optional[parallel.ClientLayout] = None, model=None
 ):
@@ -53,8 +60,7 @@ def build(
     config.client_chunk_size, num_clients = layout.chunk_size, layout.population
     if layout.num_devices > 1 and config.client_parallelism == "auto":
       config.client_parallelism = "vmap"  # One client at a time would idle all devices but one.
-  model = model if model is not None else models.get_model(config.model, data.num_classes)
-  model = models.with_input_transform(model, data.input_transform)
+  model = run_model(config, data, model)
   algorithm = algorithms.get_algorithm(
     model,
     config,
@@ -106,9 +112,7 @@ def chosen_chunk_size(
   picked = by_size[np.linspace(0, n - 1, sampled).round().astype(np.int64)]
   steps = [client_lib.num_local_steps(int(c), local) for c in picked]
   length = data.train.padded_length(np.arange(n), config.batch_size)
-  model = models.with_input_transform(
-    models.get_model(config.model, data.num_classes), data.input_transform
-  )
+  model = run_model(config, data)
   m = CHUNK_PROBE_MEMBERS
   example = jnp.zeros((1, *data.example_shape), jnp.float32)
   one = jax.eval_shape(lambda: flax.core.unfreeze(model.init(jax.random.key(0), example)))
@@ -349,7 +353,7 @@ def train_and_evaluate(
   run = set_up(config, workdir, data, model, start_over)
   config, data = run.config, run.data
   checkpointing = restore.Checkpointing(config, workdir, run.layout)
-  start = checkpointing.restore_or_initialise(run.algorithm, run.mesh, all_finite)
+  start = checkpointing.restore_or_initialise(run.algorithm.init, run.mesh, all_finite)
   sample_rng, round_rng = jax.random.wrap_key_data(start.rng_data)
   evaluating = lambda r: r % config.eval_every == 0 or r == config.num_rounds
   rounds = rounds_lib.Rounds(
