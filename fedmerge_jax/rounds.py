@@ -61,7 +61,9 @@ class Rounds:
     self.state = state
     self.state_round = start_round  # The round whose output `state` is.
     self.good_round = start_round  # The newest round whose flag was read, finite.
-    self._healthy = np.bool_(True)  # The last dispatched round's flag (unread).
+    # The last dispatched round's flag (unread); laid out as the round's outputs are, so that
+    # round 2 (given round 1's flag) reuses round 1's program instead of compiling another.
+    self._healthy = jax.device_put(np.bool_(True), parallel.replicated(mesh))
     self._pending: List[tuple] = []  # (round, ids, metrics) dispatched, flag unread.
     self._ahead = None  # (round, ids, sharded ids, data) gathered and sent, not yet run.
     self.latest = None  # (ids, metrics) of the last dispatched round.
