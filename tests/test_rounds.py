@@ -38,6 +38,21 @@ def test_clients_sampled_ahead_are_todays_id_for_id_across_blocks_and_a_resume()
   np.testing.assert_array_equal(everyone(9), np.arange(4))
 
 
+def test_a_stack_of_keys_draws_each_keys_own_schedule():
+  """A replica group's schedule (one key per replica): row i is key i's run's clients."""
+  keys = jax.random.split(jax.random.key(5), 3)
+  group = sampling.ClientSchedule(keys, 23, 5, ahead=4)
+  for r in (1, 4, 5, 11):
+    got = group(r)
+    assert got.shape == (3, 5)
+    for i in range(3):
+      np.testing.assert_array_equal(got[i], reference_ids(keys[i], r, 23, 5), err_msg=f"{r} {i}")
+  assert len({tuple(row) for row in group(2)}) == 3  # Not one replica's clients for all.
+  np.testing.assert_array_equal(
+    sampling.ClientSchedule(keys, 4, 0)(9), np.broadcast_to(np.arange(4), (3, 4))
+  )
+
+
 class Flag:
   """A finite flag that records when the host reads it."""
 
@@ -153,6 +168,14 @@ def run_rounds(fedavg_round, num_rounds, poisoned=None):
     if failure:
       return rounds, (r, failure)
   return rounds, (None, rounds.confirm())
+
+
+def test_every_training_round_runs_one_compiled_program(fedavg_round):
+  """Round 1 (given the host's 'healthy' flag) and the rounds after it (given the previous
+  round's flag, a device output) share one program: no second compile of the round."""
+  round_fn = fedavg_round[-1]
+  run_rounds(fedavg_round, 3)
+  assert round_fn._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_rounds_after_a_non_finite_one_leave_the_last_good_state(fedavg_round):
