@@ -186,3 +186,25 @@ def test_round_gatherer_pads_to_the_rounds_bucket_not_the_population(tiny_data):
   assert not batch.x[1, 3:].any()
   _, _, batch = gather(np.array([1, 4]))
   assert batch.x.shape[1] == 40  # 40 -> 64 would exceed the largest client: capped at 40.
+
+
+def test_inits_compile_at_the_cheaper_cpu_level_to_the_same_bits(monkeypatch):
+  """An algorithm's init compiled with INIT_CPU_OPTIONS (LLVM level 1: seconds less to
+  compile) equals the default level 2's bit for bit (truncated normals, BatchNorm, K
+  stacked models); the level of a user's own XLA_FLAGS, and other backends, are left alone."""
+  from conftest import TinyBN, tiny_base_config  # pylint: disable=g-import-not-at-top
+
+  config = resolve(tiny_base_config())
+  config.num_global_models = 3
+  _, algorithm = train.build(config, make_federation(), model=TinyBN())
+  init = lambda options: jax.jit(algorithm.init, compiler_options=options)(jax.random.key(4))
+  default = jax.tree.leaves(init({"xla_backend_optimization_level": 2}))
+  cheaper = jax.tree.leaves(init(parallel.INIT_CPU_OPTIONS))
+  assert len(default) == len(cheaper) > 4
+  for want, got in zip(default, cheaper):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+  assert parallel.init_compiler_options("cpu") == parallel.INIT_CPU_OPTIONS
+  assert parallel.init_compiler_options("gpu") is None
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  assert parallel.init_compiler_options("cpu") is None
