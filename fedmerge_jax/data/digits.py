@@ -9,7 +9,6 @@ groups, K merged models can: FedMerge with K >= num_groups should beat FedAvg.
 """
 
 import numpy as np
-from sklearn import datasets as sk_datasets
 
 from fedmerge_jax.data import partition
 from fedmerge_jax.data.federated import FederatedData
@@ -44,6 +43,9 @@ def split_client(indices: np.ndarray, test_fraction: float, val_fraction: float,
 
 def load(data_config) -> FederatedData:
   """Builds the grouped digits federation described by `data_config`."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+
+  # Imported here: ~1 s that only a run on these digits needs (not every import of the package).
   digits = sk_datasets.load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]  # [1797, 8, 8, 1] in [0, 1].
   labels = digits.target.astype(np.int32)
