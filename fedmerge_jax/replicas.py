@@ -17,8 +17,12 @@ replica's round to the last; a replica already past a round (it stopped later, o
 in a separate command) keeps its state frozen in that round and writes nothing for it.
 `wall_time_s` of each replica runs from the group's start to its own summary.
 
-A group runs on one device (replicas do not split over a mesh; `compare` runs further
-groups one after another).
+Devices: a group of R replicas spreads over d devices, d the largest divisor of R up to the
+device count (`group_mesh`): each device runs R/d whole replicas, all their clients, and the
+devices never communicate; one replica's clients stay on its device. That beats splitting
+each run's clients over the devices (a separate run's layout) wherever a replica fits on one
+device: no all-gathers, one compile. Several processes (hosts) run a group on one device.
+`compare` runs further groups one after another.
 """
 
 import contextlib
@@ -30,6 +34,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
@@ -44,6 +50,9 @@ from fedmerge_jax import reporting
 from fedmerge_jax import restore
 from fedmerge_jax import sampling
 from fedmerge_jax import train
+
+
+REPLICAS = "replicas"  # The mesh axis a group's replica axis is split over.
 
 
 class GroupError(ValueError):
@@ -74,12 +83,21 @@ def check_group(configs, workdirs) -> None:
       )
 
 
-def stack(trees):
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def stack(trees, sharding):
+  """`trees` stacked on a new leading axis, laid out as `sharding`: on the host, since a
+  device stack compiles a program per leaf shape (seconds for a model's worth of leaves)."""
+  return jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(trees)), sharding)
 
 
 def row(tree, i: int):
   return jax.tree.map(lambda x: x[i], tree)
+
+
+def host_rows(tree):
+  """`tree`'s replica rows as host arrays: [row(tree, 0), ...], fetched in one transfer (an
+  index of a device array is a dispatched program per leaf)."""
+  host = jax.device_get(tree)
+  return [row(host, i) for i in range(len(jax.tree.leaves(host)[0]))]
 
 
 class Member:
@@ -97,7 +115,7 @@ class Member:
     """Its state to start from: the latest checkpoint's, or `init`'s of (its key, `values`)."""
     start = self.checkpointing.restore_or_initialise(init, mesh, train.all_finite, values)
     self.done = self.state_round = start.round
-    self.sample_rng, self.round_rng = jax.random.wrap_key_data(start.rng_data)
+    self.rng_data = start.rng_data  # Its (sample key, round key) data.
     self.reporter = reporting.Reporter(
       self.workdir,
       self.config,
@@ -140,18 +158,39 @@ def round_batches(
   return ordered, np.stack(padded), jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-def make_group_round(algorithm, config):
-  """(states [R], active [R], ids [R, C], data [R, ...], keys [R]) -> (states, metrics [R]).
+def group_mesh(num_replicas: int, num_devices: int = 0) -> Mesh:
+  """The (replicas, clients) mesh of shape (d, 1) a group of `num_replicas` runs on: d the
+  largest divisor of R up to the devices (`num_devices`, 0: all; one with several processes)."""
+  available = jax.device_count() if jax.process_count() == 1 else 1
+  limit = min(num_devices or available, available, num_replicas)
+  d = max(k for k in range(1, limit + 1) if num_replicas % k == 0)
+  return jax.make_mesh(
+    (d, 1), (REPLICAS, parallel.CLIENTS), (AxisType.Auto,) * 2, devices=jax.devices()[:d]
+  )
 
-  The NaN-guarded round of every replica at once; a replica not `active` keeps its state."""
+
+def make_group_round(algorithm, config, spread):
+  """(states [R], active [R], ids [R, C], data [R, ...], round keys [R], r) -> (states,
+  metrics [R]).
+
+  The NaN-guarded round r of every replica at once, each with its run's key for round r
+  (`fold_in(round key, r)`, as `rounds.Rounds` folds it); a replica not `active` keeps its
+  state."""
   guarded = jax.vmap(train.keep_finite(algorithm.round))
 
-  def group_round(states, active, client_ids, data, rngs):
+  def group_round(states, active, client_ids, data, round_keys, round_index):
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(round_keys, round_index)
     new, metrics = guarded(states, client_ids, data, rngs)
     keep = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
     return jax.tree.map(keep, new, states), metrics
 
-  return jax.jit(group_round, donate_argnums=0, compiler_options=train.compiler_options(config))
+  return jax.jit(
+    group_round,
+    donate_argnums=0,
+    in_shardings=(spread,) * 5 + (parallel.replicated(spread.mesh),),
+    out_shardings=(spread, spread),
+    compiler_options=train.compiler_options(config),
+  )
 
 
 def train_and_evaluate_many(
@@ -177,9 +216,11 @@ def train_and_evaluate_many(
   data = data if data is not None else data_lib.load(first.data)
   for warning in config_lib.data_warnings(first, data.num_clients, data.name):
     logging.warning(warning)
-  mesh = parallel.make_mesh(1)  # A group runs on one device (module docstring).
+  one = parallel.make_mesh(1)  # A replica's own world: one device holds all its clients.
+  mesh = group_mesh(len(configs), first.num_devices)  # The replicas' (module docstring).
+  spread = NamedSharding(mesh, PartitionSpec(REPLICAS))  # Leading replica axis over devices.
   eval_clients, eval_examples = evaluation.chunk_sizes(first, data)  # Before training's choice.
-  chunk = train.chosen_chunk_size(first, data, mesh)
+  chunk = train.chosen_chunk_size(first, data, one)
   for config in configs:
     config.client_chunk_size = chunk
   layout = parallel.client_layout(1, data.num_clients, first.clients_per_round, chunk)
@@ -189,10 +230,12 @@ def train_and_evaluate_many(
   for config, workdir in zip(configs, workdirs):
     restore.record_experiment(config, workdir, data, model, start_over, True, ran)
   logging.info(
-    "%s on %s: %d replicas as one program (%s).",
+    "%s on %s: %d replicas as one program on %d device%s (%s).",
     first.algorithm,
     data.name,
     len(configs),
+    mesh.size,
+    "s" if mesh.size > 1 else "",
     ", ".join(workdirs),
   )
 
@@ -201,12 +244,21 @@ def train_and_evaluate_many(
   # One replica's init, compiled once and called R times: XLA compiles the vmapped init's
   # random bits far slower (measured 2m14s for the offline default's 8 replicas on 2 cores).
   init = lambda key_and_values: algorithm.init(key_and_values).inner
+  # Laid out as the round's outputs are, so that round 2 reuses round 1's program.
   states = hyperparams.ValuedState(
-    stack([m.restore_or_initialise(init, mesh, row(values, i)) for i, m in enumerate(members)]),
-    jax.tree.map(jnp.asarray, values),
+    stack(
+      [m.restore_or_initialise(init, one, row(values, i)) for i, m in enumerate(members)],
+      spread,
+    ),
+    jax.device_put(values, spread),
   )
 
-  group_round = make_group_round(algorithm, first)
+  group_round = make_group_round(algorithm, first, spread)
+  rng_data = np.stack([m.rng_data for m in members])  # [R, 2 (sample, round), key data]
+  schedule = sampling.ClientSchedule(
+    jax.random.wrap_key_data(rng_data[:, 0]), data.num_clients, first.clients_per_round
+  )
+  round_keys = jax.random.wrap_key_data(rng_data[:, 1])
   evaluate = train.round_evaluator(
     algorithm, data, first, mesh, (eval_clients, eval_examples), replicas=True
   )
@@ -215,9 +267,9 @@ def train_and_evaluate_many(
   r = min(m.done for m in members)
 
   def save_all():
-    alive = restore.alive(states)
-    for i, m in enumerate(members):
-      m.save(m.done, row(states.inner, i) if alive else None)
+    rows = host_rows(states.inner) if restore.alive(states) else [None] * len(members)
+    for m, inner in zip(members, rows):
+      m.save(m.done, inner)
 
   try:
     with contextlib.ExitStack() as reporters:
@@ -233,16 +285,10 @@ def train_and_evaluate_many(
             signal_name, stops.signal_number, members[0].checkpointing.stopped_saying()
           )
         active = np.array([m.done < r for m in members])
-        sampled = [
-          sampling.sample_clients(
-            jax.random.fold_in(m.sample_rng, r), data.num_clients, first.clients_per_round
-          )
-          for m in members
-        ]
+        sampled = schedule(r)  # [R, C]: each replica's own clients.
         evaluating = r % first.eval_every == 0 or r == num_rounds
         ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
-        keys = jnp.stack([jax.random.fold_in(m.round_rng, r) for m in members])
-        states, round_metrics = group_round(states, active, ids, batch, keys)
+        states, round_metrics = group_round(states, active, ids, batch, round_keys, np.uint32(r))
         round_metrics = jax.device_get(round_metrics)
         for i, m in enumerate(members):
           if active[i] and not round_metrics["finite"][i]:
@@ -260,6 +306,7 @@ def train_and_evaluate_many(
             evaluated.extend(evaluate(states, r, np.stack(ordered), round_metrics))
           return evaluated[i]
 
+        rows = []  # Every replica's state on the host, fetched when the first one saves.
         for i, m in enumerate(members):
           if not active[i]:
             continue
@@ -269,7 +316,8 @@ def train_and_evaluate_many(
             m.reporter.report(r, functools.partial(evaluation_of, i))
           m.done = r
           if m.checkpointing.due(r):
-            m.save(r, row(states.inner, i))
+            rows = rows or host_rows(states.inner)
+            m.save(r, rows[i])
     return [m.reporter.summary() for m in members]  # summary.json and the plots.
   except BaseException as e:
     save_all()
@@ -291,7 +339,8 @@ MEMORY_SHARE = 0.5  # Of the free device (or, on CPU, host) memory, what `auto` 
 
 
 def free_memory_bytes(backend: str = "") -> int:
-  """Free memory of the first device (GPU/TPU), or the host's available memory on CPU."""
+  """Free memory of one device (GPU/TPU: the first's), or the host's available memory on CPU
+  (which all CPU devices share)."""
   if (backend or jax.default_backend()) == "cpu":
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -312,13 +361,23 @@ def replica_bytes(config, data: data_lib.FederatedData, model=None) -> int:
 
 
 def auto_replicas(
-  config, data: data_lib.FederatedData, model=None, free_bytes: Optional[int] = None
+  config,
+  data: data_lib.FederatedData,
+  model=None,
+  free_bytes: Optional[int] = None,
+  devices: Optional[int] = None,
+  backend: str = "",
 ) -> int:
   """`compare --replicas=auto`: how many replicas of `config` fit in `MEMORY_SHARE` of the free
-  memory (`free_bytes` where given), 1 to `MAX_AUTO_REPLICAS`; 1 on several devices (there
-  the client axis keeps the mesh: a separate run uses all devices, a group one)."""
-  if free_bytes is None and jax.device_count() > 1:
-    return 1
-  free = free_memory_bytes() if free_bytes is None else free_bytes
+  memory (`free_bytes` where given), 1 to `MAX_AUTO_REPLICAS`. On several GPUs/TPUs each
+  device holds its own share of a group (`group_mesh`), so the fit is per device times the
+  devices (`devices`: the group's devices, by default all of one process's); CPU devices
+  share the host's memory."""
+  backend = backend or jax.default_backend()
+  if devices is None:
+    devices = (config.num_devices or jax.device_count()) if jax.process_count() == 1 else 1
+  free = free_memory_bytes(backend) if free_bytes is None else free_bytes
   fit = int(MEMORY_SHARE * free // max(replica_bytes(config, data, model), 1))
+  if backend != "cpu":
+    fit *= devices
   return int(np.clip(fit, 1, MAX_AUTO_REPLICAS))

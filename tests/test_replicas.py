@@ -180,13 +180,16 @@ SWEEP_ROUNDS = 3  # The resume test's rounds: it stops before round 2, then befo
 def sweep(data, root):
   """compare's grid of 2 client_lr x 2 seeds of FedAvg (BatchNorm model), 3 rounds, with the
   sizes of the groups it ran; the resume test's uninterrupted runs too."""
-  groups = []
-  many = replicas.train_and_evaluate_many
+  groups, programs = [], []
+  many, make = replicas.train_and_evaluate_many, replicas.make_group_round
   with pytest.MonkeyPatch.context() as patched:
     patched.setattr(
       replicas,
       "train_and_evaluate_many",
       lambda configs, *a, **k: groups.append(len(configs)) or many(configs, *a, **k),
+    )
+    patched.setattr(
+      replicas, "make_group_round", lambda *a: programs.append(make(*a)) or programs[-1]
     )
     results = compare.run_comparison(
       run_config("fedavg", "official", num_rounds=SWEEP_ROUNDS),
@@ -198,14 +201,16 @@ def sweep(data, root):
       model=MODELS["bn"],
       replicas=4,
     )
-  return groups, results
+  return groups, results, programs
 
 
 def test_a_client_lr_by_seed_sweep_runs_as_one_group_equal_to_separate_runs(sweep, data, root):
   """compare's grid of 2 client_lr x 2 seeds: one program of 4 replicas; the last replica
   (neither the first lr nor the first seed) equals its separate run."""
-  groups, results = sweep
+  groups, results, programs = sweep
   assert groups == [4]
+  # Every round evaluates: one program for all three (round 1's inputs laid out as round 2's).
+  assert [p._cache_size() for p in programs] == [1]  # pylint: disable=protected-access
   assert [(r.setting, r.seed) for r in results] == [
     ((("client_lr", lr),), s) for lr in (0.1, 0.3) for s in (0, 1)
   ]
@@ -248,6 +253,10 @@ def test_auto_replicas_follow_the_free_memory(data):
   assert replicas.auto_replicas(config, data, free_bytes=int(one * 3 / replicas.MEMORY_SHARE)) == 3
   assert replicas.auto_replicas(config, data, free_bytes=0) == 1
   assert replicas.auto_replicas(config, data, free_bytes=10**15) == replicas.MAX_AUTO_REPLICAS
+  # Each GPU holds its own replicas; CPU devices share the host's memory.
+  three = int(one * 3 / replicas.MEMORY_SHARE)
+  assert replicas.auto_replicas(config, data, free_bytes=three, devices=4, backend="gpu") == 12
+  assert replicas.auto_replicas(config, data, free_bytes=three, devices=4, backend="cpu") == 3
 
 
 def test_an_interrupted_group_with_members_at_different_rounds_resumes_to_the_same_metrics(

@@ -94,6 +94,27 @@ RUNS = textwrap.dedent("""
           "shape": list(leaf.shape), "devices": len(leaf.sharding.device_set),
           "spec": list(leaf.sharding.spec),
           "rows_per_device": sorted({s.data.shape[0] for s in leaf.addressable_shards})}
+    # A replica group of 4 seeds (replicas.py): spread over 4 of the 8 devices (one replica
+    # each), and on 1 device; the devices each program's state was spread over.
+    from fedmerge_jax import replicas
+    name = "fedmerge_batchnorm_4_of_10"
+    make, meshes = replicas.make_group_round, []
+    replicas.make_group_round = lambda a, c, spread: (
+        meshes.append(spread.mesh.size) or make(a, c, spread))
+    for n in (0, 1):
+      configs = []
+      for i in range(4):
+        config = tiny_base_config()
+        config.update_from_flattened_dict(cases[name][1])
+        config.seed, config.num_devices = config.seed + i, n
+        configs.append(config)
+      paths = [os.path.join(workdir, f"group_{n}", str(i)) for i in range(4)]
+      replicas.train_and_evaluate_many(configs, paths, data=make_federation(cases[name][0]))
+      for i, path in enumerate(paths):
+        lines = open(os.path.join(path, "metrics.jsonl"))
+        out["runs"][f"group_{n}_{i}"] = [json.loads(line) for line in lines]
+    out["group_devices"] = meshes
+    out["group_mesh"] = {str(r): replicas.group_mesh(r).size for r in (1, 4, 6, 7, 8, 16)}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -159,6 +180,19 @@ def test_per_client_state_is_split_over_devices(sharded, algorithm):
   assert report["devices"] == 8
   assert report["spec"] == ["clients"]
   assert report["rows_per_device"] == [2]
+
+
+def test_a_replica_group_spreads_whole_replicas_over_devices(sharded):
+  """4 replicas on 8 devices run one per device (on 4), and give the metrics of the group
+  on one device; replica 0 is the separate 1-device run of its config."""
+  runs = sharded["runs"]
+  assert sharded["group_devices"] == [4, 1]
+  for i in range(4):
+    assert_same_metrics(runs[f"group_0_{i}"], runs[f"group_1_{i}"])
+  assert_same_metrics(runs["group_0_0"], runs["fedmerge_batchnorm_4_of_10_1"])
+  assert runs["group_0_1"][-1]["train/loss"] != runs["group_0_0"][-1]["train/loss"]
+  # The largest divisor of the replicas up to the 8 devices.
+  assert sharded["group_mesh"] == {"1": 1, "4": 4, "6": 6, "7": 7, "8": 8, "16": 8}
 
 
 def test_layout_pads_with_phantoms():
