@@ -19,6 +19,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedmerge_jax import benchmark
 from fedmerge_jax import config as config_lib
@@ -65,10 +66,13 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
   keys = jnp.stack([jax.random.key(c.seed) for c in configs])
   values = hyperparams.stacked_values(configs)
   init = jax.jit(algorithm.init)
+  mesh = replicas.group_mesh(num_replicas)  # Whole replicas over the devices there are.
+  spread = NamedSharding(mesh, PartitionSpec(replicas.REPLICAS))
   states = replicas.stack(
-    [init((keys[i], {k: v[i] for k, v in values.items()})) for i in range(num_replicas)]
+    [init((keys[i], {k: v[i] for k, v in values.items()})) for i in range(num_replicas)], spread
   )
-  group_round = replicas.make_group_round(algorithm, config)
+  group_round = replicas.make_group_round(algorithm, config, spread)
+  round_keys = jax.random.split(keys[0], num_replicas)
   active = np.ones(num_replicas, bool)
   times, useful = [], 0
   for r in range(rounds + 1):
@@ -80,9 +84,7 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
     ]
     _, ids, batch = replicas.round_batches(data, layout, sampled, batch_size, False)
     start = time.perf_counter()
-    states, metrics = group_round(
-      states, active, ids, batch, jax.random.split(keys[0], num_replicas)
-    )
+    states, metrics = group_round(states, active, ids, batch, round_keys, np.uint32(r))
     jax.block_until_ready((states, metrics))
     if r:  # Round 0 compiles.
       times.append(time.perf_counter() - start)
@@ -90,7 +92,9 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
         benchmark.useful_examples(data.train.counts[s], config.local_epochs) for s in sampled
       )
   seconds = float(np.median(times))
-  evaluations = time_evaluations(algorithm, data, config, layout, configs, states, group_round)
+  evaluations = time_evaluations(
+    algorithm, data, config, layout, configs, states, group_round, mesh
+  )
   return {
     "model": model,
     "algorithm": FLAGS.group_algorithm,
@@ -103,13 +107,12 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
   }
 
 
-def time_evaluations(algorithm, data, config, layout, configs, states, group_round) -> dict:
+def time_evaluations(algorithm, data, config, layout, configs, states, group_round, mesh) -> dict:
   """Median seconds of `--eval_rounds` evaluations of the group after a round with the test
   split attached (the gap's): all replicas at once, and one replica at a time (the separate
   evaluator called R times, as the runner evaluated before)."""
   if not FLAGS.eval_rounds:
     return {}
-  mesh = parallel.make_mesh(1)
   chunks = evaluation.chunk_sizes(config, data)
   num_replicas = len(configs)
   sampled = [
@@ -119,7 +122,7 @@ def time_evaluations(algorithm, data, config, layout, configs, states, group_rou
   ordered, ids, batch = replicas.round_batches(data, layout, sampled, config.batch_size, True)
   active = np.ones(num_replicas, bool)
   keys = jax.random.split(jax.random.key(0), num_replicas)
-  states, metrics = group_round(states, active, ids, batch, keys)
+  states, metrics = group_round(states, active, ids, batch, keys, np.uint32(1))
   metrics = jax.device_get(metrics)
   together = train.round_evaluator(algorithm, data, config, mesh, chunks, replicas=True)
   alone = train.round_evaluator(algorithm, data, config, mesh, chunks)
