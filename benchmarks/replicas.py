@@ -1,14 +1,16 @@
 """Replica groups against one run at a time: R seeds of one config as one vmapped round.
 
-  python benchmarks/replicas.py --models=mlp,emnist_cnn,resnet9 --replicas=1,4,16
+  python benchmarks/replicas.py --models=mlp,emnist_cnn,resnet9 --replicas=separate,1,4,16
 
-Per model and R, one JSON line: seconds per group round (median of --group_rounds, after a
-warm-up round that compiles), useful examples/s summed over the replicas (real examples x
-epochs / time) and runs per hour for runs of --run_rounds rounds (training rounds only;
-evaluation excluded). Data: `fedmerge_jax.benchmark.synthetic_data`; 'mlp' is the offline
-default's shape (20 clients of 90 examples, all every round), 'emnist_cnn' FEMNIST-like
-writers (`benchmark.femnist_sizes`, 10 a round of 100), 'resnet9' small rounds (4 of 20
-clients of 50 CIFAR-sized examples).
+Per model and R, one JSON line ('separate': one run's own round, without a replica axis, as
+`train.train_and_evaluate` runs it, the per-run time a group is held against): seconds per
+group round (median of --group_rounds, after a warm-up round that compiles), useful
+examples/s summed over the replicas (real examples x epochs / time) and runs per hour for
+runs of --run_rounds rounds (training rounds only; evaluation excluded).
+Data: `fedmerge_jax.benchmark.synthetic_data`; 'mlp' is the offline default's shape (20
+clients of 90 examples, all every round), 'emnist_cnn' FEMNIST-like writers
+(`benchmark.femnist_sizes`, 10 a round of 100), 'resnet9' small rounds (4 of 20 clients of
+50 CIFAR-sized examples).
 """
 
 import json
@@ -31,7 +33,11 @@ from fedmerge_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "emnist_cnn", "resnet9"], "Models to time.")
-flags.DEFINE_list("replicas", ["1", "4", "16"], "Replica counts R.")
+flags.DEFINE_list(
+  "replicas",
+  ["separate", "1", "4", "16"],
+  "Replica counts R; 'separate': one run's own round, as train_and_evaluate runs it.",
+)
 flags.DEFINE_integer("group_rounds", 3, "Timed group rounds (after one warm-up round).")
 flags.DEFINE_integer("run_rounds", 200, "Rounds of one run, for runs per hour.")
 flags.DEFINE_string("group_algorithm", "fedmerge", "Algorithm of every replica.")
@@ -50,13 +56,55 @@ SETTINGS = {
 }
 
 
-def time_group(model: str, num_replicas: int, rounds: int) -> dict:
+def workload(model: str):
+  """(data, resolved config) of `model`'s row: SETTINGS' sizes, --group_algorithm."""
   sizes, clients_per_round, batch_size = SETTINGS[model]
   data = benchmark.synthetic_data(model, sizes(), seed=0)
   config = config_lib.base_config()
   config.algorithm, config.model.name = FLAGS.group_algorithm, model
   config.clients_per_round, config.batch_size = clients_per_round, batch_size
-  config = config_lib.resolve(config)
+  return data, config_lib.resolve(config)
+
+
+def time_separate(model: str, rounds: int) -> dict:
+  """The 'separate' row: one run's own round, as `train.train_and_evaluate` compiles and
+  feeds it (no replica axis): what a group's per-run time is held against."""
+  data, config = workload(model)
+  mesh = parallel.make_mesh(1)
+  layout = parallel.client_layout(1, data.num_clients, config.clients_per_round, 0)
+  _, algorithm = train.build(config, data, layout)
+  state, shardings = parallel.sharded_init(
+    algorithm.init, mesh, layout.population, jax.random.key(0)
+  )
+  round_fn = train.compile_round(algorithm, config, mesh, shardings)
+  gather = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
+  times, useful = [], 0
+  for r in range(rounds + 1):
+    sampled = train.sample_clients(
+      jax.random.fold_in(jax.random.key(1), r), data.num_clients, config.clients_per_round
+    )
+    _, ids, batch = gather(sampled, None)
+    start = time.perf_counter()
+    state, metrics = round_fn(state, ids, batch, jax.random.key(r))
+    jax.block_until_ready((state, metrics))
+    if r:  # Round 0 compiles.
+      times.append(time.perf_counter() - start)
+      useful += benchmark.useful_examples(data.train.counts[sampled], config.local_epochs)
+  seconds = float(np.median(times))
+  return {
+    "model": model,
+    "algorithm": FLAGS.group_algorithm,
+    "replicas": "separate",
+    "s_per_round": round(seconds, 4),
+    "useful_examples_per_s": round(useful / sum(times), 1),
+    "runs_per_hour": round(3600 / (seconds * FLAGS.run_rounds), 2),
+    "backend": jax.default_backend(),
+  }
+
+
+def time_group(model: str, num_replicas: int, rounds: int) -> dict:
+  data, config = workload(model)
+  sizes, clients_per_round, batch_size = SETTINGS[model]
   configs = []
   for seed in range(num_replicas):
     configs.append(config.copy_and_resolve_references())
@@ -146,8 +194,13 @@ def time_evaluations(algorithm, data, config, layout, configs, states, group_rou
 def main(argv):
   del argv
   for model in FLAGS.models:
-    for num_replicas in map(int, FLAGS.replicas):
-      print(json.dumps(time_group(model, num_replicas, FLAGS.group_rounds)), flush=True)
+    for replicas_flag in FLAGS.replicas:
+      row = (
+        time_separate(model, FLAGS.group_rounds)
+        if replicas_flag == "separate"
+        else time_group(model, int(replicas_flag), FLAGS.group_rounds)
+      )
+      print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

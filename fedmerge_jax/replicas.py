@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -176,13 +175,13 @@ def make_group_round(algorithm, config, spread):
   The NaN-guarded round r of every replica at once, each with its run's key for round r
   (`fold_in(round key, r)`, as `rounds.Rounds` folds it); a replica not `active` keeps its
   state."""
-  guarded = jax.vmap(train.keep_finite(algorithm.round))
+  # A replica not `active` runs as a round after a failed one does (train.after_a_finite_round):
+  # its loss reads NaN, so the guard's one select keeps its state (no second select).
+  guarded = jax.vmap(train.keep_finite(train.after_a_finite_round(algorithm.round)))
 
   def group_round(states, active, client_ids, data, round_keys, round_index):
     rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(round_keys, round_index)
-    new, metrics = guarded(states, client_ids, data, rngs)
-    keep = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-    return jax.tree.map(keep, new, states), metrics
+    return guarded(states, client_ids, data, (rngs, active))
 
   return jax.jit(
     group_round,
