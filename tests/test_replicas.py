@@ -247,6 +247,12 @@ def test_a_mixed_grid_groups_by_everything_but_the_value_fields():
     compare.parse_replicas("0")
 
 
+def test_a_group_on_more_devices_than_exist_is_refused_as_a_separate_run_is():
+  with pytest.raises(ValueError, match=r"num_devices=3 but only 1 devices exist; use 0"):
+    replicas.group_mesh(4, num_devices=3)
+  assert replicas.group_mesh(4, num_devices=1).size == 1
+
+
 def test_auto_replicas_follow_the_free_memory(data):
   config = config_lib.resolve(run_config("fedmerge", "official", 0, 0.1))
   one = replicas.replica_bytes(config, data)
