@@ -160,12 +160,9 @@ def round_batches(
 def group_mesh(num_replicas: int, num_devices: int = 0) -> Mesh:
   """The (replicas, clients) mesh of shape (d, 1) a group of `num_replicas` runs on: d the
   largest divisor of R up to the devices (`num_devices`, 0: all; one with several processes)."""
-  available = jax.device_count() if jax.process_count() == 1 else 1
-  if jax.process_count() == 1 and num_devices > available:  # As a separate run says it.
-    raise ValueError(
-      f"config.num_devices={num_devices} but only {available} devices exist; use 0 for all of them."
-    )
-  limit = min(num_devices or available, available, num_replicas)
+  # The devices a separate run of the config would use, refused as it refuses them.
+  available = parallel.make_mesh(num_devices).size if jax.process_count() == 1 else 1
+  limit = min(available, num_replicas)
   d = max(k for k in range(1, limit + 1) if num_replicas % k == 0)
   return jax.make_mesh(
     (d, 1), (REPLICAS, parallel.CLIENTS), (AxisType.Auto,) * 2, devices=jax.devices()[:d]
