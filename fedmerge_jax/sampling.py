@@ -51,8 +51,7 @@ class ClientSchedule:
 
   def __call__(self, round_index: int) -> np.ndarray:
     if self.everyone:
-      ids = np.arange(self.num_clients)
-      return np.broadcast_to(ids, np.shape(self.keys) + ids.shape)
+      return np.tile(np.arange(self.num_clients), self.keys.shape + (1,))
     block = (round_index - 1) // self.ahead
     self._dispatch(block)
     self._dispatch(block + 1)  # Drawn on the device while this block is used.
