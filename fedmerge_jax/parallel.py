@@ -281,7 +281,7 @@ def is_per_client(leaf, population: int) -> bool:
 
 
 # An init runs once, yet XLA:CPU's LLVM spends seconds optimising its unrolled random-number
-# code at the default level 2 (a ResNet-9 FedMerge init: 24.9 s to compile, 2.1 s at level 1);
+# code at the default level 2 (a ResNet-9 FedMerge init: 18.0 s to compile, 4.5 s at level 1);
 # level 1 compiles it 3-10x faster to the same bits (every built-in algorithm's init on the MLP,
 # CNNs and ResNet-9; tests/test_parallel.py checks some). Level 0 would change the last bit of
 # some weights (no FMA). A level of the user's own in XLA_FLAGS is kept.
