@@ -90,21 +90,26 @@ def time_separate(model: str, rounds: int) -> dict:
     if r:  # Round 0 compiles.
       times.append(time.perf_counter() - start)
       useful += benchmark.useful_examples(data.train.counts[sampled], config.local_epochs)
+  return timing_row(model, "separate", 1, times, useful)
+
+
+def timing_row(model: str, label, runs: int, times, useful: int) -> dict:
+  """The JSON line of `runs` runs' rounds that took `times` and trained `useful` examples."""
   seconds = float(np.median(times))
   return {
     "model": model,
     "algorithm": FLAGS.group_algorithm,
-    "replicas": "separate",
+    "replicas": label,
     "s_per_round": round(seconds, 4),
     "useful_examples_per_s": round(useful / sum(times), 1),
-    "runs_per_hour": round(3600 / (seconds * FLAGS.run_rounds), 2),
+    "runs_per_hour": round(3600 * runs / (seconds * FLAGS.run_rounds), 2),
     "backend": jax.default_backend(),
   }
 
 
 def time_group(model: str, num_replicas: int, rounds: int) -> dict:
   data, config = workload(model)
-  sizes, clients_per_round, batch_size = SETTINGS[model]
+  clients_per_round, batch_size = config.clients_per_round, config.batch_size
   configs = []
   for seed in range(num_replicas):
     configs.append(config.copy_and_resolve_references())
@@ -139,20 +144,10 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
       useful += sum(
         benchmark.useful_examples(data.train.counts[s], config.local_epochs) for s in sampled
       )
-  seconds = float(np.median(times))
   evaluations = time_evaluations(
     algorithm, data, config, layout, configs, states, group_round, mesh
   )
-  return {
-    "model": model,
-    "algorithm": FLAGS.group_algorithm,
-    "replicas": num_replicas,
-    "s_per_round": round(seconds, 4),
-    "useful_examples_per_s": round(useful / sum(times), 1),
-    "runs_per_hour": round(3600 * num_replicas / (seconds * FLAGS.run_rounds), 2),
-    "backend": jax.default_backend(),
-    **evaluations,
-  }
+  return {**timing_row(model, num_replicas, num_replicas, times, useful), **evaluations}
 
 
 def time_evaluations(algorithm, data, config, layout, configs, states, group_round, mesh) -> dict:
