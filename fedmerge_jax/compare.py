@@ -26,7 +26,7 @@ import os
 import shlex
 import statistics
 import sys
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -461,14 +461,18 @@ def plot_sweep(results: Sequence[Result], metric: str, path: str) -> Figure:
   return fig
 
 
-def replica_groups(pending: Sequence[Tuple[int, Any]], replicas) -> List[List[Tuple[int, Any]]]:
+def replica_groups(
+  pending: Sequence[Tuple[int, Any]], replicas, devices: Callable[[Any], int] = lambda c: 1
+) -> List[List[Tuple[int, Any]]]:
   """Pending runs [(index, run config)] in groups that can run as one program, each at most
   `replicas` long (a callable: the group's first config -> its size, for `auto`).
 
   Runs go together when their configs differ only in `hyperparams.VALUE_FIELDS` (seed,
   learning rates, prox_mu, ditto_lambda): one algorithm, model, data, K, batch size, local
   epochs, clients per round, update mode, batching, parallelism, rounds, ... A setting is
-  then split into groups of `replicas`, in the grid's order."""
+  then split into groups of `replicas`, in the grid's order, a remainder that would not
+  spread evenly over the `devices(first config)` a group takes cut in two
+  (`replicas.spread_sizes`: 29 runs in groups of 16 on 8 GPUs go as 16, 8 and 5)."""
   by_program: Dict[str, List[Tuple[int, Any]]] = {}
   for index, run_config in pending:
     by_program.setdefault(hyperparams.program_key(run_config), []).append((index, run_config))
@@ -478,7 +482,11 @@ def replica_groups(pending: Sequence[Tuple[int, Any]], replicas) -> List[List[Tu
     if callable(replicas):  # `auto`: sized only where there is something to group.
       size = replicas(members[0][1]) if len(members) > 1 else 1
     size = max(1, int(size))
-    groups += [members[start : start + size] for start in range(0, len(members), size)]
+    count = devices(members[0][1]) if size > 1 else 1
+    start = 0
+    for length in replicas_lib.spread_sizes(len(members), size, count):
+      groups.append(members[start : start + length])
+      start += length
   return groups
 
 
@@ -561,7 +569,8 @@ def run_comparison(
   kwargs = dict(
     {} if model is None else {"model": model}, **({"start_over": True} if start_over else {})
   )
-  for group in replica_groups(pending, size):
+  devices = lambda c: replicas_lib.group_devices(c.num_devices)  # What a group spreads over.
+  for group in replica_groups(pending, size, devices):
     indices = [i for i, _ in group]
     configs = [c for _, c in group]
     dirs = [run_dirs[i] for i in indices]

@@ -22,7 +22,8 @@ device count (`group_mesh`): each device runs R/d whole replicas, all their clie
 devices never communicate; one replica's clients stay on its device. That beats splitting
 each run's clients over the devices (a separate run's layout) wherever a replica fits on one
 device: no all-gathers, one compile. Several processes (hosts) run a group on one device.
-`compare` runs further groups one after another.
+`compare` runs further groups one after another, cut so that none loads a device more than a
+full group does (`spread_sizes`).
 """
 
 import contextlib
@@ -157,13 +158,39 @@ def round_batches(
   return ordered, np.stack(padded), jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-def group_mesh(num_replicas: int, num_devices: int = 0) -> Mesh:
-  """The (replicas, clients) mesh of shape (d, 1) a group of `num_replicas` runs on: d the
-  largest divisor of R up to the devices (`num_devices`, 0: all; one with several processes)."""
-  # The devices a separate run of the config would use, refused as it refuses them.
-  available = parallel.make_mesh(num_devices).size if jax.process_count() == 1 else 1
+def group_devices(num_devices: int = 0) -> int:
+  """The devices a replica group may spread over: those a separate run of the config would
+  use (`num_devices`, 0: all; refused as it refuses them), one with several processes."""
+  return parallel.make_mesh(num_devices).size if jax.process_count() == 1 else 1
+
+
+def devices_used(num_replicas: int, available: int) -> int:
+  """d, the devices a group of `num_replicas` takes of `available`: the largest divisor of R
+  up to them, so that each device holds R/d whole replicas."""
   limit = min(available, num_replicas)
-  d = max(k for k in range(1, limit + 1) if num_replicas % k == 0)
+  return max(k for k in range(1, limit + 1) if num_replicas % k == 0)
+
+
+def spread_sizes(count: int, size: int, devices: int) -> List[int]:
+  """The group sizes `count` runs go in, at most `size` a group, none loading a device with
+  more replicas than a full group does (ceil(size / devices)): a group that would (13 on 8
+  devices, whose only divisor up to 8 is 1) is cut into a multiple of the devices and the
+  rest (8 + 5), each spread evenly (`devices_used`)."""
+  share = -(-size // devices)  # Replicas a device holds in a full group.
+  sizes = []
+  for start in range(0, count, size):
+    s = min(size, count - start)
+    if s // devices_used(s, devices) > share:
+      sizes += [s - s % devices, s % devices]
+    else:
+      sizes.append(s)
+  return sizes
+
+
+def group_mesh(num_replicas: int, num_devices: int = 0) -> Mesh:
+  """The (replicas, clients) mesh of shape (d, 1) a group of `num_replicas` runs on: d of the
+  `group_devices(num_devices)` (`devices_used`)."""
+  d = devices_used(num_replicas, group_devices(num_devices))
   return jax.make_mesh(
     (d, 1), (REPLICAS, parallel.CLIENTS), (AxisType.Auto,) * 2, devices=jax.devices()[:d]
   )

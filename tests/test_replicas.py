@@ -247,6 +247,27 @@ def test_a_mixed_grid_groups_by_everything_but_the_value_fields():
     compare.parse_replicas("0")
 
 
+def test_groups_on_several_devices_never_load_a_device_more_than_a_full_group():
+  """13 of 29 seeds left over on 8 GPUs would all go on one device (13's only divisor up to 8
+  is 1): they are cut into 8 (one a device) and 5 instead."""
+  configs = [config_lib.resolve(run_config("fedmerge", "official", seed)) for seed in range(29)]
+  sizes = lambda groups: [len(g) for g in groups]
+  eight = lambda config: 8
+  assert sizes(compare.replica_groups(list(enumerate(configs)), 16, eight)) == [16, 8, 5]
+  assert sizes(compare.replica_groups(list(enumerate(configs[:13])), 16, eight)) == [8, 5]
+  assert sizes(compare.replica_groups(list(enumerate(configs[:6])), 6, lambda c: 4)) == [6]
+  assert sizes(compare.replica_groups(list(enumerate(configs[:13])), 16)) == [13]  # 1 device.
+  flat = [i for g in compare.replica_groups(list(enumerate(configs)), 16, eight) for i, _ in g]
+  assert flat == list(range(29))  # Every run once, in the grid's order.
+  for count in range(1, 40):  # Against the layout itself: replicas a device holds.
+    for size in (1, 3, 6, 8, 12, 16):
+      for devices in (1, 2, 3, 4, 8):
+        got = replicas.spread_sizes(count, size, devices)
+        assert sum(got) == count and 0 < min(got) and max(got) <= size
+        loads = [s // max(d for d in range(1, devices + 1) if s % d == 0) for s in got]
+        assert max(loads) <= -(-size // devices), (count, size, devices, got)
+
+
 def test_a_group_on_more_devices_than_exist_is_refused_as_a_separate_run_is():
   with pytest.raises(ValueError, match=r"num_devices=3 but only 1 devices exist; use 0"):
     replicas.group_mesh(4, num_devices=3)

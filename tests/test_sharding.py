@@ -114,6 +114,22 @@ RUNS = textwrap.dedent("""
         lines = open(os.path.join(path, "metrics.jsonl"))
         out["runs"][f"group_{n}_{i}"] = [json.loads(line) for line in lines]
     out["group_devices"] = meshes
+    replicas.make_group_round = make
+    # compare's grouping sees the 8 devices: 13 seeds in groups of up to 16 start with 8.
+    from fedmerge_jax import compare
+    class FirstGroup(Exception):
+      pass
+    def first_group(configs, *args, **kwargs):
+      out["compare_first_group"] = len(configs)
+      raise FirstGroup
+    many, replicas.train_and_evaluate_many = replicas.train_and_evaluate_many, first_group
+    try:
+      compare.run_comparison(
+          resolve(tiny_base_config()), ["fedmerge"], os.path.join(workdir, "compare13"),
+          data=make_federation(10), seeds=list(range(13)), replicas=16)
+    except FirstGroup:
+      pass
+    replicas.train_and_evaluate_many = many
     out["group_mesh"] = {str(r): replicas.group_mesh(r).size for r in (1, 4, 6, 7, 8, 16)}
     print("RESULT " + json.dumps(out))
 """)
@@ -193,6 +209,8 @@ def test_a_replica_group_spreads_whole_replicas_over_devices(sharded):
   assert runs["group_0_1"][-1]["train/loss"] != runs["group_0_0"][-1]["train/loss"]
   # The largest divisor of the replicas up to the 8 devices.
   assert sharded["group_mesh"] == {"1": 1, "4": 4, "6": 6, "7": 7, "8": 8, "16": 8}
+  # 13 runs would all go on one device (13's only divisor up to 8 is 1): compare cuts 8 + 5.
+  assert sharded["compare_first_group"] == 8
 
 
 def test_layout_pads_with_phantoms():
