@@ -6,7 +6,8 @@ Per model and R, one JSON line ('separate': one run's own round, without a repli
 `train.train_and_evaluate` runs it, the per-run time a group is held against): seconds per
 group round (median of --group_rounds, after a warm-up round that compiles), useful
 examples/s summed over the replicas (real examples x epochs / time) and runs per hour for
-runs of --run_rounds rounds (training rounds only; evaluation excluded).
+runs of --run_rounds rounds (training rounds only; evaluation excluded), and with the round
+program's compile counted once a run (a group's once for its R runs).
 Data: `fedmerge_jax.benchmark.synthetic_data`; 'mlp' is the offline default's shape (20
 clients of 90 examples, all every round), 'emnist_cnn' FEMNIST-like writers
 (`benchmark.femnist_sizes`, 10 a round of 100), 'resnet9' small rounds (4 of 20 clients of
@@ -87,22 +88,29 @@ def time_separate(model: str, rounds: int) -> dict:
     start = time.perf_counter()
     state, metrics = round_fn(state, ids, batch, jax.random.key(r))
     jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
     if r:  # Round 0 compiles.
-      times.append(time.perf_counter() - start)
       useful += benchmark.useful_examples(data.train.counts[sampled], config.local_epochs)
   return timing_row(model, "separate", 1, times, useful)
 
 
 def timing_row(model: str, label, runs: int, times, useful: int) -> dict:
-  """The JSON line of `runs` runs' rounds that took `times` and trained `useful` examples."""
-  seconds = float(np.median(times))
+  """The JSON line of `runs` runs whose first round (it compiles) took `times[0]`, whose
+  timed rounds took `times[1:]` and trained `useful` examples. `compile_s`: the first round
+  less a timed one, the round program's compile; a run compiles it once (and its evaluated
+  round, about as long, once more), so `runs_per_hour_with_compile` counts it once per run
+  of `--run_rounds`, or once per group."""
+  seconds, timed = float(np.median(times[1:])), times[1:]
+  compile_s = max(times[0] - seconds, 0.0)
   return {
     "model": model,
     "algorithm": FLAGS.group_algorithm,
     "replicas": label,
     "s_per_round": round(seconds, 4),
-    "useful_examples_per_s": round(useful / sum(times), 1),
+    "useful_examples_per_s": round(useful / sum(timed), 1),
     "runs_per_hour": round(3600 * runs / (seconds * FLAGS.run_rounds), 2),
+    "compile_s": round(compile_s, 2),
+    "runs_per_hour_with_compile": round(3600 * runs / (compile_s + seconds * FLAGS.run_rounds), 2),
     "backend": jax.default_backend(),
   }
 
@@ -139,8 +147,8 @@ def time_group(model: str, num_replicas: int, rounds: int) -> dict:
     start = time.perf_counter()
     states, metrics = group_round(states, active, ids, batch, round_keys, np.uint32(r))
     jax.block_until_ready((states, metrics))
+    times.append(time.perf_counter() - start)
     if r:  # Round 0 compiles.
-      times.append(time.perf_counter() - start)
       useful += sum(
         benchmark.useful_examples(data.train.counts[s], config.local_epochs) for s in sampled
       )
