@@ -187,6 +187,21 @@ def spread_sizes(count: int, size: int, devices: int) -> List[int]:
   return sizes
 
 
+def uneven_spread(num_replicas: int, available: int) -> Optional[str]:
+  """The warning for a group of `num_replicas` that loads some of the `available` devices
+  with more than an even share (ceil(R / devices)) while others idle, which `spread_sizes`'
+  cut would not; else None."""
+  d = devices_used(num_replicas, available)
+  if num_replicas // d <= -(-num_replicas // available):
+    return None
+  cut = " + ".join(map(str, spread_sizes(num_replicas, num_replicas, available)))
+  return (
+    f"{num_replicas} replicas run on {d} of {available} devices, {num_replicas // d} a device "
+    f"({num_replicas} has no larger divisor up to {available}); if they do not fit, run "
+    f"them as groups of {cut} (compare cuts them so)."
+  )
+
+
 def group_mesh(num_replicas: int, num_devices: int = 0) -> Mesh:
   """The (replicas, clients) mesh of shape (d, 1) a group of `num_replicas` runs on: d of the
   `group_devices(num_devices)` (`devices_used`)."""
@@ -245,6 +260,9 @@ def train_and_evaluate_many(
     logging.warning(warning)
   one = parallel.make_mesh(1)  # A replica's own world: one device holds all its clients.
   mesh = group_mesh(len(configs), first.num_devices)  # The replicas' (module docstring).
+  warning = uneven_spread(len(configs), group_devices(first.num_devices))
+  if warning:
+    logging.warning("%s", warning)
   spread = NamedSharding(mesh, PartitionSpec(REPLICAS))  # Leading replica axis over devices.
   eval_clients, eval_examples = evaluation.chunk_sizes(first, data)  # Before training's choice.
   chunk = train.chosen_chunk_size(first, data, one)

@@ -268,6 +268,20 @@ def test_groups_on_several_devices_never_load_a_device_more_than_a_full_group():
         assert max(loads) <= -(-size // devices), (count, size, devices, got)
 
 
+def test_a_group_called_directly_with_an_uneven_size_is_warned_with_the_cut():
+  assert replicas.uneven_spread(13, 8) == (
+    "13 replicas run on 1 of 8 devices, 13 a device (13 has no larger divisor up to 8); "
+    "if they do not fit, run them as groups of 8 + 5 (compare cuts them so)."
+  )
+  assert replicas.uneven_spread(10, 4) == (
+    "10 replicas run on 2 of 4 devices, 5 a device (10 has no larger divisor up to 4); "
+    "if they do not fit, run them as groups of 8 + 2 (compare cuts them so)."
+  )
+  # As even as R allows: 6 on 4 devices is 2 on 3 of them (ceil(6 / 4) = 2 anyway).
+  for even in [(16, 8), (5, 8), (8, 8), (13, 1), (6, 3), (6, 4), (12, 8), (9, 4)]:
+    assert replicas.uneven_spread(*even) is None, even
+
+
 def test_a_group_on_more_devices_than_exist_is_refused_as_a_separate_run_is():
   with pytest.raises(ValueError, match=r"num_devices=3 but only 1 devices exist; use 0"):
     replicas.group_mesh(4, num_devices=3)
