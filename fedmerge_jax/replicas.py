@@ -188,17 +188,17 @@ def spread_sizes(count: int, size: int, devices: int) -> List[int]:
 
 
 def uneven_spread(num_replicas: int, available: int) -> Optional[str]:
-  """The warning for a group of `num_replicas` that loads some of the `available` devices
-  with more than an even share (ceil(R / devices)) while others idle, which `spread_sizes`'
-  cut would not; else None."""
-  d = devices_used(num_replicas, available)
-  if num_replicas // d <= -(-num_replicas // available):
+  """The warning for a group of `num_replicas` that `spread_sizes` would cut (it loads some
+  of the `available` devices past an even share, ceil(R / devices), while others idle), naming
+  the cut; else None."""
+  cut = spread_sizes(num_replicas, num_replicas, available)
+  if len(cut) == 1:
     return None
-  cut = " + ".join(map(str, spread_sizes(num_replicas, num_replicas, available)))
+  d = devices_used(num_replicas, available)
   return (
     f"{num_replicas} replicas run on {d} of {available} devices, {num_replicas // d} a device "
     f"({num_replicas} has no larger divisor up to {available}); if they do not fit, run "
-    f"them as groups of {cut} (compare cuts them so)."
+    f"them as groups of {' + '.join(map(str, cut))} (compare cuts them so)."
   )
 
 
