@@ -6,6 +6,7 @@ models.layers, algorithms.perfedavg); names users extend (models, algorithms) ar
 """
 
 CLIENT_PARALLELISMS = ("auto", "vmap", "sequential")  # config.client_parallelism (parallel.py).
+REPLICA_PARALLELISMS = ("auto", "vmap", "sequential")  # config.replica_parallelism (replicas.py).
 LOCAL_LOOP_CHOICES = ("auto", "while", "static")  # config.local_loop (client.py, parallel.py).
 # config.command_buffers -> XLA:GPU's `xla_gpu_enable_command_buffer` (None: XLA's default).
 # '+' entries add to XLA's default set: 'loops' lets a whole while loop or conditional run as

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     0  # Clients whose outputs are held at once ('vmap': trained at once); 0: all.
   )
   c.client_parallelism = "auto"  # 'auto' | 'vmap' | 'sequential': how clients run (parallel.py).
+  # How a replica group's runs share its program (replicas.py): 'vmap' (at once), 'sequential'
+  # (one after another inside it), 'auto' ('sequential' for a model with convolutions on CPU).
+  c.replica_parallelism = "auto"
   # Evaluation (and the gap's) in chunks: clients at once (0: enough for about 2,048 examples,
   # at most client_chunk_size where set) and examples of one client at once (0: 256).
   c.eval_chunk_size = 0
@@ -177,6 +180,7 @@ def _choices() -> dict:
     "model.name": registry.MODELS.names(),
     "model.conv_impl": choices.CONV_IMPLS,
     "client_parallelism": choices.CLIENT_PARALLELISMS,
+    "replica_parallelism": choices.REPLICA_PARALLELISMS,
     "local_batching": choices.LOCAL_BATCHINGS,
     "perfedavg_variant": choices.PERFEDAVG_VARIANTS,
     "local_loop": choices.LOCAL_LOOP_CHOICES,

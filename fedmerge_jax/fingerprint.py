@@ -29,6 +29,7 @@ NOT_RESULT_CHANGING = (
   "tensorboard",
   "client_chunk_size",
   "client_parallelism",
+  "replica_parallelism",
   "num_devices",
   "data.data_dir",
   # How clients and convolutions execute: same results (tested equal).

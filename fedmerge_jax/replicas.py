@@ -37,12 +37,14 @@ import numpy as np
 
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from fedmerge_jax import choices
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import data as data_lib
 from fedmerge_jax import evaluation
 from fedmerge_jax import failures
 from fedmerge_jax import gap
 from fedmerge_jax import hyperparams
+from fedmerge_jax import models
 from fedmerge_jax import parallel
 from fedmerge_jax import plot
 from fedmerge_jax import preemption
@@ -211,16 +213,65 @@ def group_mesh(num_replicas: int, num_devices: int = 0) -> Mesh:
   )
 
 
-def make_group_round(algorithm, config, spread):
+REPLICA_PARALLELISMS = choices.REPLICA_PARALLELISMS
+
+
+def resolve_replica_parallelism(
+  parallelism: str, model, example_input, backend: Optional[str] = None
+) -> str:
+  """'auto' -> 'sequential' for a model with convolutions on CPU, else 'vmap'.
+
+  Under `vmap` each replica's convolution kernels are its own, so XLA:CPU runs one library
+  convolution per replica (`layers`' batching rule) and copies every activation in and out
+  of the replica-stacked arrays around it: measured 8-16% slower per run than one run at a
+  time for the ResNet-9 and the EMNIST CNN, while one after another inside the program they
+  run as fast as separate runs (docs' Algorithms, replica groups). Dense layers batch into
+  matmuls with no copies, and accelerators batch both, so the rest vmap. `backend` defaults
+  to JAX's (pass 'gpu' to see an accelerator's choice)."""
+  if parallelism not in REPLICA_PARALLELISMS:
+    raise ValueError(
+      f"replica_parallelism={parallelism!r}; expected one of {REPLICA_PARALLELISMS}."
+    )
+  if parallelism != "auto":
+    return parallelism
+  if (backend or jax.default_backend()) != "cpu":
+    return "vmap"
+  return "sequential" if models.has_convolution(model, example_input) else "vmap"
+
+
+def over_replicas(fn, parallelism: str, mesh: Mesh):
+  """`fn` of one replica's arguments applied over their leading replica axis: all at once
+  ('vmap'), or one after another ('sequential': `lax.map`, each device mapping its own
+  replicas where the replica axis is spread over several, so no replica's data moves)."""
+  if parallelism == "vmap":
+    return jax.vmap(fn)
+  one_after_another = lambda *args: jax.lax.map(lambda xs: fn(*xs), args)
+  if mesh.shape[REPLICAS] == 1:
+    return one_after_another
+  spec = PartitionSpec(REPLICAS)
+  # check_vma off: a round's loops start device-invariant zeros that become per-replica.
+  return jax.shard_map(
+    one_after_another,
+    mesh=mesh,
+    in_specs=spec,
+    out_specs=spec,
+    axis_names={REPLICAS},
+    check_vma=False,
+  )
+
+
+def make_group_round(algorithm, config, spread, parallelism: str = "vmap"):
   """(states [R], active [R], ids [R, C], data [R, ...], round keys [R], r) -> (states,
   metrics [R]).
 
-  The NaN-guarded round r of every replica at once, each with its run's key for round r
-  (`fold_in(round key, r)`, as `rounds.Rounds` folds it); a replica not `active` keeps its
-  state."""
+  The NaN-guarded round r of every replica at once (`parallelism`: `over_replicas`), each
+  with its run's key for round r (`fold_in(round key, r)`, as `rounds.Rounds` folds it); a
+  replica not `active` keeps its state."""
   # A replica not `active` runs as a round after a failed one does (train.after_a_finite_round):
   # its loss reads NaN, so the guard's one select keeps its state (no second select).
-  guarded = jax.vmap(train.keep_finite(train.after_a_finite_round(algorithm.round)))
+  guarded = over_replicas(
+    train.keep_finite(train.after_a_finite_round(algorithm.round)), parallelism, spread.mesh
+  )
 
   def group_round(states, active, client_ids, data, round_keys, round_index):
     rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(round_keys, round_index)
@@ -274,11 +325,15 @@ def train_and_evaluate_many(
   algorithm = hyperparams.valued(lambda c: train.build(c, data, layout, model)[1], first)
   for config, workdir in zip(configs, workdirs):
     restore.record_experiment(config, workdir, data, model, start_over, True, ran)
+  parallelism = resolve_replica_parallelism(
+    first.replica_parallelism, model, np.zeros(data.example_shape, np.float32)
+  )
   logging.info(
-    "%s on %s: %d replicas as one program on %d device%s (%s).",
+    "%s on %s: %d replicas as one program (%s) on %d device%s (%s).",
     first.algorithm,
     data.name,
     len(configs),
+    "vmapped" if parallelism == "vmap" else "one after another",
     mesh.size,
     "s" if mesh.size > 1 else "",
     ", ".join(workdirs),
@@ -298,7 +353,7 @@ def train_and_evaluate_many(
     jax.device_put(values, spread),
   )
 
-  group_round = make_group_round(algorithm, first, spread)
+  group_round = make_group_round(algorithm, first, spread, parallelism)
   rng_data = np.stack([m.rng_data for m in members])  # [R, 2 (sample, round), key data]
   schedule = sampling.ClientSchedule(
     jax.random.wrap_key_data(rng_data[:, 0]), data.num_clients, first.clients_per_round

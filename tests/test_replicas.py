@@ -5,6 +5,7 @@ The reference is always the separate run (`train.build` with plain constants, or
 batched matmuls, so metrics agree to 1e-5 absolute (observed: bit-equal up to ~1e-7).
 """
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedmerge_jax import compare
 from fedmerge_jax import config as config_lib
 from fedmerge_jax import hyperparams
 from fedmerge_jax import metric_writers
+from fedmerge_jax import models
 from fedmerge_jax import preemption
 from fedmerge_jax import replicas
 from fedmerge_jax import train
@@ -171,6 +173,71 @@ def test_replica_metrics_equal_the_separate_runs(
   assert_same_history(history, separate_history(configs[1], model_name, data, root))
   assert_same_clients_npz(workdirs[1], configs[1], model_name)
   assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
+
+
+# One after another inside the program (config.replica_parallelism, what `auto` picks for a
+# model with convolutions on CPU): the same runs as the vmapped cases above.
+@pytest.mark.parametrize("algorithm,update_mode,model_name,values", [CASES[0], CASES[4]])
+def test_replicas_run_one_after_another_equal_the_separate_runs(
+  algorithm, update_mode, model_name, values, data, root, caplog, monkeypatch
+):
+  configs = [
+    run_config(algorithm, update_mode, replica_parallelism="sequential", **v) for v in values
+  ]
+  workdirs = [str(root / f"{algorithm}_{update_mode}_seq" / f"replica_{i}") for i in range(2)]
+  over, built = replicas.over_replicas, []
+  monkeypatch.setattr(
+    replicas, "over_replicas", lambda fn, how, mesh: built.append(how) or over(fn, how, mesh)
+  )
+  with caplog.at_level("INFO"):
+    replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS[model_name])
+  assert "2 replicas as one program (one after another)" in caplog.text
+  assert built == ["sequential"]  # The group's round program (over_replicas: a loop).
+  for i, v in enumerate(values):
+    history = metric_writers.read_jsonl(f"{workdirs[i]}/metrics.jsonl")
+    separate = run_config(algorithm, update_mode, **v)
+    assert_same_history(history, separate_history(separate, model_name, data, root))
+  assert_same_clients_npz(workdirs[1], separate, model_name)
+
+
+def test_replicas_one_after_another_are_a_loop_in_the_program_vmapped_ones_are_not():
+  """over_replicas: 'sequential' traces one replica's function inside a loop over the
+  replica axis (with each replica's own arguments), 'vmap' batches it with no loop."""
+  mesh = replicas.group_mesh(1)
+  fn = lambda x, y: (x * y, x.sum())
+  x, y = np.arange(6.0).reshape(3, 2), np.array([1.0, 2.0, 3.0])
+  for how, loops in (("sequential", True), ("vmap", False)):
+    mapped = replicas.over_replicas(fn, how, mesh)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(mapped)(x, y).jaxpr.eqns}
+    assert ("scan" in primitives) == loops, (how, primitives)
+    out = mapped(x, y)
+    np.testing.assert_allclose(out[0], x * y[:, None])
+    np.testing.assert_allclose(out[1], x.sum(1))
+
+
+class TinyConv(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(2, (3, 3))(x)
+    return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_auto_replica_parallelism_runs_convolutions_one_after_another_on_cpu_only():
+  """CPU: a model with a convolution (even one nested in a submodule's custom derivative, as
+  models.layers writes them) runs replicas one after another, a dense one vmapped;
+  accelerators vmap both; a named choice stands; a bad one is refused."""
+  example = np.zeros((4, 4, 1), np.float32)
+  resolve = replicas.resolve_replica_parallelism
+  cnn = models.EmnistCNN(num_classes=3)
+  assert resolve("auto", TinyConv(), example, "cpu") == "sequential"
+  assert resolve("auto", cnn, np.zeros((28, 28, 1), np.float32), "cpu") == "sequential"
+  assert resolve("auto", MODELS["bn"], example, "cpu") == "vmap"
+  assert resolve("auto", models.MLP(num_classes=3), example, "cpu") == "vmap"
+  assert resolve("auto", TinyConv(), example, "gpu") == "vmap"
+  assert resolve("vmap", TinyConv(), example, "cpu") == "vmap"
+  assert resolve("sequential", MODELS["bn"], example, "gpu") == "sequential"
+  with pytest.raises(ValueError, match=r"replica_parallelism='map'; expected one of"):
+    resolve("map", TinyConv(), example)
 
 
 SWEEP_ROUNDS = 3  # The resume test's rounds: it stops before round 2, then before round 3.

@@ -95,24 +95,37 @@ RUNS = textwrap.dedent("""
           "spec": list(leaf.sharding.spec),
           "rows_per_device": sorted({s.data.shape[0] for s in leaf.addressable_shards})}
     # A replica group of 4 seeds (replicas.py): spread over 4 of the 8 devices (one replica
-    # each), and on 1 device; the devices each program's state was spread over.
+    # each), and on 1 device; and over 4 devices run one after another (each device maps
+    # its own replica); the devices each program's state was spread over.
     from fedmerge_jax import replicas
     name = "fedmerge_batchnorm_4_of_10"
     make, meshes = replicas.make_group_round, []
-    replicas.make_group_round = lambda a, c, spread: (
-        meshes.append(spread.mesh.size) or make(a, c, spread))
-    for n in (0, 1):
+    def make_and_record(a, c, spread, *how):
+      meshes.append(spread.mesh.size)
+      group_round = make(a, c, spread, *how)
+      def recorded(*args):  # The collectives in the compiled sequential round, if any.
+        if how == ("sequential",) and "sequential_collectives" not in out:
+          text = group_round.lower(*args).compile().as_text()
+          out["sequential_collectives"] = [
+              op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+              if op in text]
+        return group_round(*args)
+      return recorded
+    replicas.make_group_round = make_and_record
+    for n, how in ((0, "auto"), (1, "auto"), (0, "sequential")):
       configs = []
       for i in range(4):
         config = tiny_base_config()
         config.update_from_flattened_dict(cases[name][1])
         config.seed, config.num_devices = config.seed + i, n
+        config.replica_parallelism = how
         configs.append(config)
-      paths = [os.path.join(workdir, f"group_{n}", str(i)) for i in range(4)]
+      group = f"group_{n}" if how == "auto" else f"group_{how}_{n}"
+      paths = [os.path.join(workdir, group, str(i)) for i in range(4)]
       replicas.train_and_evaluate_many(configs, paths, data=make_federation(cases[name][0]))
       for i, path in enumerate(paths):
         lines = open(os.path.join(path, "metrics.jsonl"))
-        out["runs"][f"group_{n}_{i}"] = [json.loads(line) for line in lines]
+        out["runs"][f"{group}_{i}"] = [json.loads(line) for line in lines]
     out["group_devices"] = meshes
     replicas.make_group_round = make
     # compare's grouping sees the 8 devices: 13 seeds in groups of up to 16 start with 8.
@@ -199,12 +212,15 @@ def test_per_client_state_is_split_over_devices(sharded, algorithm):
 
 
 def test_a_replica_group_spreads_whole_replicas_over_devices(sharded):
-  """4 replicas on 8 devices run one per device (on 4), and give the metrics of the group
-  on one device; replica 0 is the separate 1-device run of its config."""
+  """4 replicas on 8 devices run one per device (on 4), vmapped or one after another, and
+  give the metrics of the group on one device; replica 0 is the separate 1-device run of
+  its config."""
   runs = sharded["runs"]
-  assert sharded["group_devices"] == [4, 1]
+  assert sharded["group_devices"] == [4, 1, 4]
   for i in range(4):
     assert_same_metrics(runs[f"group_0_{i}"], runs[f"group_1_{i}"])
+    assert_same_metrics(runs[f"group_sequential_0_{i}"], runs[f"group_1_{i}"])
+  assert sharded["sequential_collectives"] == []  # Each device loops over its own replicas.
   assert_same_metrics(runs["group_0_0"], runs["fedmerge_batchnorm_4_of_10_1"])
   assert runs["group_0_1"][-1]["train/loss"] != runs["group_0_0"][-1]["train/loss"]
   # The largest divisor of the replicas up to the 8 devices.

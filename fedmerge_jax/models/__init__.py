@@ -62,6 +62,29 @@ def compiler_options(model_config: ml_collections.ConfigDict):
   return layers.compiler_options(model_config.get("conv_impl", "auto"))
 
 
+CONVOLUTION = "conv_general_dilated"  # The primitive every JAX/flax convolution lowers to.
+
+
+def _primitives(jaxpr):
+  """The names of every primitive in `jaxpr` and the programs nested in it (custom
+  derivatives and batching rules, calls, loops, branches)."""
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr holds its Jaxpr.
+        if hasattr(inner, "eqns"):
+          yield from _primitives(inner)
+
+
+def has_convolution(model: nn.Module, example_input) -> bool:
+  """Whether `model` convolves: its forward pass on a batch of `example_input` (one
+  example's array or shape) traces a convolution anywhere. Traced abstractly: no FLOPs."""
+  example = jax.ShapeDtypeStruct((1, *jax.numpy.shape(example_input)), jax.numpy.float32)
+  jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x))(example)
+  return CONVOLUTION in set(_primitives(jaxpr.jaxpr))
+
+
 def takes_mask(model: nn.Module) -> bool:
   """Whether the module's `__call__` takes `mask=` (a batch's real rows, for BatchNorm).
 
