@@ -1,13 +1,19 @@
-"""Replica groups against one run at a time: R seeds of one config as one vmapped round.
+"""Replica groups against one run at a time: R seeds of one config as one round program.
 
   python benchmarks/replicas.py --models=mlp,emnist_cnn,resnet9 --replicas=separate,1,4,16
+  python benchmarks/replicas.py --models=resnet9 --replicas=4 --paired --group_rounds=10
 
 Per model and R, one JSON line ('separate': one run's own round, without a replica axis, as
 `train.train_and_evaluate` runs it, the per-run time a group is held against): seconds per
-group round (median of --group_rounds, after a warm-up round that compiles), useful
-examples/s summed over the replicas (real examples x epochs / time) and runs per hour for
-runs of --run_rounds rounds (training rounds only; evaluation excluded), and with the round
-program's compile counted once a run (a group's once for its R runs).
+group round (median of --group_rounds, after a warm-up round that compiles; a later round
+needing a new padding bucket runs once untimed first), useful examples/s summed over the
+replicas (real examples x epochs / time) and runs per hour for runs of --run_rounds rounds
+(training rounds only; evaluation excluded), and with the round program's compile counted
+once a run (a group's once for its R runs). `--paired`: each R as a group against R
+separate runs on the same clients, round by round, alternating (`time_paired`): the
+per-run speed-up with the machine's drift paired out, the measure to trust on a shared
+machine. `--replica_parallelism`: how the group runs its replicas ('auto' as the runner
+resolves it for the model and backend).
 Data: `fedmerge_jax.benchmark.synthetic_data`; 'mlp' is the offline default's shape (20
 clients of 90 examples, all every round), 'emnist_cnn' FEMNIST-like writers
 (`benchmark.femnist_sizes`, 10 a round of 100), 'resnet9' small rounds (4 of 20 clients of
@@ -42,6 +48,18 @@ flags.DEFINE_list(
 flags.DEFINE_integer("group_rounds", 3, "Timed group rounds (after one warm-up round).")
 flags.DEFINE_integer("run_rounds", 200, "Rounds of one run, for runs per hour.")
 flags.DEFINE_string("group_algorithm", "fedmerge", "Algorithm of every replica.")
+flags.DEFINE_enum(
+  "replica_parallelism",
+  "auto",
+  list(replicas.REPLICA_PARALLELISMS),
+  "How a group runs its replicas (config.replica_parallelism; 'auto' as the runner resolves it).",
+)
+flags.DEFINE_bool(
+  "paired",
+  False,
+  "Time each numeric R as a group against R separate runs on the same clients, round by "
+  "round, alternating (time_paired): the per-run speed-up with the machine's drift paired out.",
+)
 flags.DEFINE_integer(
   "eval_rounds",
   0,
@@ -67,28 +85,64 @@ def workload(model: str):
   return data, config_lib.resolve(config)
 
 
+def round_shape(batch) -> tuple:
+  """A round's input shapes: a new one (padding bucket) compiles the round anew."""
+  return tuple(np.shape(x) for x in jax.tree.leaves(batch))
+
+
+def timed(run, shape, compiled: set, exclude_compile: bool) -> float:
+  """`run()`'s seconds; with `exclude_compile`, a round of a shape not yet in `compiled` is
+  run once untimed first, so that its compile is not timed (the state advances a round)."""
+  if exclude_compile and shape not in compiled:
+    run()
+  compiled.add(shape)
+  return run()
+
+
+class SeparateRuns:
+  """Runs of `model`'s config with `seeds`, each its own round as `train.train_and_evaluate`
+  compiles and feeds it (no replica axis): what a group's per-run time is held against.
+  The runs share one compiled round (a run's program does not depend on its seed).
+  `__call__(i, sampled, r)` runs run i's round r on the clients `sampled`; returns seconds."""
+
+  def __init__(self, model: str, seeds=(0,)):
+    self.data, config = workload(model)
+    mesh = parallel.make_mesh(1)
+    layout = parallel.client_layout(1, self.data.num_clients, config.clients_per_round, 0)
+    _, algorithm = train.build(config, self.data, layout)
+    self.states = []
+    for seed in seeds:
+      state, shardings = parallel.sharded_init(
+        algorithm.init, mesh, layout.population, jax.random.key(seed)
+      )
+      self.states.append(state)
+    self.round_fn = train.compile_round(algorithm, config, mesh, shardings)
+    self.gather = parallel.RoundGatherer(self.data.train, layout, mesh, config.batch_size)
+
+    self.compiled = set()  # The round shapes (padding buckets) compiled so far.
+
+  def __call__(self, i: int, sampled, r: int, exclude_compile: bool = False) -> float:
+    _, ids, batch = self.gather(sampled, None)
+
+    def run():
+      start = time.perf_counter()
+      self.states[i], metrics = self.round_fn(self.states[i], ids, batch, jax.random.key(r))
+      jax.block_until_ready((self.states[i], metrics))
+      return time.perf_counter() - start
+
+    return timed(run, round_shape(batch), self.compiled, exclude_compile)
+
+
 def time_separate(model: str, rounds: int) -> dict:
-  """The 'separate' row: one run's own round, as `train.train_and_evaluate` compiles and
-  feeds it (no replica axis): what a group's per-run time is held against."""
+  """The 'separate' row: one of `SeparateRuns`' rounds on clients sampled as seed 1's."""
   data, config = workload(model)
-  mesh = parallel.make_mesh(1)
-  layout = parallel.client_layout(1, data.num_clients, config.clients_per_round, 0)
-  _, algorithm = train.build(config, data, layout)
-  state, shardings = parallel.sharded_init(
-    algorithm.init, mesh, layout.population, jax.random.key(0)
-  )
-  round_fn = train.compile_round(algorithm, config, mesh, shardings)
-  gather = parallel.RoundGatherer(data.train, layout, mesh, config.batch_size)
+  run = SeparateRuns(model)
   times, useful = [], 0
   for r in range(rounds + 1):
     sampled = train.sample_clients(
       jax.random.fold_in(jax.random.key(1), r), data.num_clients, config.clients_per_round
     )
-    _, ids, batch = gather(sampled, None)
-    start = time.perf_counter()
-    state, metrics = round_fn(state, ids, batch, jax.random.key(r))
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+    times.append(run(0, sampled, r, exclude_compile=r > 0))  # Round 0 times the compile.
     if r:  # Round 0 compiles.
       useful += benchmark.useful_examples(data.train.counts[sampled], config.local_epochs)
   return timing_row(model, "separate", 1, times, useful)
@@ -115,47 +169,118 @@ def timing_row(model: str, label, runs: int, times, useful: int) -> dict:
   }
 
 
+class Group:
+  """R seeds (0 .. R-1) of `model`'s config as one replica group, as
+  `replicas.train_and_evaluate_many` builds it. `sample(r)`: each replica's clients of round
+  r; `__call__(sampled, r)` runs the group's round r on them and returns its seconds."""
+
+  def __init__(self, model: str, num_replicas: int):
+    self.data, self.config = data, config = workload(model)
+    self.configs = []
+    for seed in range(num_replicas):
+      self.configs.append(config.copy_and_resolve_references())
+      self.configs[-1].seed = seed
+    self.layout = parallel.client_layout(1, data.num_clients, config.clients_per_round, 0)
+    self.algorithm = hyperparams.valued(lambda c: train.build(c, data, self.layout)[1], config)
+    keys = jnp.stack([jax.random.key(c.seed) for c in self.configs])
+    values = hyperparams.stacked_values(self.configs)
+    init = jax.jit(self.algorithm.init)
+    self.mesh = replicas.group_mesh(num_replicas)  # Whole replicas over the devices there are.
+    spread = NamedSharding(self.mesh, PartitionSpec(replicas.REPLICAS))
+    self.states = replicas.stack(
+      [init((keys[i], {k: v[i] for k, v in values.items()})) for i in range(num_replicas)], spread
+    )
+    model, _ = train.build(config, data, self.layout)
+    self.parallelism = replicas.resolve_replica_parallelism(
+      FLAGS.replica_parallelism, model, np.zeros(data.example_shape, np.float32)
+    )
+    self.group_round = replicas.make_group_round(self.algorithm, config, spread, self.parallelism)
+    self.round_keys = jax.random.split(keys[0], num_replicas)
+    self.active = np.ones(num_replicas, bool)
+    self.compiled = set()
+
+  def sample(self, r: int):
+    return [
+      train.sample_clients(
+        jax.random.fold_in(jax.random.key(c.seed), r),
+        self.data.num_clients,
+        self.config.clients_per_round,
+      )
+      for c in self.configs
+    ]
+
+  def useful(self, sampled) -> int:
+    counts = self.data.train.counts
+    return sum(benchmark.useful_examples(counts[s], self.config.local_epochs) for s in sampled)
+
+  def __call__(self, sampled, r: int, exclude_compile: bool = False) -> float:
+    _, ids, batch = replicas.round_batches(
+      self.data, self.layout, sampled, self.config.batch_size, False
+    )
+
+    def run():
+      start = time.perf_counter()
+      self.states, metrics = self.group_round(
+        self.states, self.active, ids, batch, self.round_keys, np.uint32(r)
+      )
+      jax.block_until_ready((self.states, metrics))
+      return time.perf_counter() - start
+
+    return timed(run, round_shape(batch), self.compiled, exclude_compile)
+
+
 def time_group(model: str, num_replicas: int, rounds: int) -> dict:
-  data, config = workload(model)
-  clients_per_round, batch_size = config.clients_per_round, config.batch_size
-  configs = []
-  for seed in range(num_replicas):
-    configs.append(config.copy_and_resolve_references())
-    configs[-1].seed = seed
-  layout = parallel.client_layout(1, data.num_clients, clients_per_round, 0)
-  algorithm = hyperparams.valued(lambda c: train.build(c, data, layout)[1], config)
-  keys = jnp.stack([jax.random.key(c.seed) for c in configs])
-  values = hyperparams.stacked_values(configs)
-  init = jax.jit(algorithm.init)
-  mesh = replicas.group_mesh(num_replicas)  # Whole replicas over the devices there are.
-  spread = NamedSharding(mesh, PartitionSpec(replicas.REPLICAS))
-  states = replicas.stack(
-    [init((keys[i], {k: v[i] for k, v in values.items()})) for i in range(num_replicas)], spread
-  )
-  group_round = replicas.make_group_round(algorithm, config, spread)
-  round_keys = jax.random.split(keys[0], num_replicas)
-  active = np.ones(num_replicas, bool)
+  group = Group(model, num_replicas)
   times, useful = [], 0
   for r in range(rounds + 1):
-    sampled = [
-      train.sample_clients(
-        jax.random.fold_in(jax.random.key(c.seed), r), data.num_clients, clients_per_round
-      )
-      for c in configs
-    ]
-    _, ids, batch = replicas.round_batches(data, layout, sampled, batch_size, False)
-    start = time.perf_counter()
-    states, metrics = group_round(states, active, ids, batch, round_keys, np.uint32(r))
-    jax.block_until_ready((states, metrics))
-    times.append(time.perf_counter() - start)
+    sampled = group.sample(r)
+    times.append(group(sampled, r, exclude_compile=r > 0))  # Round 0 times the compile.
     if r:  # Round 0 compiles.
-      useful += sum(
-        benchmark.useful_examples(data.train.counts[s], config.local_epochs) for s in sampled
-      )
+      useful += group.useful(sampled)
   evaluations = time_evaluations(
-    algorithm, data, config, layout, configs, states, group_round, mesh
+    group.algorithm,
+    group.data,
+    group.config,
+    group.layout,
+    group.configs,
+    group.states,
+    group.group_round,
+    group.mesh,
   )
-  return {**timing_row(model, num_replicas, num_replicas, times, useful), **evaluations}
+  row = timing_row(model, num_replicas, num_replicas, times, useful)
+  return {**row, "replica_parallelism": group.parallelism, **evaluations}
+
+
+def time_paired(model: str, num_replicas: int, rounds: int) -> dict:
+  """A group of R against R separate runs on the same clients, round by round, the two ways
+  alternating which goes first (so the machine's drift hits both alike), no compile timed
+  (a separate run compiles a round per padding bucket its clients need, a group per bucket
+  of its longest replica: `timed`): the median seconds of a round both ways, and of their
+  ratio (R separate rounds / one group round: above 1, the group is faster per run)."""
+  group = Group(model, num_replicas)
+  runs = SeparateRuns(model, range(num_replicas))
+  together, apart = [], []
+  for r in range(rounds + 1):
+    sampled = group.sample(r)
+    ways = [
+      lambda: together.append(group(sampled, r, exclude_compile=True)),
+      lambda: apart.append(sum(runs(i, s, r, exclude_compile=True) for i, s in enumerate(sampled))),
+    ]
+    for way in ways if r % 2 else ways[::-1]:
+      way()
+  ratios = np.array(apart[1:]) / np.array(together[1:])  # Round 0 warms the caches.
+  return {
+    "model": model,
+    "algorithm": FLAGS.group_algorithm,
+    "replicas": num_replicas,
+    "replica_parallelism": group.parallelism,
+    "paired_rounds": rounds,
+    "s_per_group_round": round(float(np.median(together[1:])), 4),
+    "s_per_separate_rounds": round(float(np.median(apart[1:])), 4),
+    "per_run_speedup_median": round(float(np.median(ratios)), 3),
+    "per_run_speedup_range": [round(float(ratios.min()), 3), round(float(ratios.max()), 3)],
+    "backend": jax.default_backend(),
+  }
 
 
 def time_evaluations(algorithm, data, config, layout, configs, states, group_round, mesh) -> dict:
@@ -198,11 +323,12 @@ def main(argv):
   del argv
   for model in FLAGS.models:
     for replicas_flag in FLAGS.replicas:
-      row = (
-        time_separate(model, FLAGS.group_rounds)
-        if replicas_flag == "separate"
-        else time_group(model, int(replicas_flag), FLAGS.group_rounds)
-      )
+      if replicas_flag == "separate":
+        row = time_separate(model, FLAGS.group_rounds)
+      elif FLAGS.paired:
+        row = time_paired(model, int(replicas_flag), FLAGS.group_rounds)
+      else:
+        row = time_group(model, int(replicas_flag), FLAGS.group_rounds)
       print(json.dumps(row), flush=True)
 
 
