@@ -132,11 +132,15 @@ def valued(build_algorithm: Callable[[Any], Any], config):
   def merging_weights(state: ValuedState, client_ids, train_data):
     return at(state.values).merging_weights(state.inner, client_ids, train_data)
 
+  def client_rows(state: ValuedState) -> ValuedState:  # The values are never per client.
+    return ValuedState(host.client_rows(state.inner), jax.tree.map(lambda _: False, state.values))
+
   return host._replace(
     init=init,
     round=round_fn,
     personalized=personalized,
     received=received,
     merging_weights=merging_weights if host.merging_weights else None,
+    client_rows=client_rows if host.client_rows else None,
     stages=None,
   )

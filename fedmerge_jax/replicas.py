@@ -2,8 +2,10 @@
 
 `train_and_evaluate_many(configs, workdirs, data)` runs configs that differ only in
 `hyperparams.VALUE_FIELDS` (seed, learning rates, prox_mu, ...) as one group: their states
-stacked on a leading replica axis, one round a `vmap` of the algorithm's round over it
-(`hyperparams.valued`: the values are arguments, so it compiles once). Each replica samples
+stacked on a leading replica axis, one round the algorithm's round mapped over it
+(`hyperparams.valued`: the values are arguments, so it compiles once): vmapped, or one
+replica after another inside the program for a model with convolutions on CPU
+(`resolve_replica_parallelism`). Each replica samples
 its own clients, shuffles and drops out with its own seed's keys, exactly as its separate
 run (`train.train_and_evaluate`) does. All replicas are evaluated at once (test and val
 splits, the gap metric, merging weights: `train.round_evaluator(replicas=True)`, the
@@ -239,13 +241,38 @@ def resolve_replica_parallelism(
   return "sequential" if models.has_convolution(model, example_input) else "vmap"
 
 
+def _one_after_another(fn):
+  """`fn(state, *inputs) -> (state, outputs)` over the leading replica axis of every
+  argument, one replica at a time: a loop that writes each replica's new state into the
+  stacked states in place, so beyond the group's states it holds one replica's, not R."""
+
+  def run(states, *inputs):
+    at = lambda tree, i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), tree)
+    put = lambda tree, row, i: jax.tree.map(
+      lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, row
+    )
+    count = jax.tree.leaves(states)[0].shape[0]
+    outputs = jax.eval_shape(fn, at(states, 0), *at(inputs, 0))[1]
+    stacked = jax.tree.map(lambda s: jax.numpy.zeros((count, *s.shape), s.dtype), outputs)
+
+    def one(i, carry):
+      states, stacked = carry
+      state, output = fn(at(states, i), *at(inputs, i))
+      return put(states, state, i), put(stacked, output, i)
+
+    return jax.lax.fori_loop(0, count, one, (states, stacked))
+
+  return run
+
+
 def over_replicas(fn, parallelism: str, mesh: Mesh):
-  """`fn` of one replica's arguments applied over their leading replica axis: all at once
-  ('vmap'), or one after another ('sequential': `lax.map`, each device mapping its own
-  replicas where the replica axis is spread over several, so no replica's data moves)."""
+  """`fn(state, *inputs) -> (state, outputs)` of one replica applied over the leading
+  replica axis of its arguments: all at once ('vmap'), or one after another ('sequential':
+  `_one_after_another`, each device looping over its own replicas where the replica axis is
+  spread over several, so no replica's data moves)."""
   if parallelism == "vmap":
     return jax.vmap(fn)
-  one_after_another = lambda *args: jax.lax.map(lambda xs: fn(*xs), args)
+  one_after_another = _one_after_another(fn)
   if mesh.shape[REPLICAS] == 1:
     return one_after_another
   spec = PartitionSpec(REPLICAS)
@@ -268,9 +295,12 @@ def make_group_round(algorithm, config, spread, parallelism: str = "vmap"):
   with its run's key for round r (`fold_in(round key, r)`, as `rounds.Rounds` folds it); a
   replica not `active` keeps its state."""
   # A replica not `active` runs as a round after a failed one does (train.after_a_finite_round):
-  # its loss reads NaN, so the guard's one select keeps its state (no second select).
+  # its loss reads NaN, so the guard's one select keeps its state (no second select). The
+  # guard saves only the round's clients' rows of per-client leaves, as a separate run's.
   guarded = over_replicas(
-    train.keep_finite(train.after_a_finite_round(algorithm.round)), parallelism, spread.mesh
+    train.keep_finite(train.after_a_finite_round(algorithm.round), algorithm.client_rows),
+    parallelism,
+    spread.mesh,
   )
 
   def group_round(states, active, client_ids, data, round_keys, round_index):

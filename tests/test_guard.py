@@ -114,3 +114,43 @@ def test_guard_checks_the_new_rows_even_when_the_loss_is_finite():
   kept, metrics = guarded(state, ids, np.array([[1.0, 1.0], [np.nan, 1.0]]), jax.random.key(0))
   assert not bool(metrics["finite"])
   jax.tree.map(np.testing.assert_array_equal, kept, state)
+
+
+@pytest.mark.parametrize("parallelism", ["vmap", "sequential"])
+def test_a_replica_groups_guard_also_keeps_only_the_rounds_rows(parallelism):
+  """A replica group's round (replicas.make_group_round, values as arguments) guards as a
+  separate run's does: vmapped, its temporaries do not grow with the population; one
+  replica after another, by one replica's state (the one in the loop), not by all R."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from fedmerge_jax import hyperparams, replicas
+
+  temp, state_bytes = {}, {}
+  for n in (64, 1024):
+    alg, _, data, config = _guarded_round("ditto", n, **{"model.hidden_sizes": (128,)})
+    valued = hyperparams.valued(lambda c: train.build(c, data)[1], config)
+    values = hyperparams.stacked_values([config, config])
+    one = jax.eval_shape(valued.init, (jax.random.key(0), replicas.row(values, 0)))
+    states = jax.tree.map(lambda s: jax.ShapeDtypeStruct((2, *s.shape), s.dtype), one)
+    spread = NamedSharding(replicas.group_mesh(2), PartitionSpec(replicas.REPLICAS))
+    group_round = replicas.make_group_round(valued, config, spread, parallelism)
+    batch = jax.tree.map(lambda x: np.stack([x, x]), data.train.gather(SAMPLED))
+    analysis = (
+      group_round.lower(
+        states,
+        np.ones(2, bool),
+        np.stack([SAMPLED, SAMPLED]),
+        batch,
+        jax.random.split(jax.random.key(1), 2),
+        np.uint32(1),
+      )
+      .compile()
+      .memory_analysis()
+    )
+    if analysis is None:
+      pytest.skip("No memory analysis on this backend.")
+    temp[n] = analysis.temp_size_in_bytes
+    state_bytes[n] = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(states))
+  growth = state_bytes[1024] - state_bytes[64]  # ~20 MB of two replicas' personal models.
+  in_the_loop = 0.5 if parallelism == "sequential" else 0.0  # One of the 2 replicas' states.
+  assert abs(temp[1024] - temp[64]) < (in_the_loop + 0.02) * growth, (temp, state_bytes)
