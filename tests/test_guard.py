@@ -24,6 +24,16 @@ def _guarded_round(algorithm, num_clients, **overrides):
   return alg, train.compile_round(alg, config), data, config
 
 
+def _temporaries_and_state_bytes(lowered, state):
+  """(temporary bytes of the compiled `lowered` round, bytes of `state`); skips the test
+  where the backend gives no memory analysis."""
+  analysis = lowered.compile().memory_analysis()
+  if analysis is None:
+    pytest.skip("No memory analysis on this backend.")
+  nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+  return analysis.temp_size_in_bytes, nbytes
+
+
 @pytest.mark.parametrize("algorithm", ["ditto", "local"])
 def test_guarded_round_temporaries_grow_with_the_round_not_the_population(algorithm):
   """A whole-state guard keeps old and new population alive together (N x P temporaries)."""
@@ -31,15 +41,8 @@ def test_guarded_round_temporaries_grow_with_the_round_not_the_population(algori
   for n in (64, 1024):
     alg, round_fn, data, _ = _guarded_round(algorithm, n, **{"model.hidden_sizes": (128,)})
     state = jax.eval_shape(alg.init, jax.random.key(0))
-    analysis = (
-      round_fn.lower(state, SAMPLED, data.train.gather(SAMPLED), jax.random.key(1))
-      .compile()
-      .memory_analysis()
-    )
-    if analysis is None:
-      pytest.skip("No memory analysis on this backend.")
-    temp[n] = analysis.temp_size_in_bytes
-    state_bytes[n] = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+    lowered = round_fn.lower(state, SAMPLED, data.train.gather(SAMPLED), jax.random.key(1))
+    temp[n], state_bytes[n] = _temporaries_and_state_bytes(lowered, state)
   growth = state_bytes[1024] - state_bytes[64]  # ~10 MB of personal models.
   assert abs(temp[1024] - temp[64]) < 0.02 * growth, (temp, state_bytes)
 
@@ -135,22 +138,15 @@ def test_a_replica_groups_guard_also_keeps_only_the_rounds_rows(parallelism):
     spread = NamedSharding(replicas.group_mesh(2), PartitionSpec(replicas.REPLICAS))
     group_round = replicas.make_group_round(valued, config, spread, parallelism)
     batch = jax.tree.map(lambda x: np.stack([x, x]), data.train.gather(SAMPLED))
-    analysis = (
-      group_round.lower(
-        states,
-        np.ones(2, bool),
-        np.stack([SAMPLED, SAMPLED]),
-        batch,
-        jax.random.split(jax.random.key(1), 2),
-        np.uint32(1),
-      )
-      .compile()
-      .memory_analysis()
+    lowered = group_round.lower(
+      states,
+      np.ones(2, bool),
+      np.stack([SAMPLED, SAMPLED]),
+      batch,
+      jax.random.split(jax.random.key(1), 2),
+      np.uint32(1),
     )
-    if analysis is None:
-      pytest.skip("No memory analysis on this backend.")
-    temp[n] = analysis.temp_size_in_bytes
-    state_bytes[n] = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(states))
+    temp[n], state_bytes[n] = _temporaries_and_state_bytes(lowered, states)
   growth = state_bytes[1024] - state_bytes[64]  # ~20 MB of two replicas' personal models.
   in_the_loop = 0.5 if parallelism == "sequential" else 0.0  # One of the 2 replicas' states.
   assert abs(temp[1024] - temp[64]) < (in_the_loop + 0.02) * growth, (temp, state_bytes)
