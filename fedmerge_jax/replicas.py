@@ -225,8 +225,8 @@ def resolve_replica_parallelism(
 
   Under `vmap` each replica's convolution kernels are its own, so XLA:CPU runs one library
   convolution per replica (`layers`' batching rule) and copies every activation in and out
-  of the replica-stacked arrays around it: measured 8-16% slower per run than one run at a
-  time for the ResNet-9 and the EMNIST CNN, while one after another inside the program they
+  of the replica-stacked arrays around it: measured 7-11% (ResNet-9) and 4-21% (EMNIST CNN)
+  slower per run than one run at a time, while one after another inside the program they
   run as fast as separate runs (docs' Algorithms, replica groups). Dense layers batch into
   matmuls with no copies, and accelerators batch both, so the rest vmap. `backend` defaults
   to JAX's (pass 'gpu' to see an accelerator's choice)."""

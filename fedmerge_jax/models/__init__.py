@@ -79,7 +79,7 @@ def _primitives(jaxpr):
 
 def has_convolution(model: nn.Module, example_input) -> bool:
   """Whether `model` convolves: its forward pass on a batch of `example_input` (one
-  example's array or shape) traces a convolution anywhere. Traced abstractly: no FLOPs."""
+  example's array) traces a convolution anywhere. Traced abstractly: no FLOPs."""
   example = jax.ShapeDtypeStruct((1, *jax.numpy.shape(example_input)), jax.numpy.float32)
   jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x))(example)
   return CONVOLUTION in set(_primitives(jaxpr.jaxpr))
