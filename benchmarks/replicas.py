@@ -195,6 +195,7 @@ class Group:
       FLAGS.replica_parallelism, model, np.zeros(data.example_shape, np.float32)
     )
     self.group_round = replicas.make_group_round(self.algorithm, config, spread, self.parallelism)
+    self.round_data = replicas.RoundData(data, self.layout, config.batch_size, spread)
     self.round_keys = jax.random.split(keys[0], num_replicas)
     self.active = np.ones(num_replicas, bool)
     self.compiled = set()
@@ -214,9 +215,7 @@ class Group:
     return sum(benchmark.useful_examples(counts[s], self.config.local_epochs) for s in sampled)
 
   def __call__(self, sampled, r: int, exclude_compile: bool = False) -> float:
-    _, ids, batch = replicas.round_batches(
-      self.data, self.layout, sampled, self.config.batch_size, False
-    )
+    _, ids, batch = self.round_data(sampled, evaluating=False)
 
     def run():
       start = time.perf_counter()
@@ -295,7 +294,7 @@ def time_evaluations(algorithm, data, config, layout, configs, states, group_rou
     train.sample_clients(jax.random.key(c.seed), data.num_clients, config.clients_per_round)
     for c in configs
   ]
-  ordered, ids, batch = replicas.round_batches(data, layout, sampled, config.batch_size, True)
+  ordered, ids, batch = replicas.RoundData(data, layout, config.batch_size)(sampled, True)
   active = np.ones(num_replicas, bool)
   keys = jax.random.split(jax.random.key(0), num_replicas)
   states, metrics = group_round(states, active, ids, batch, keys, np.uint32(1))

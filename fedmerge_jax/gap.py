@@ -11,15 +11,18 @@ loss(b) - loss(a). Positive: the server's model is worse on the client's data th
 the client had just trained.
 
 How, without training twice: on evaluation rounds train.py passes the round `WithTest`
-data (the sampled clients' test split attached). Each local-training site calls `probe`,
-which evaluates the just-trained model on that split and adds two scalars to the client's
-metrics (`base.training_metrics` forwards them). Only those two scalars per client are
-kept; then `make_gap_evaluator` evaluates (b) chunk by chunk.
+data (the sampled clients' test split attached; a replica group attaches an empty one on
+its other rounds, so that both kinds of round are one program). Each local-training site
+calls `probe`, which evaluates the just-trained model on that split (no one's when all are
+empty) and adds two scalars to the client's metrics (`base.training_metrics` forwards
+them). Only those two scalars per client are kept; then `make_gap_evaluator` evaluates (b)
+chunk by chunk.
 """
 
 from typing import Dict, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedmerge_jax import evaluation
@@ -37,13 +40,26 @@ def train_part(data):
 
 def probe(metrics: dict, predict, trained_model, data) -> dict:
   """metrics plus (a)'s correct count and summed loss on the client's test split, if attached
-  (`evaluation.EVAL_EXAMPLES` examples at a time)."""
+  (`evaluation.EVAL_EXAMPLES` examples at a time); zeros, computed for no one, when every
+  client's attached split is empty (`unless_empty`)."""
   if not isinstance(data, WithTest):
     return metrics
-  correct, loss_sum = evaluation.evaluate_client(
-    predict, trained_model, data.test, evaluation.EVAL_EXAMPLES
+  correct, loss_sum = unless_empty(
+    lambda: evaluation.evaluate_client(predict, trained_model, data.test, evaluation.EVAL_EXAMPLES),
+    data.test.count,
   )
   return dict(metrics, gap_trained_correct=correct, gap_trained_loss_sum=loss_sum)
+
+
+def unless_empty(scores, count):
+  """`scores()` (float32 scalars) if `count` > 0, else zeros: a loop of at most one trip. Under
+  vmap a cond on a batched predicate computes both branches, but a loop stops when no member
+  goes on, so clients whose test parts are all empty (a replica group's training rounds, which
+  attach empty ones to run the evaluation rounds' program) compute no probe."""
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(scores))
+  once = lambda carry: (jnp.array(True), jax.tree.map(lambda x: x.astype(jnp.float32), scores()))
+  go_on = lambda carry: jnp.logical_not(carry[0]) & (count > 0)
+  return jax.lax.while_loop(go_on, once, (jnp.array(False), zeros))[1]
 
 
 def forward(client_metrics: dict) -> dict:
@@ -111,7 +127,7 @@ def make_gap_evaluator(
     """`arrays` of each replica's ids (rows), padded to one length; stacked with `replicas`."""
     length = max(arrays.padded_length(ids, 8) for ids in rows)
     parts = [arrays.gather(ids, length) for ids in rows]
-    return jax.tree.map(lambda *xs: np.stack(xs), *parts) if replicas else parts[0]
+    return parallel.stacked(parts) if replicas else parts[0]
 
   def gap(state, client_ids, round_metrics):
     ids = np.asarray(client_ids).reshape(len(client_ids) if replicas else 1, -1)  # [R, C].

@@ -341,6 +341,11 @@ def padded_chunks(client_ids, chunk: int):
   ]
 
 
+def stacked(trees):
+  """NumPy trees (equal structure and shapes) stacked along a new leading axis."""
+  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
 def largest_first(client_ids, counts) -> np.ndarray:
   """`client_ids` reordered by their example counts, largest first (ties keep their order).
 

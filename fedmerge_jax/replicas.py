@@ -90,7 +90,7 @@ def check_group(configs, workdirs) -> None:
 def stack(trees, sharding):
   """`trees` stacked on a new leading axis, laid out as `sharding`: on the host, since a
   device stack compiles a program per leaf shape (seconds for a model's worth of leaves)."""
-  return jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(trees)), sharding)
+  return jax.device_put(parallel.stacked(jax.device_get(trees)), sharding)
 
 
 def row(tree, i: int):
@@ -137,29 +137,44 @@ class Member:
       self.checkpointing.save(round_index, self.state_round, inner, self.reporter.progress)
 
 
-def round_batches(
-  data: data_lib.FederatedData,
-  layout,
-  client_ids: Sequence[np.ndarray],
-  batch_size: int,
-  evaluating: bool,
-):
-  """Every replica's round data, stacked [R, C, ...], padded to the longest replica's bucket.
+class RoundData:
+  """`round_data(client_ids, evaluating)` -> (ordered ids, padded ids [R, C], data [R, C, ...]):
+  every replica's round data for `make_group_round`, each replica's clients largest first
+  (as `parallel.RoundGatherer` orders them; padding further changes no result), the training
+  splits padded to the longest replica's bucket.
 
-  Each replica's clients go largest first, as `parallel.RoundGatherer` orders them; padding
-  further changes no result (a client's order and steps depend only on its own count)."""
-  ordered = [parallel.largest_first(ids, data.train.counts) for ids in client_ids]
-  padded = [layout.pad_ids(ids) for ids in ordered]
-  length = max(data.train.padded_length(ids, batch_size) for ids in ordered)
-  train_part = [data.train.gather(ids, length) for ids in padded]
-  if evaluating:
-    test_length = max(data.test.padded_length(ids, 8) for ids in ordered)
-    batches = [
-      gap.WithTest(t, data.test.gather(ids, test_length)) for t, ids in zip(train_part, padded)
-    ]
-  else:
-    batches = train_part
-  return ordered, np.stack(padded), jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  Every round carries a test part (`gap.WithTest`) padded to the longest test split of all
+  clients: evaluation rounds the clients' own, for the local-global gap's probe; the other
+  rounds an empty one kept on the devices, which the probe skips (`gap.unless_empty`). So
+  training and evaluation rounds share one compiled round (a separate run compiles one of
+  each; a group would compile both and run them R times fewer)."""
+
+  def __init__(self, data: data_lib.FederatedData, layout, batch_size: int, sharding=None):
+    self.data, self.layout, self.batch_size, self.sharding = data, layout, batch_size, sharding
+    self.test_length = data.test.padded_length(np.arange(data.num_clients), 8)
+    self._empty = None  # The empty test part, made at the first training round.
+
+  def __call__(self, client_ids: Sequence[np.ndarray], evaluating: bool):
+    data = self.data
+    ordered = [parallel.largest_first(ids, data.train.counts) for ids in client_ids]
+    padded = [self.layout.pad_ids(ids) for ids in ordered]
+    length = max(data.train.padded_length(ids, self.batch_size) for ids in ordered)
+    train_part = parallel.stacked([data.train.gather(ids, length) for ids in padded])
+    if evaluating:
+      test = self._placed([data.test.gather(ids, self.test_length) for ids in padded])
+    else:
+      if self._empty is None:
+        phantoms = np.full(len(padded[0]), data.num_clients)  # Past the last client: empty.
+        self._empty = self._placed([data.test.gather(phantoms, self.test_length)] * len(padded))
+      test = self._empty
+    return ordered, np.stack(padded), gap.WithTest(train_part, test)
+
+  def _placed(self, parts):
+    """The replicas' test parts stacked, on the devices as `sharding` lays them out: both
+    kinds of round hand the program the same kind of array (a host array's abstract value
+    differs from a placed one's, and would compile the round again)."""
+    test = parallel.stacked(parts)
+    return test if self.sharding is None else jax.device_put(test, self.sharding)
 
 
 def group_devices(num_devices: int = 0) -> int:
@@ -384,6 +399,7 @@ def train_and_evaluate_many(
   )
 
   group_round = make_group_round(algorithm, first, spread, parallelism)
+  round_data = RoundData(data, layout, first.batch_size, spread)
   rng_data = np.stack([m.rng_data for m in members])  # [R, 2 (sample, round), key data]
   schedule = sampling.ClientSchedule(
     jax.random.wrap_key_data(rng_data[:, 0]), data.num_clients, first.clients_per_round
@@ -417,7 +433,7 @@ def train_and_evaluate_many(
         active = np.array([m.done < r for m in members])
         sampled = schedule(r)  # [R, C]: each replica's own clients.
         evaluating = r % first.eval_every == 0 or r == num_rounds
-        ordered, ids, batch = round_batches(data, layout, sampled, first.batch_size, evaluating)
+        ordered, ids, batch = round_data(sampled, evaluating)
         states, round_metrics = group_round(states, active, ids, batch, round_keys, np.uint32(r))
         round_metrics = jax.device_get(round_metrics)
         for i, m in enumerate(members):

@@ -116,6 +116,44 @@ def test_local_training_has_no_gap(tiny_config):
   assert scalars["gap/acc_mean"] == pytest.approx(0.0, abs=1e-6)
 
 
+class FlatDense(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(3)(x.reshape(len(x), -1))
+
+
+def test_the_probe_scores_each_clients_test_part_and_runs_for_no_one_when_all_are_empty():
+  """Vmapped over clients, as local training calls it: each client's (correct, summed CE) on
+  its own test rows (NumPy), zeros for an empty one; and when every client's part is empty
+  (a replica group's training rounds) the model is never called."""
+  data, model = federation(), FlatDense()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  calls = []
+
+  def predict(v, x):
+    jax.debug.callback(lambda: calls.append(1))
+    return model.apply(v, x)
+
+  probe = jax.jit(
+    jax.vmap(lambda test: gap.probe({}, predict, variables, gap.WithTest(test, test)))
+  )
+  ids = np.array([0, 5, 2, 6])  # 5 and 6: phantoms (past the last client), no examples.
+  got = jax.device_get(probe(data.test.gather(ids, 16)))
+  assert calls  # Some client had examples: the probe ran.
+  for row, i in enumerate(ids):
+    if i >= data.num_clients:
+      assert got["gap_trained_correct"][row] == got["gap_trained_loss_sum"][row] == 0
+      continue
+    x, y = data.test.client(i)
+    acc, loss = numpy_scores(model, variables, x, y)
+    assert got["gap_trained_correct"][row] == pytest.approx(acc * len(y))
+    assert got["gap_trained_loss_sum"][row] == pytest.approx(loss * len(y), rel=1e-5)
+  calls.clear()
+  empty = jax.device_get(probe(data.test.gather(np.array([5, 6, 7, 8]), 16)))
+  assert calls == []  # Every part empty: no trip of the probe's loop.
+  assert not np.any(empty["gap_trained_correct"]) and not np.any(empty["gap_trained_loss_sum"])
+
+
 @pytest.mark.plots  # The suite's runs skip plots (conftest); this one draws them.
 def test_runs_write_the_gap(tmp_path, tiny_config):
   tiny_config.clients_per_round = 3

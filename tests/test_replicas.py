@@ -175,6 +175,23 @@ def test_replica_metrics_equal_the_separate_runs(
   assert summaries[1]["test/acc_mean"] == history[-1]["test/acc_mean"]
 
 
+def test_a_groups_training_and_evaluation_rounds_run_one_compiled_round(data, root, monkeypatch):
+  """Round 1 trains only, rounds 2 and 3 also probe the gap: one program for all three (a
+  training round carries an empty test part, replicas.RoundData), and the replica still
+  equals its separate run (which compiles one round of each kind)."""
+  configs = [run_config("fedmerge", "official", num_rounds=3, eval_every=2, **v) for v in REPLICAS]
+  workdirs = [str(root / "eval_every_2" / f"replica_{i}") for i in range(2)]
+  make, programs = replicas.make_group_round, []
+  monkeypatch.setattr(
+    replicas, "make_group_round", lambda *a: programs.append(make(*a)) or programs[-1]
+  )
+  replicas.train_and_evaluate_many(configs, workdirs, data, model=MODELS["bn"])
+  assert [p._cache_size() for p in programs] == [1]  # pylint: disable=protected-access
+  history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
+  assert [m["round"] for m in history] == [2, 3] and "gap/acc_mean" in history[0]
+  assert_same_history(history, separate_history(configs[1], "bn", data, root))
+
+
 # One after another inside the program (config.replica_parallelism, what `auto` picks for a
 # model with convolutions on CPU): the same runs as the vmapped cases above.
 @pytest.mark.parametrize("algorithm,update_mode,model_name,values", [CASES[0], CASES[4]])
