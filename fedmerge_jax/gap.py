@@ -13,8 +13,8 @@ the client had just trained.
 How, without training twice: on evaluation rounds train.py passes the round `WithTest`
 data (the sampled clients' test split attached; a replica group attaches an empty one on
 its other rounds, so that both kinds of round are one program). Each local-training site
-calls `probe`, which evaluates the just-trained model on that split (no one's when all are
-empty) and adds two scalars to the client's metrics (`base.training_metrics` forwards
+calls `probe`, which evaluates the just-trained model on that split (in a group, no one's
+when all are empty) and adds two scalars to the client's metrics (`base.training_metrics` forwards
 them). Only those two scalars per client are kept; then `make_gap_evaluator` evaluates (b)
 chunk by chunk.
 """
@@ -40,14 +40,14 @@ def train_part(data):
 
 def probe(metrics: dict, predict, trained_model, data) -> dict:
   """metrics plus (a)'s correct count and summed loss on the client's test split, if attached
-  (`evaluation.EVAL_EXAMPLES` examples at a time); zeros, computed for no one, when every
-  client's attached split is empty (`unless_empty`)."""
+  (`evaluation.EVAL_EXAMPLES` examples at a time); with `data.skips_empty`, zeros computed
+  for no one when every client's attached split is empty (`unless_empty`)."""
   if not isinstance(data, WithTest):
     return metrics
-  correct, loss_sum = unless_empty(
-    lambda: evaluation.evaluate_client(predict, trained_model, data.test, evaluation.EVAL_EXAMPLES),
-    data.test.count,
+  scores = lambda: evaluation.evaluate_client(
+    predict, trained_model, data.test, evaluation.EVAL_EXAMPLES
   )
+  correct, loss_sum = unless_empty(scores, data.test.count) if data.skips_empty else scores()
   return dict(metrics, gap_trained_correct=correct, gap_trained_loss_sum=loss_sum)
 
 

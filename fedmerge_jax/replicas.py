@@ -167,7 +167,7 @@ class RoundData:
         phantoms = np.full(len(padded[0]), data.num_clients)  # Past the last client: empty.
         self._empty = self._placed([data.test.gather(phantoms, self.test_length)] * len(padded))
       test = self._empty
-    return ordered, np.stack(padded), gap.WithTest(train_part, test)
+    return ordered, np.stack(padded), gap.WithTest(train_part, test, skips_empty=True)
 
   def _placed(self, parts):
     """The replicas' test parts stacked, on the devices as `sharding` lays them out: both

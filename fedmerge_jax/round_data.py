@@ -17,6 +17,11 @@ class WithTest:
 
   train: ClientData
   test: ClientData
+  # Static: some rounds attach empty test parts (a replica group's training rounds, which so
+  # run the evaluation rounds' program); the gap's probe then skips clients without examples
+  # (gap.unless_empty). Elsewhere it runs inline: the loop around it moves XLA's fusion of
+  # the round enough to change results in the last bit (uint8 inputs, tests/test_memory.py).
+  skips_empty: bool = flax.struct.field(pytree_node=False, default=False)
 
   def __getattr__(self, name):
     if name in ("train", "test") or name.startswith("__"):

@@ -134,9 +134,8 @@ def test_the_probe_scores_each_clients_test_part_and_runs_for_no_one_when_all_ar
     jax.debug.callback(lambda: calls.append(1))
     return model.apply(v, x)
 
-  probe = jax.jit(
-    jax.vmap(lambda test: gap.probe({}, predict, variables, gap.WithTest(test, test)))
-  )
+  skipping = lambda test: gap.WithTest(test, test, skips_empty=True)
+  probe = jax.jit(jax.vmap(lambda test: gap.probe({}, predict, variables, skipping(test))))
   ids = np.array([0, 5, 2, 6])  # 5 and 6: phantoms (past the last client), no examples.
   got = jax.device_get(probe(data.test.gather(ids, 16)))
   assert calls  # Some client had examples: the probe ran.

@@ -16,6 +16,7 @@ from fedmerge_jax import config as config_lib
 from fedmerge_jax import hyperparams
 from fedmerge_jax import metric_writers
 from fedmerge_jax import models
+from fedmerge_jax import parallel
 from fedmerge_jax import preemption
 from fedmerge_jax import replicas
 from fedmerge_jax import train
@@ -190,6 +191,9 @@ def test_a_groups_training_and_evaluation_rounds_run_one_compiled_round(data, ro
   history = metric_writers.read_jsonl(f"{workdirs[1]}/metrics.jsonl")
   assert [m["round"] for m in history] == [2, 3] and "gap/acc_mean" in history[0]
   assert_same_history(history, separate_history(configs[1], "bn", data, root))
+  layout = parallel.client_layout(1, data.num_clients, 3, 0)
+  _, _, training = replicas.RoundData(data, layout, 4)([np.arange(3)] * 2, evaluating=False)
+  assert training.skips_empty and not training.test.count.any()  # The probe's loop skips it.
 
 
 # One after another inside the program (config.replica_parallelism, what `auto` picks for a
