@@ -137,11 +137,13 @@ def test_a_replica_groups_guard_also_keeps_only_the_rounds_rows(parallelism):
     states = jax.tree.map(lambda s: jax.ShapeDtypeStruct((2, *s.shape), s.dtype), one)
     spread = NamedSharding(replicas.group_mesh(2), PartitionSpec(replicas.REPLICAS))
     group_round = replicas.make_group_round(valued, config, spread, parallelism)
-    batch = jax.tree.map(lambda x: np.stack([x, x]), data.train.gather(SAMPLED))
+    layout = parallel.client_layout(1, data.num_clients, len(SAMPLED), 0)
+    round_data = replicas.RoundData(data, layout, config.batch_size, spread)  # As groups run.
+    _, ids, batch = round_data([SAMPLED, SAMPLED], evaluating=False)
     lowered = group_round.lower(
       states,
       np.ones(2, bool),
-      np.stack([SAMPLED, SAMPLED]),
+      ids,
       batch,
       jax.random.split(jax.random.key(1), 2),
       np.uint32(1),
